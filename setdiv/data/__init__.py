@@ -1,0 +1,1 @@
+"""Shard writing, shard reading, tokenisation and the synthetic dataset."""

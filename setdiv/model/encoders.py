@@ -1,0 +1,250 @@
+"""Feature extractors: raw inputs -> local features, validity mask, global feature, positions.
+
+Shape legend: B batch, R regions / grid cells / tokens, Cin raw feature width, Din local
+feature width handed to the set module, D embedding width, S grid side.
+
+Image encoders (registry `IMAGE_ENCODERS`): `region` (precomputed BUTD features), `resnet152`
+and `resnext101_32x8d` (torchvision grids, weights from a local file). Text encoders
+(`TEXT_ENCODERS`): `bigru` (GloVe-initialised word vectors + bi-GRU) and `bert` (transformers,
+from a local directory). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from setdiv.config import ImageEncoderConfig, TextEncoderConfig
+from setdiv.data.vocab import Vocab, load_glove
+from setdiv.model.positional import sine_positions_1d, sine_positions_2d
+
+__all__ = [
+    "IMAGE_ENCODERS",
+    "TEXT_ENCODERS",
+    "BertEncoder",
+    "BiGRUEncoder",
+    "CNNGridEncoder",
+    "Features",
+    "RegionEncoder",
+    "build_image_encoder",
+    "build_text_encoder",
+]
+
+
+@dataclass
+class Features:
+    local: Tensor
+    """(B,R,Din) local features, the set module's keys and values."""
+    mask: Tensor
+    """(B,R) bool, True for real inputs, False for padding."""
+    pooled: Tensor
+    """(B,D) global feature fused into every set element."""
+    pos: Tensor | None
+    """(R,Din) positional encoding added to the keys, or None."""
+
+
+def _masked_max(x_BRD: Tensor, mask_BR: Tensor) -> Tensor:
+    return x_BRD.masked_fill(~mask_BR[:, :, None], float("-inf")).amax(dim=1)
+
+
+def _masked_mean(x_BRD: Tensor, mask_BR: Tensor) -> Tensor:
+    w_BR1 = mask_BR[:, :, None].to(x_BRD.dtype)
+    return (x_BRD * w_BR1).sum(dim=1) / w_BR1.sum(dim=1).clamp_min(1.0)
+
+
+class ProjectionHead(nn.Module):
+    """Linear(Cin, D) plus a residual 2-layer MLP (D -> D/2 -> D), as in VSE-infinity / DivE.
+
+    The MLP's BatchNorm sees only real (unmasked) inputs, so padding never shifts its statistics.
+    """
+
+    def __init__(self, dim_in: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim_in, dim)
+        self.fc1 = nn.Linear(dim, dim // 2)
+        self.bn = nn.BatchNorm1d(dim // 2)
+        self.fc2 = nn.Linear(dim // 2, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x_BRC: Tensor, mask_BR: Tensor) -> Tensor:
+        base_BRD = self.fc(x_BRC)
+        h_BRH = self.fc1(base_BRD)
+        normed = h_BRH.new_zeros(h_BRH.shape)
+        normed[mask_BR] = self.bn(h_BRH[mask_BR])
+        return self.dropout(base_BRD + self.fc2(torch.relu(normed)))
+
+
+class RegionEncoder(nn.Module):
+    """Precomputed detector regions (B,R,Cin) -> projected regions, max-pooled global feature."""
+
+    backbone = None
+
+    def __init__(self, cfg: ImageEncoderConfig, dim: int) -> None:
+        super().__init__()
+        self.head = ProjectionHead(cfg.feature_dim, dim, cfg.dropout)
+        self.local_dim = dim
+
+    def forward(self, regions_BRC: Tensor, mask_BR: Tensor | None = None) -> Features:
+        if mask_BR is None:
+            mask_BR = regions_BRC.new_ones(regions_BRC.shape[:2], dtype=torch.bool)
+        local_BRD = self.head(regions_BRC, mask_BR)
+        return Features(local_BRD, mask_BR, _masked_max(local_BRD, mask_BR), pos=None)
+
+
+def load_state_dict_file(path: str | Path, key: str) -> dict[str, Tensor]:
+    """Read weights from .safetensors or a torch file (weights_only); errors name `key`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config key '{key}': weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"config key '{key}': {path} does not hold a state dict")
+    return state
+
+
+class CNNGridEncoder(nn.Module):
+    """torchvision ResNet/ResNeXt last conv map -> S*S projected cells + 2-D sine positions."""
+
+    def __init__(self, cfg: ImageEncoderConfig, dim: int, arch: str) -> None:
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None)
+        if cfg.weights is not None:
+            state = load_state_dict_file(cfg.weights, "model.image.weights")
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"config key 'model.image.weights': {cfg.weights} does not fit {arch}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        feat_dim = net.fc.in_features
+        self.backbone = nn.Sequential(*list(net.children())[:-2])  # up to layer4, no pool/fc
+        self.head = ProjectionHead(feat_dim, dim, cfg.dropout)
+        self.local_dim = dim
+        self.freeze_bn = cfg.freeze_bn
+        if self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CNNGridEncoder:
+        super().train(mode)
+        if self.freeze_bn:  # frozen BN keeps its ImageNet statistics in training too
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, images_B3HW: Tensor, mask_BR: Tensor | None = None) -> Features:
+        del mask_BR  # every grid cell is real
+        fmap_BCSS = self.backbone(images_B3HW)
+        B, C, H, W = fmap_BCSS.shape
+        cells_BRC = fmap_BCSS.flatten(2).transpose(1, 2)
+        mask_BR = cells_BRC.new_ones(B, H * W, dtype=torch.bool)
+        local_BRD = self.head(cells_BRC, mask_BR)
+        pos_RD = sine_positions_2d(H, W, self.local_dim, device=local_BRD.device).to(local_BRD.dtype)
+        return Features(local_BRD, mask_BR, local_BRD.mean(dim=1), pos=pos_RD)
+
+
+class BiGRUEncoder(nn.Module):
+    """Word vectors (GloVe-initialised, trainable) are the local features; a bi-GRU's final
+    states, averaged over the two directions, are the global feature."""
+
+    backbone = None
+
+    def __init__(self, cfg: TextEncoderConfig, dim: int) -> None:
+        super().__init__()
+        vocab = Vocab.load(cfg.vocab_path) if cfg.vocab_path is not None else None
+        if vocab is None and cfg.vocab_size is None:
+            raise ValueError("bigru needs 'model.text.vocab_path' (or 'model.text.vocab_size')")
+        num_words = len(vocab) if vocab is not None else int(cfg.vocab_size)  # type: ignore[arg-type]
+        self.embed = nn.Embedding(num_words, cfg.word_dim, padding_idx=0)
+        if cfg.glove_path is not None:
+            if vocab is None:
+                raise ValueError("'model.text.glove_path' needs 'model.text.vocab_path'")
+            if not Path(cfg.glove_path).is_file():
+                raise FileNotFoundError(f"config key 'model.text.glove_path': not found: {cfg.glove_path}")
+            weights, _ = load_glove(cfg.glove_path, vocab, cfg.word_dim)
+            self.embed.weight.data.copy_(weights)
+        self.gru = nn.GRU(
+            cfg.word_dim, cfg.hidden_dim, cfg.num_layers, batch_first=True, bidirectional=True
+        )
+        self.to_global = nn.Identity() if cfg.hidden_dim == dim else nn.Linear(cfg.hidden_dim, dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.local_dim = cfg.word_dim
+
+    def forward(self, ids_BR: Tensor, mask_BR: Tensor) -> Features:
+        words_BRW = self.dropout(self.embed(ids_BR))
+        lengths = mask_BR.sum(dim=1).cpu()
+        packed = pack_padded_sequence(words_BRW, lengths, batch_first=True, enforce_sorted=False)
+        _, h_n = self.gru(packed)  # (layers*2, B, hidden): packing makes it padding-independent
+        pooled_BD = self.dropout(self.to_global((h_n[-2] + h_n[-1]) / 2))
+        pos_RW = sine_positions_1d(ids_BR.shape[1], self.local_dim, device=ids_BR.device)
+        return Features(words_BRW, mask_BR, pooled_BD, pos=pos_RW.to(words_BRW.dtype))
+
+
+class BertEncoder(nn.Module):
+    """BERT token states -> Linear(hidden, D) local features; global = projected [CLS] or max."""
+
+    def __init__(self, cfg: TextEncoderConfig, dim: int) -> None:
+        super().__init__()
+        from transformers import BertModel
+
+        if cfg.bert_path is None or not Path(cfg.bert_path).is_dir():
+            raise FileNotFoundError(
+                f"config key 'model.text.bert_path': BERT directory not found: {cfg.bert_path}"
+            )
+        self.backbone = BertModel.from_pretrained(
+            cfg.bert_path, local_files_only=True, add_pooling_layer=False
+        )
+        self.proj = nn.Linear(self.backbone.config.hidden_size, dim)
+        self.pool = cfg.bert_global
+        self.local_dim = dim
+
+    def forward(self, ids_BR: Tensor, mask_BR: Tensor) -> Features:
+        states_BRH = self.backbone(input_ids=ids_BR, attention_mask=mask_BR.long()).last_hidden_state
+        local_BRD = self.proj(states_BRH)
+        pooled_BD = local_BRD[:, 0] if self.pool == "cls" else _masked_max(local_BRD, mask_BR)
+        pos_RD = sine_positions_1d(ids_BR.shape[1], self.local_dim, device=ids_BR.device)
+        return Features(local_BRD, mask_BR, pooled_BD, pos=pos_RD.to(local_BRD.dtype))
+
+
+def _resnet152(cfg: ImageEncoderConfig, dim: int) -> CNNGridEncoder:
+    return CNNGridEncoder(cfg, dim, "resnet152")
+
+
+def _resnext101(cfg: ImageEncoderConfig, dim: int) -> CNNGridEncoder:
+    return CNNGridEncoder(cfg, dim, "resnext101_32x8d")
+
+
+IMAGE_ENCODERS = {
+    "region": RegionEncoder,
+    "resnet152": _resnet152,
+    "resnext101_32x8d": _resnext101,
+}
+TEXT_ENCODERS = {"bigru": BiGRUEncoder, "bert": BertEncoder}
+
+
+def build_image_encoder(cfg: ImageEncoderConfig, dim: int) -> nn.Module:
+    """The image encoder registered as `cfg.name`, producing D = dim global features."""
+    if cfg.name not in IMAGE_ENCODERS:
+        raise ValueError(f"unknown 'model.image.name={cfg.name}'; registered: {sorted(IMAGE_ENCODERS)}")
+    return IMAGE_ENCODERS[cfg.name](cfg, dim)
+
+
+def build_text_encoder(cfg: TextEncoderConfig, dim: int) -> nn.Module:
+    """The text encoder registered as `cfg.name`, producing D = dim global features."""
+    if cfg.name not in TEXT_ENCODERS:
+        raise ValueError(f"unknown 'model.text.name={cfg.name}'; registered: {sorted(TEXT_ENCODERS)}")
+    return TEXT_ENCODERS[cfg.name](cfg, dim)

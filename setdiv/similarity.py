@@ -1,0 +1,187 @@
+"""Set-to-set similarities: (N,K,D) x (M,L,D) -> (N,M), computed block by block.
+
+Shape legend: N, M sets on each side; K, L elements per set; D element width. Inputs are
+L2-normalised, so an element similarity s(a, b) = <a, b> is a cosine.
+
+Every similarity is an element matmul followed by a reduction over the two element axes.
+The (N,K,M,L) element tensor is never built whole: the driver walks blocks of at most
+`block_size` sets per side, so peak extra memory is O(block_size^2 * K * L) whatever N and M
+are. Under autograd each block is checkpointed (recomputed in backward), which keeps that bound
+for training too. Reductions run in float32 (or float64 for float64 inputs) with max-shifted
+log-sum-exp, so fp16/bf16 inputs are safe at any alpha.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from setdiv.config import SimilarityConfig
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "REDUCERS",
+    "SIMILARITIES",
+    "build_similarity",
+    "chamfer",
+    "chamfer_reduce",
+    "get",
+    "match_prob",
+    "match_prob_reduce",
+    "mil",
+    "mil_reduce",
+    "smooth_chamfer",
+    "smooth_chamfer_reduce",
+]
+
+DEFAULT_BLOCK_SIZE = 512
+SetSimilarity = Callable[..., Tensor]
+
+
+# --- reductions of one block of element similarities s_nKmL -> (n, m) ---------------------------
+
+
+def smooth_chamfer_reduce(s_nKmL: Tensor, alpha: float = 16.0) -> Tensor:
+    """Smooth-Chamfer from element similarities (n,K,m,L) -> (n,m).
+
+    `1/(2 alpha K) sum_a LSE_b(alpha s) + 1/(2 alpha L) sum_b LSE_a(alpha s)`.
+    """
+    a_nKmL = alpha * s_nKmL
+    img_to_txt = torch.logsumexp(a_nKmL, dim=3).mean(dim=1)  # (n, m): each a softly picks a b
+    txt_to_img = torch.logsumexp(a_nKmL, dim=1).mean(dim=2)  # (n, m): each b softly picks an a
+    return (img_to_txt + txt_to_img) / (2.0 * alpha)
+
+
+def chamfer_reduce(s_nKmL: Tensor) -> Tensor:
+    """Chamfer from element similarities (n,K,m,L) -> (n,m): mean of the two directed max-means."""
+    return 0.5 * (s_nKmL.amax(dim=3).mean(dim=1) + s_nKmL.amax(dim=1).mean(dim=2))
+
+
+def mil_reduce(s_nKmL: Tensor) -> Tensor:
+    """Multiple-instance (PVSE) similarity (n,K,m,L) -> (n,m): the best element pair."""
+    return s_nKmL.amax(dim=(1, 3))
+
+
+def match_prob_reduce(s_nKmL: Tensor, a: float = 1.0, b: float = 0.0) -> Tensor:
+    """Match probability (PCME) (n,K,m,L) -> (n,m): mean over pairs of sigmoid(a s + b)."""
+    return torch.sigmoid(a * s_nKmL + b).mean(dim=(1, 3))
+
+
+REDUCERS: dict[str, Callable[..., Tensor]] = {
+    "smooth_chamfer": smooth_chamfer_reduce,
+    "chamfer": chamfer_reduce,
+    "mil": mil_reduce,
+    "match_prob": match_prob_reduce,
+}
+
+
+# --- the block driver -------------------------------------------------------------------------
+
+
+def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block(reduce: Callable[[Tensor], Tensor], x_nKD: Tensor, y_mLD: Tensor) -> Tensor:
+    n, K, D = x_nKD.shape
+    m, L, _ = y_mLD.shape
+    # (n*K, D) @ (D, m*L): one GEMM in the input dtype, then reduce in float32/64.
+    s = x_nKD.reshape(n * K, D) @ y_mLD.reshape(m * L, D).T
+    s_nKmL = s.view(n, K, m, L).to(_reduce_dtype(s.dtype))
+    return reduce(s_nKmL)
+
+
+def _check_sets(x: Tensor, y: Tensor) -> None:
+    if x.dim() != 3 or y.dim() != 3:
+        raise ValueError(f"sets must be (N,K,D) and (M,L,D), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[2] != y.shape[2]:
+        raise ValueError(f"element widths differ: D={x.shape[2]} vs D={y.shape[2]}")
+    if x.dtype != y.dtype:
+        raise ValueError(f"dtypes differ: {x.dtype} vs {y.dtype}")
+
+
+def blockwise(
+    reduce: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, block_size: int | None = None
+) -> Tensor:
+    """Apply an element reduction to all set pairs, `block_size` sets per side at a time.
+
+    x: (N,K,D), y: (M,L,D) -> (N,M) in float32 (float64 for float64 inputs).
+    """
+    _check_sets(x, y)
+    bs = block_size or DEFAULT_BLOCK_SIZE
+    if bs <= 0:
+        raise ValueError(f"block_size must be > 0, got {bs}")
+    N, M = x.shape[0], y.shape[0]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    if not needs_grad:
+        out = x.new_empty(N, M, dtype=_reduce_dtype(x.dtype))
+        for i in range(0, N, bs):
+            for j in range(0, M, bs):
+                out[i : i + bs, j : j + bs] = _block(reduce, x[i : i + bs], y[j : j + bs])
+        return out
+    rows = []
+    for i in range(0, N, bs):
+        cols = [
+            # Saves only the two input views; the block's elements are recomputed in backward.
+            checkpoint(_block, reduce, x[i : i + bs], y[j : j + bs], use_reentrant=False)
+            for j in range(0, M, bs)
+        ]
+        rows.append(torch.cat(cols, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+# --- public similarities ----------------------------------------------------------------------
+
+
+def smooth_chamfer(x: Tensor, y: Tensor, alpha: float = 16.0, block_size: int | None = None) -> Tensor:
+    """Smooth-Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    return blockwise(functools.partial(smooth_chamfer_reduce, alpha=alpha), x, y, block_size)
+
+
+def chamfer(x: Tensor, y: Tensor, block_size: int | None = None) -> Tensor:
+    """Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
+    return blockwise(chamfer_reduce, x, y, block_size)
+
+
+def mil(x: Tensor, y: Tensor, block_size: int | None = None) -> Tensor:
+    """Max over element pairs (PVSE's MIL) of sets x (N,K,D) and y (M,L,D) -> (N,M)."""
+    return blockwise(mil_reduce, x, y, block_size)
+
+
+def match_prob(
+    x: Tensor, y: Tensor, a: float = 1.0, b: float = 0.0, block_size: int | None = None
+) -> Tensor:
+    """Match probability (PCME) of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
+    return blockwise(functools.partial(match_prob_reduce, a=a, b=b), x, y, block_size)
+
+
+SIMILARITIES: dict[str, SetSimilarity] = {
+    "smooth_chamfer": smooth_chamfer,
+    "chamfer": chamfer,
+    "mil": mil,
+    "match_prob": match_prob,
+}
+
+
+def get(name: str) -> SetSimilarity:
+    """The similarity function registered as `name`."""
+    if name not in SIMILARITIES:
+        raise ValueError(f"unknown similarity '{name}'; registered: {sorted(SIMILARITIES)}")
+    return SIMILARITIES[name]
+
+
+def build_similarity(cfg: SimilarityConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    """The configured similarity with its parameters bound: f(x (N,K,D), y (M,L,D)) -> (N,M)."""
+    fn = get(cfg.name)
+    params: dict[str, float] = {}
+    if cfg.name == "smooth_chamfer":
+        params["alpha"] = cfg.alpha
+    elif cfg.name == "match_prob":
+        params = {"a": cfg.mp_a, "b": cfg.mp_b}
+    return functools.partial(fn, block_size=cfg.block_size, **params)
