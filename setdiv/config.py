@@ -103,7 +103,8 @@ class TextEncoderConfig:
     num_layers: int = 1
     """bigru: stacked GRU layers."""
     bert_path: str | None = None
-    """bert: local directory holding config.json and the weights (never downloaded)."""
+    """bert: local directory holding config.json and the weights (never downloaded); null =
+    random init with the bert-base-uncased shape."""
     bert_global: str = "cls"
     """bert: global feature from the projected [CLS] state (cls) or a max pool over tokens (max)."""
     dropout: float = 0.1

@@ -97,7 +97,9 @@ def _block(reduce: Callable[[Tensor], Tensor], x_nKD: Tensor, y_mLD: Tensor) -> 
 
 def _check_sets(x: Tensor, y: Tensor) -> None:
     if x.dim() != 3 or y.dim() != 3:
-        raise ValueError(f"sets must be (N,K,D) and (M,L,D), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"sets must be (N,K,D) and (M,L,D), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if x.shape[2] != y.shape[2]:
         raise ValueError(f"element widths differ: D={x.shape[2]} vs D={y.shape[2]}")
     if x.dtype != y.dtype:
@@ -137,7 +139,9 @@ def blockwise(
 # --- public similarities ----------------------------------------------------------------------
 
 
-def smooth_chamfer(x: Tensor, y: Tensor, alpha: float = 16.0, block_size: int | None = None) -> Tensor:
+def smooth_chamfer(
+    x: Tensor, y: Tensor, alpha: float = 16.0, block_size: int | None = None
+) -> Tensor:
     """Smooth-Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")

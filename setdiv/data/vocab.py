@@ -66,7 +66,9 @@ class Vocab:
     def build(cls, captions: Iterable[str], min_count: int = 1) -> Vocab:
         """Vocabulary of the words seen at least `min_count` times, most frequent first."""
         counts = Counter(w for c in captions for w in tokenize(c))
-        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        words = sorted(
+            (w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls([*SPECIALS, *(w for w in words if w not in SPECIALS)])
 
     def save(self, path: str | Path) -> None:
@@ -141,7 +143,9 @@ def load_glove(path: str | Path, vocab: Vocab, dim: int) -> tuple[Tensor, int]:
             if idx is None or idx < len(SPECIALS):
                 continue
             if len(values) != dim:
-                raise ValueError(f"{path}:{lineno}: '{word}' has {len(values)} values, expected {dim}")
+                raise ValueError(
+                    f"{path}:{lineno}: '{word}' has {len(values)} values, expected {dim}"
+                )
             weights[idx] = torch.tensor([float(v) for v in values])
             found += 1
     return weights, found

@@ -11,6 +11,7 @@ from a local directory). Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ __all__ = [
     "build_image_encoder",
     "build_text_encoder",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,7 +122,9 @@ class CNNGridEncoder(nn.Module):
     def __init__(self, cfg: ImageEncoderConfig, dim: int, arch: str) -> None:
         super().__init__()
         net = getattr(torchvision.models, arch)(weights=None)
-        if cfg.weights is not None:
+        if cfg.weights is None:
+            log.warning("model.image.weights is null: %s is randomly initialised", arch)
+        else:
             state = load_state_dict_file(cfg.weights, "model.image.weights")
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]
@@ -153,7 +158,9 @@ class CNNGridEncoder(nn.Module):
         cells_BRC = fmap_BCSS.flatten(2).transpose(1, 2)
         mask_BR = cells_BRC.new_ones(B, H * W, dtype=torch.bool)
         local_BRD = self.head(cells_BRC, mask_BR)
-        pos_RD = sine_positions_2d(H, W, self.local_dim, device=local_BRD.device).to(local_BRD.dtype)
+        pos_RD = sine_positions_2d(H, W, self.local_dim, device=local_BRD.device).to(
+            local_BRD.dtype
+        )
         return Features(local_BRD, mask_BR, local_BRD.mean(dim=1), pos=pos_RD)
 
 
@@ -165,16 +172,24 @@ class BiGRUEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig, dim: int) -> None:
         super().__init__()
-        vocab = Vocab.load(cfg.vocab_path) if cfg.vocab_path is not None else None
+        vocab = None
+        if cfg.vocab_path is not None:
+            if not Path(cfg.vocab_path).is_file():
+                raise FileNotFoundError(
+                    f"config key 'model.text.vocab_path': not found: {cfg.vocab_path}"
+                )
+            vocab = Vocab.load(cfg.vocab_path)
         if vocab is None and cfg.vocab_size is None:
             raise ValueError("bigru needs 'model.text.vocab_path' (or 'model.text.vocab_size')")
         num_words = len(vocab) if vocab is not None else int(cfg.vocab_size)  # type: ignore[arg-type]
         self.embed = nn.Embedding(num_words, cfg.word_dim, padding_idx=0)
         if cfg.glove_path is not None:
+            if not Path(cfg.glove_path).is_file():
+                raise FileNotFoundError(
+                    f"config key 'model.text.glove_path': not found: {cfg.glove_path}"
+                )
             if vocab is None:
                 raise ValueError("'model.text.glove_path' needs 'model.text.vocab_path'")
-            if not Path(cfg.glove_path).is_file():
-                raise FileNotFoundError(f"config key 'model.text.glove_path': not found: {cfg.glove_path}")
             weights, _ = load_glove(cfg.glove_path, vocab, cfg.word_dim)
             self.embed.weight.data.copy_(weights)
         self.gru = nn.GRU(
@@ -199,21 +214,28 @@ class BertEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig, dim: int) -> None:
         super().__init__()
-        from transformers import BertModel
+        from transformers import BertConfig, BertModel
 
-        if cfg.bert_path is None or not Path(cfg.bert_path).is_dir():
+        if cfg.bert_path is None:
+            # Random init with the bert-base-uncased shape: for `setdiv info` and smoke runs.
+            log.warning("model.text.bert_path is null: BERT is randomly initialised")
+            self.backbone = BertModel(BertConfig(), add_pooling_layer=False)
+        elif not Path(cfg.bert_path).is_dir():
             raise FileNotFoundError(
                 f"config key 'model.text.bert_path': BERT directory not found: {cfg.bert_path}"
             )
-        self.backbone = BertModel.from_pretrained(
-            cfg.bert_path, local_files_only=True, add_pooling_layer=False
-        )
+        else:
+            self.backbone = BertModel.from_pretrained(
+                cfg.bert_path, local_files_only=True, add_pooling_layer=False
+            )
         self.proj = nn.Linear(self.backbone.config.hidden_size, dim)
         self.pool = cfg.bert_global
         self.local_dim = dim
 
     def forward(self, ids_BR: Tensor, mask_BR: Tensor) -> Features:
-        states_BRH = self.backbone(input_ids=ids_BR, attention_mask=mask_BR.long()).last_hidden_state
+        states_BRH = self.backbone(
+            input_ids=ids_BR, attention_mask=mask_BR.long()
+        ).last_hidden_state
         local_BRD = self.proj(states_BRH)
         pooled_BD = local_BRD[:, 0] if self.pool == "cls" else _masked_max(local_BRD, mask_BR)
         pos_RD = sine_positions_1d(ids_BR.shape[1], self.local_dim, device=ids_BR.device)
@@ -239,12 +261,16 @@ TEXT_ENCODERS = {"bigru": BiGRUEncoder, "bert": BertEncoder}
 def build_image_encoder(cfg: ImageEncoderConfig, dim: int) -> nn.Module:
     """The image encoder registered as `cfg.name`, producing D = dim global features."""
     if cfg.name not in IMAGE_ENCODERS:
-        raise ValueError(f"unknown 'model.image.name={cfg.name}'; registered: {sorted(IMAGE_ENCODERS)}")
+        raise ValueError(
+            f"unknown 'model.image.name={cfg.name}'; registered: {sorted(IMAGE_ENCODERS)}"
+        )
     return IMAGE_ENCODERS[cfg.name](cfg, dim)
 
 
 def build_text_encoder(cfg: TextEncoderConfig, dim: int) -> nn.Module:
     """The text encoder registered as `cfg.name`, producing D = dim global features."""
     if cfg.name not in TEXT_ENCODERS:
-        raise ValueError(f"unknown 'model.text.name={cfg.name}'; registered: {sorted(TEXT_ENCODERS)}")
+        raise ValueError(
+            f"unknown 'model.text.name={cfg.name}'; registered: {sorted(TEXT_ENCODERS)}"
+        )
     return TEXT_ENCODERS[cfg.name](cfg, dim)

@@ -18,7 +18,11 @@ class SetRetrievalModel(nn.Module):
     """Images -> (B,K,D) and captions -> (B,L,D) sets of unit embeddings."""
 
     def __init__(
-        self, image_encoder: nn.Module, text_encoder: nn.Module, image_set: nn.Module, text_set: nn.Module
+        self,
+        image_encoder: nn.Module,
+        text_encoder: nn.Module,
+        image_set: nn.Module,
+        text_set: nn.Module,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -27,7 +31,7 @@ class SetRetrievalModel(nn.Module):
         self.text_set = text_set
 
     def encode_image(self, images: Tensor, mask_BR: Tensor | None = None) -> SetOutput:
-        """images: regions (B,R,Cin) with optional mask (B,R), or pixels (B,3,H,W) -> (B,K,D) set."""
+        """Regions (B,R,Cin) with optional mask (B,R), or pixels (B,3,H,W) -> (B,K,D) set."""
         f = self.image_encoder(images, mask_BR)
         return self.image_set(f.local, f.mask, f.pooled, f.pos)
 
@@ -43,7 +47,9 @@ class SetRetrievalModel(nn.Module):
 
     def backbones(self) -> list[nn.Module]:
         """The pretrained backbones (CNN, BERT) present in this model: they get their own LR."""
-        return [b for b in (self.image_encoder.backbone, self.text_encoder.backbone) if b is not None]
+        return [
+            b for b in (self.image_encoder.backbone, self.text_encoder.backbone) if b is not None
+        ]
 
 
 def build_model(cfg: ModelConfig) -> SetRetrievalModel:

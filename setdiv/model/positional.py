@@ -23,7 +23,9 @@ def sine_positions_1d(length: int, dim: int, device: torch.device | None = None)
     return torch.where(i % 2 == 0, angle_RD.sin(), angle_RD.cos())
 
 
-def sine_positions_2d(height: int, width: int, dim: int, device: torch.device | None = None) -> Tensor:
+def sine_positions_2d(
+    height: int, width: int, dim: int, device: torch.device | None = None
+) -> Tensor:
     """DETR-style 2-D sine encoding of a (height, width) grid -> (height*width, dim).
 
     dim/2 channels encode y and dim/2 encode x (normalised to [0, 2 pi]); rows are in raster order.
@@ -32,8 +34,16 @@ def sine_positions_2d(height: int, width: int, dim: int, device: torch.device | 
         raise ValueError(f"2-D positional encoding needs an even width, got {dim}")
     half = dim // 2
     eps = 1e-6
-    y = (torch.arange(1, height + 1, device=device, dtype=torch.float32) / (height + eps)) * 2 * math.pi
-    x = (torch.arange(1, width + 1, device=device, dtype=torch.float32) / (width + eps)) * 2 * math.pi
+    y = (
+        (torch.arange(1, height + 1, device=device, dtype=torch.float32) / (height + eps))
+        * 2
+        * math.pi
+    )
+    x = (
+        (torch.arange(1, width + 1, device=device, dtype=torch.float32) / (width + eps))
+        * 2
+        * math.pi
+    )
     i = torch.arange(half, device=device)
     dim_t = 10000.0 ** (2 * (i // 2).float() / half)
 

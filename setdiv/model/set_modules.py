@@ -47,7 +47,13 @@ class SlotAttention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, dim_in: int, heads: int, head_dim: int, dropout: float, axis: str,
+        self,
+        dim: int,
+        dim_in: int,
+        heads: int,
+        head_dim: int,
+        dropout: float,
+        axis: str,
         compat_mask: bool = False,
     ) -> None:
         super().__init__()
@@ -123,7 +129,9 @@ class SlotSetModule(nn.Module):
         slots_BKD = self.slots.unsqueeze(0).expand(B, -1, -1)
         maps = []
         for _ in range(self.num_iters):
-            update_BKD, attn_BHKR = self.attn(self.norm_slots(slots_BKD), ctx_BRDin, mask_BR, pos_BRDin)
+            update_BKD, attn_BHKR = self.attn(
+                self.norm_slots(slots_BKD), ctx_BRDin, mask_BR, pos_BRDin
+            )
             slots_BKD = slots_BKD + update_BKD  # residual update, not a GRU
             slots_BKD = slots_BKD + self.mlp(self.norm_mlp(slots_BKD))
             maps.append(attn_BHKR)

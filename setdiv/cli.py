@@ -1,0 +1,106 @@
+"""The `setdiv` command line: thin subcommands over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+from setdiv import config as config_lib
+
+__all__ = ["main", "model_summary"]
+
+COCO_BUTD_VOCAB_SIZE = 11354
+"""Words in the official coco_butd_vocab.pkl (11353) plus <mask>: `info --random-init` default."""
+
+
+def _count(module: nn.Module) -> tuple[int, int]:
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def model_summary(model: nn.Module, depth: int = 2) -> str:
+    """A table of parameter counts (total, trainable) per module down to `depth` levels."""
+    rows: list[tuple[str, str, int, int]] = []
+
+    def visit(module: nn.Module, name: str, level: int) -> None:
+        total, trainable = _count(module)
+        rows.append(("  " * level + (name or "model"), type(module).__name__, total, trainable))
+        if level < depth:
+            for child_name, child in module.named_children():
+                if _count(child)[0]:
+                    visit(child, child_name, level + 1)
+
+    visit(model, "", 0)
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'module':<{width}}{'type':<22}{'params':>14}{'trainable':>14}"]
+    lines += [f"{n:<{width}}{t:<22}{tot:>14,}{tr:>14,}" for n, t, tot, tr in rows]
+    return "\n".join(lines)
+
+
+def _random_init_overrides(cfg: config_lib.Config, vocab_size: int) -> list[str]:
+    """Overrides that drop every weights file so a full-size model builds anywhere."""
+    out = ["model.image.weights=null", "model.text.glove_path=null", "model.text.bert_path=null"]
+    if cfg.model.text.name == "bigru" and cfg.model.text.vocab_path is not None:
+        out += ["model.text.vocab_path=null", f"model.text.vocab_size={vocab_size}"]
+    return out
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from setdiv.model import build_model
+
+    cfg = config_lib.load([args.config], args.overrides)
+    if args.random_init:
+        cfg = config_lib.load(
+            [args.config], [*args.overrides, *_random_init_overrides(cfg, args.vocab_size)]
+        )
+    model = build_model(cfg.model)
+    m, s = cfg.model, cfg.similarity
+    print(f"config: {args.config}")
+    print(
+        f"image: {m.image.name} | text: {m.text.name} | set modules: {m.image_set.name}/"
+        f"{m.text_set.name} K={m.image_set.num_embeds} L={m.text_set.num_embeds} "
+        f"T={m.image_set.num_iters} | D={m.embed_dim} | similarity: {s.name}"
+    )
+    print(model_summary(model, depth=args.depth))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="setdiv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="build the model of a config and print its structure")
+    info.add_argument("config", help="YAML config (a delta over the defaults)")
+    info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.embed_dim=256")
+    info.add_argument("--depth", type=int, default=2, help="module levels to list")
+    info.add_argument(
+        "--random-init",
+        action="store_true",
+        help="ignore weights/GloVe/vocab/BERT files (random init) to inspect a full-size model",
+    )
+    info.add_argument(
+        "--vocab-size",
+        type=int,
+        default=COCO_BUTD_VOCAB_SIZE,
+        help="bi-GRU vocabulary size used with --random-init",
+    )
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (config_lib.ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"setdiv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and analysis of embedding sets."""

@@ -1,0 +1,99 @@
+"""Typed config: YAML deltas, dotted overrides, errors naming the key, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from setdiv import config as config_lib
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"roi_bigru.yaml", "resnet_bigru.yaml", "resnext_bert.yaml", "demo.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path: Path) -> None:
+    cfg = config_lib.load([path])
+    assert isinstance(cfg, config_lib.Config)
+
+
+def test_paper_recipes() -> None:
+    root = Path(__file__).parents[1] / "configs"
+    roi = config_lib.load([root / "roi_bigru.yaml"])
+    assert (roi.data.batch_size, roi.train.epochs, roi.loss.margin) == (200, 80, 0.2)
+    assert (roi.optim.lr, roi.optim.schedule, roi.optim.set_module_lr_mult) == (1e-3, "cosine", 0.1)
+    assert (roi.model.image_set.num_embeds, roi.model.image_set.num_iters) == (4, 4)
+    bert = config_lib.load([root / "resnext_bert.yaml"])
+    assert (bert.data.batch_size, bert.train.epochs, bert.optim.lr) == (128, 50, 1e-4)
+    assert bert.model.image.freeze_bn and bert.loss.mean_negative_epochs == 1
+    resnet = config_lib.load([root / "resnet_bigru.yaml"])
+    assert (resnet.optim.backbone_freeze_epochs, resnet.train.epochs) == (50, 120)
+
+
+def test_defaults_yaml_deltas_and_overrides_merge_in_order(tmp_path: Path) -> None:
+    a = tmp_path / "a.yaml"
+    a.write_text("model:\n  embed_dim: 64\n  image_set: {num_embeds: 2}\nloss: {margin: 0.3}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("model:\n  embed_dim: 128\n")
+    cfg = config_lib.load([a, b], ["loss.margin=0.5", "similarity.name=chamfer"])
+    assert cfg.model.embed_dim == 128  # b after a
+    assert cfg.model.image_set.num_embeds == 2  # from a, untouched by b
+    assert cfg.model.text_set.num_embeds == 4  # default
+    assert cfg.loss.margin == 0.5 and cfg.similarity.name == "chamfer"
+
+
+def test_unknown_key_in_file_names_file_and_dotted_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  image_set:\n    num_embedz: 3\n")
+    with pytest.raises(config_lib.ConfigError, match=r"bad\.yaml.*model\.image_set\.num_embedz"):
+        config_lib.load([bad])
+
+
+def test_wrong_type_names_dotted_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("similarity:\n  alpha: sixteen\n")
+    with pytest.raises(config_lib.ConfigError, match=r"similarity\.alpha"):
+        config_lib.load([bad])
+    with pytest.raises(config_lib.ConfigError, match=r"model\.embed_dim"):
+        config_lib.load([], ["model.embed_dim=1.5"])
+
+
+def test_bad_override_and_bad_choice() -> None:
+    with pytest.raises(config_lib.ConfigError, match="dotted.key=value"):
+        config_lib.load([], ["model.embed_dim"])
+    with pytest.raises(config_lib.ConfigError, match=r"train\.nope"):
+        config_lib.load([], ["train.nope=1"])
+    with pytest.raises(config_lib.ConfigError, match=r"similarity\.name"):
+        config_lib.load([], ["similarity.name=cosine"])
+    with pytest.raises(config_lib.ConfigError, match=r"train\.zero_stage"):
+        config_lib.load([], ["train.zero_stage=4"])
+
+
+def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
+    with pytest.raises(config_lib.ConfigError, match="not found"):
+        config_lib.load([tmp_path / "nope.yaml"])
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(config_lib.ConfigError, match="mapping"):
+        config_lib.load([lst])
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(config_lib.ConfigError):
+        config_lib.load([evil])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_resolved_config_round_trips(path: Path, tmp_path: Path) -> None:
+    cfg = config_lib.load([path], ["optim.betas=[0.8,0.95]", "model.text.bert_global=max"])
+    saved = config_lib.save(cfg, tmp_path / "run" / "config.yaml")
+    again = config_lib.load([saved])
+    assert again == cfg
+    assert again.optim.betas == (0.8, 0.95)
