@@ -69,6 +69,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    from setdiv.data import make_shards
+
+    make_shards.run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="setdiv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bi-GRU vocabulary size used with --random-init",
     )
     info.set_defaults(func=cmd_info)
+
+    from setdiv.data import make_shards
+
+    shards = sub.add_parser("shards", help="convert a dataset into WebDataset shards")
+    make_shards.add_arguments(shards)
+    shards.set_defaults(func=cmd_shards)
     return parser
 
 

@@ -94,15 +94,21 @@ def main() -> None:
     t_loss = timed(sim_loss(loss_fn), args.reps)
     t_loss_official = timed(sim_loss(official_loss), args.reps)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print(f"batch: {args.images} images x 36 regions, {5 * args.images} captions "
-          f"(<= {ids.shape[1]} tokens), K=L=4, T=4, D=1024, fp32")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"batch: {args.images} images x 36 regions, {5 * args.images} captions "
+        f"(<= {ids.shape[1]} tokens), K=L=4, T=4, D=1024, fp32"
+    )
     print(f"fwd+bwd step            {t_step:8.3f} s   {args.images / t_step:7.1f} images/s")
     print(f"  forward (no grad)     {t_fwd:8.3f} s")
     print(f"  similarity+loss f+b   {t_loss:8.3f} s   share of step {100 * t_loss / t_step:5.1f}%")
-    print(f"official sim+loss f+b   {t_loss_official:8.3f} s   "
-          f"setdiv/official = {t_loss / t_loss_official:.2f}x")
+    print(
+        f"official sim+loss f+b   {t_loss_official:8.3f} s   "
+        f"setdiv/official = {t_loss / t_loss_official:.2f}x"
+    )
 
 
 if __name__ == "__main__":

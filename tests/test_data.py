@@ -1,0 +1,398 @@
+"""Shards and readers: SCAN, Karpathy and synthetic conversion, rank x worker splits, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from setdiv import cli
+from setdiv.data import convert, synthetic
+from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader, plan_epoch
+from setdiv.data.shards import ShardIndex, write_shards
+from setdiv.data.text import Tokenizer, build_tokenizer, word_dropout
+from setdiv.data.vocab import SPECIALS, Vocab
+from setdiv.distributed import world_info
+
+
+def vocab_tokenizer(captions: list[str]) -> Tokenizer:
+    vocab = Vocab.build(captions)
+    return Tokenizer(vocab, None, vocab.pad, vocab.mask, len(SPECIALS), len(vocab))
+
+
+SYNTH_TOK = vocab_tokenizer([c for i in range(300) for c in synthetic.make_scene(0, i).captions])
+
+
+def make_synth(
+    out: Path, n: int, shard_size: int, split: str = "train", kind: str = "regions"
+) -> ShardIndex:
+    samples = convert.synthetic_samples(split, n, seed=0, kind=kind)
+    return write_shards(samples, out, split, kind, "synthetic", shard_size)
+
+
+def all_ids(reader_batches) -> list[str]:  # noqa: ANN001
+    return [i for b in reader_batches for i in b.image_ids]
+
+
+# --- SCAN precomputed features ----------------------------------------------------------------
+
+
+def write_scan(root: Path, split: str, n: int, c: int = 16, ids_per_caption: bool = False) -> tuple:
+    rng = np.random.default_rng(0)
+    ims = rng.standard_normal((n, 36, c)).astype(np.float32)
+    np.save(root / f"{split}_ims.npy", ims)
+    caps = [f"caption {j} of image {i}" for i in range(n) for j in range(5)]
+    (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
+    ids = [str(1000 + i) for i in range(n)]
+    lines = [x for x in ids for _ in range(5)] if ids_per_caption else ids
+    (root / f"{split}_ids.txt").write_text("\n".join(lines) + "\n")
+    return ims, caps, ids
+
+
+@pytest.mark.parametrize("ids_per_caption", [False, True])
+def test_scan_layout_round_trip(tmp_path: Path, ids_per_caption: bool) -> None:
+    ims, caps, ids = write_scan(tmp_path, "testall", 7, ids_per_caption=ids_per_caption)
+    out = tmp_path / "shards"
+    assert (
+        cli.main(
+            [
+                "shards",
+                "precomp",
+                "--root",
+                str(tmp_path),
+                "--split",
+                "testall",
+                "--out",
+                str(out),
+                "--shard-size",
+                "3",
+            ]
+        )
+        == 0
+    )
+    index = ShardIndex.load(out / "testall-index.json")
+    assert [s.samples for s in index.shards] == [3, 3, 1] and index.kind == "regions"
+    tok = vocab_tokenizer(caps)
+    reader = EvalReader(
+        f"{out}/testall-*.tar", SampleOptions("regions", tok, train=False), batch_size=2
+    )
+    batches = list(reader)
+    assert all_ids(batches) == ids  # every image once, in order
+    feats = torch.cat([b.images for b in batches])
+    np.testing.assert_allclose(feats.numpy(), ims.astype(np.float16).astype(np.float32))
+    assert all(b.image_mask.all() for b in batches)
+    tokens = torch.cat(
+        [torch.nn.functional.pad(b.tokens, (0, 12 - b.tokens.shape[1])) for b in batches]
+    )
+    assert [tok.vocab.encode(c) for c in caps] == [t[t != 0].tolist() for t in tokens]
+    assert [c for b in batches for c in b.caption_ids] == list(range(35))
+
+
+def test_scan_short_captions_name_the_image(tmp_path: Path) -> None:
+    write_scan(tmp_path, "dev", 3)
+    lines = (tmp_path / "dev_caps.txt").read_text().splitlines()[:-2]
+    (tmp_path / "dev_caps.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="image 1002"):
+        write_shards(
+            convert.precomp_samples(tmp_path, "dev"), tmp_path / "o", "dev", "regions", "x"
+        )
+
+
+def test_scan_conversion_memory_does_not_grow_with_dataset(tmp_path: Path) -> None:
+    n, c = 300, 2048  # 88 MB of float32 features
+    np.lib.format.open_memmap(
+        tmp_path / "train_ims.npy", mode="w+", dtype=np.float32, shape=(n, 36, c)
+    )[:] = 1.0
+    (tmp_path / "train_caps.txt").write_text("".join(f"c{i}\n" for i in range(5 * n)))
+    tracemalloc.start()
+    write_shards(
+        convert.precomp_samples(tmp_path, "train"), tmp_path / "o", "train", "regions", "x", 50
+    )
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 25e6, f"peak Python/numpy allocation {peak / 1e6:.0f} MB for an 88 MB dataset"
+
+
+# --- Karpathy JSON + JPEGs --------------------------------------------------------------------
+
+
+def write_karpathy(root: Path) -> Path:
+    (root / "val2014").mkdir(parents=True)
+    images = []
+    for i, split in enumerate(["train", "restval", "test", "test", "val"]):
+        name = f"COCO_{i}.jpg"
+        Image.new("RGB", (80 + 10 * i, 60), (40 * i, 100, 200)).save(root / "val2014" / name)
+        n_sent = 6 if i == 2 else 5
+        sents = [{"raw": f"image {i} sentence {j}", "sentid": 100 * i + j} for j in range(n_sent)]
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": name,
+                "split": split,
+                "cocoid": 500 + i,
+                "sentences": sents,
+            }
+        )
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images}))
+    return path
+
+
+def test_karpathy_converts_and_decodes(tmp_path: Path) -> None:
+    js = write_karpathy(tmp_path)
+    out = tmp_path / "shards"
+    cli.main(
+        [
+            "shards",
+            "karpathy",
+            "--json",
+            str(js),
+            "--images",
+            str(tmp_path),
+            "--split",
+            "test",
+            "--out",
+            str(out),
+        ]
+    )
+    tok = vocab_tokenizer([f"image {i} sentence {j}" for i in range(5) for j in range(6)])
+    batches = list(EvalReader(f"{out}/test-000000.tar", SampleOptions("image", tok, False, 32), 4))
+    assert all_ids(batches) == ["502", "503"]
+    assert batches[0].images.shape == (2, 3, 32, 32) and batches[0].image_mask is None
+    assert batches[0].caption_ids == [200, 201, 202, 203, 204, 300, 301, 302, 303, 304]  # first 5
+    # The stored bytes are the original file, not a re-encode.
+    with tarfile.open(out / "test-000000.tar") as tar:
+        assert tar.extractfile("502.jpg").read() == (tmp_path / "val2014/COCO_2.jpg").read_bytes()
+    cli.main(
+        [
+            "shards",
+            "karpathy",
+            "--json",
+            str(js),
+            "--images",
+            str(tmp_path),
+            "--split",
+            "train",
+            "--restval",
+            "--out",
+            str(out),
+        ]
+    )
+    assert ShardIndex.load(out / "train-index.json").num_samples == 2
+
+
+def test_karpathy_short_image_fails_or_is_dropped(tmp_path: Path) -> None:
+    js = write_karpathy(tmp_path)
+    data = json.loads(js.read_text())
+    data["images"][3]["sentences"] = data["images"][3]["sentences"][:4]
+    js.write_text(json.dumps(data))
+    args = [
+        "shards",
+        "karpathy",
+        "--json",
+        str(js),
+        "--images",
+        str(tmp_path),
+        "--split",
+        "test",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(ValueError, match="image 503 has 4 captions"):
+        list(convert.karpathy_samples(js, tmp_path, "test"))
+    assert cli.main(args) == 2
+    assert cli.main([*args, "--min-captions"]) == 0
+    index = ShardIndex.load(tmp_path / "o/test-index.json")
+    assert (index.num_samples, index.dropped) == (1, 1)
+
+
+# --- synthetic dataset ------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_and_ambiguous() -> None:
+    a = [synthetic.make_scene(3, i) for i in range(200)]
+    assert a == [synthetic.make_scene(3, i) for i in range(200)]
+    assert a != [synthetic.make_scene(4, i) for i in range(200)]
+    assert all(len(set(s.captions)) == 5 and 2 <= len(s.objects) <= 5 for s in a)
+    owners = Counter(c for s in a for c in set(s.captions))
+    assert max(owners.values()) >= 3  # one caption fits several images
+    for s in a[:20]:  # each caption names objects that are really in its scene
+        for cap in s.captions:
+            assert any(f"{o.colour} {o.shape}" in cap for o in s.objects)
+    assert synthetic.render_regions(a[0]).shape == (synthetic.NUM_REGIONS, synthetic.REGION_DIM)
+    assert Image.open(io.BytesIO(synthetic.render_image(a[0], 48))).size == (48, 48)
+
+
+def test_synthetic_generation_is_fast() -> None:
+    t0 = time.perf_counter()
+    for i in range(10_000):
+        synthetic.render_regions(synthetic.make_scene(0, i))
+    assert time.perf_counter() - t0 < 20
+
+
+# --- training reader: splitting, shuffling, equal batches -------------------------------------
+
+
+def read_epoch(pattern: str, epoch: int, rank: int, world: int, bs: int, workers: int = 2) -> list:
+    opts = SampleOptions("regions", SYNTH_TOK, train=True)
+    reader = TrainReader(pattern, opts, bs, rank, world, num_workers=workers, shuffle_buffer=20)
+    return list(reader.epoch(epoch))
+
+
+def simulated_ranks(
+    pattern: str, epoch: int, bs: int, monkeypatch: pytest.MonkeyPatch
+) -> list[list]:
+    out = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        w = world_info()
+        out.append(read_epoch(pattern, epoch, w.rank, w.world_size, bs))
+    return out
+
+
+def test_two_ranks_two_workers_disjoint_complete_equal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_synth(tmp_path, 160, 20)  # 8 equal shards
+    pattern = f"{tmp_path}/train-{{000000..000007}}.tar"
+    ranks = simulated_ranks(pattern, 0, 8, monkeypatch)
+    assert len(ranks[0]) == len(ranks[1]) == 10
+    ids = [all_ids(r) for r in ranks]
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == [f"train{i:07d}" for i in range(160)]
+    assert all(b.tokens.shape[0] == 5 * b.images.shape[0] for r in ranks for b in r)
+
+
+def test_uneven_last_shard_still_gives_equal_batch_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_synth(tmp_path, 150, 20)  # 7 shards of 20 and one of 10
+    pattern = f"{tmp_path}/train-*.tar"
+    for epoch in range(3):
+        ranks = simulated_ranks(pattern, epoch, 8, monkeypatch)
+        assert len(ranks[0]) == len(ranks[1]) == (3 * 20 + 10) // 8
+        ids = [all_ids(r) for r in ranks]
+        assert not set(ids[0]) & set(ids[1]) and len(set(ids[0])) == len(ids[0])
+    plans = plan_epoch(ShardSet.resolve(pattern), 0, 0, 2)
+    assert sorted(plans[0] + plans[1]) == list(range(8))  # every shard read by exactly one rank
+
+
+def test_epoch_order_is_reproducible_and_changes(tmp_path: Path) -> None:
+    make_synth(tmp_path, 80, 10)
+    pattern = f"{tmp_path}/train-*.tar"
+    e0 = all_ids(read_epoch(pattern, 0, 0, 1, 8))
+    assert e0 == all_ids(read_epoch(pattern, 0, 0, 1, 8))
+    e1 = all_ids(read_epoch(pattern, 1, 0, 1, 8))
+    assert e1 != e0 and sorted(e1) == sorted(e0)
+
+
+def test_resampled_reader_gives_planned_batches(tmp_path: Path) -> None:
+    make_synth(tmp_path, 60, 10)
+    opts = SampleOptions("regions", SYNTH_TOK, train=True)
+    reader = TrainReader(f"{tmp_path}/train-*.tar", opts, 8, 1, 2, num_workers=2, resampled=True)
+    assert len(list(reader.epoch(0))) == reader.batches_per_epoch == 60 // 16
+
+
+def test_region_and_word_dropout_in_training(tmp_path: Path) -> None:
+    make_synth(tmp_path, 40, 10)
+    opts = SampleOptions("regions", SYNTH_TOK, train=True, region_dropout=0.5, word_dropout=0.3)
+    batches = list(TrainReader(f"{tmp_path}/train-*.tar", opts, 10, num_workers=0).epoch(0))
+    kept = torch.cat([b.image_mask.sum(1) for b in batches]).float()
+    assert kept.min() >= 1 and 2.5 < kept.mean() < 5.5  # 8 regions, p = 0.5
+    assert all((b.tokens[:, 0] == SYNTH_TOK.vocab.start).all() for b in batches)
+
+
+def test_word_dropout_statistics() -> None:
+    tok = SYNTH_TOK
+    rng = np.random.default_rng(0)
+    ids = [tok.vocab.start] + [10] * 20000 + [tok.vocab.end]
+    out = word_dropout(ids, tok, 0.2, rng)
+    assert out[0] == tok.vocab.start and out[-1] == tok.vocab.end
+    inner = out[1:-1]
+    c = Counter(inner)
+    assert abs(c[tok.mask_id] / 20000 - 0.10) < 0.01  # 0.2 * 50% masked
+    assert abs((20000 - len(inner)) / 20000 - 0.08) < 0.01  # 0.2 * 40% deleted
+    randoms = sum(v for k, v in c.items() if k not in (10, tok.mask_id))
+    assert abs(randoms / 20000 - 0.02) < 0.005  # 0.2 * 10% random words
+
+
+def test_bert_tokenizer_from_local_directory(tmp_path: Path) -> None:
+    from transformers import BertTokenizer
+
+    from setdiv.config import TextEncoderConfig
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    tok = build_tokenizer(TextEncoderConfig(name="bert", bert_path=str(tmp_path / "bert")))
+    assert tok.encode("A red circle") == [2, 5, 6, 7, 3]
+    assert (tok.pad_id, tok.mask_id, tok.first_word_id) == (0, 4, 5)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def rewrite_member(shard: Path, name: str, data: bytes) -> None:
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for m, payload in members:
+            payload = data if m.name == name else payload
+            m.size = len(payload)
+            tar.addfile(m, io.BytesIO(payload))
+
+
+def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(tmp_path: Path) -> None:
+    make_synth(tmp_path, 40, 10)
+    rewrite_member(tmp_path / "train-000001.tar", "train0000012.npy", b"not an npy file")
+    truncated = tmp_path / "train-000003.tar"
+    with tarfile.open(truncated) as tar:
+        cut = tar.getmember("train0000034.npy").offset_data + 100  # mid-way through sample 4
+    truncated.write_bytes(truncated.read_bytes()[:cut])
+    opts = SampleOptions("regions", SYNTH_TOK, train=False)
+    eval_reader = EvalReader(f"{tmp_path}/train-*.tar", opts, 8)
+    ids = all_ids(eval_reader)
+    assert "train0000012" not in ids and "train0000033" in ids and "train0000034" not in ids
+    assert len(ids) == 40 - 1 - 6
+    assert eval_reader.skipped == 7
+    train = TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=2, verify=False)
+    batches = list(train.epoch(0))
+    assert len(batches) == train.batches_per_epoch == 10  # refilled from a second pass
+    assert sum(b.skipped for b in batches) >= 7
+
+
+def test_missing_shard_checksum_and_too_few_shards_fail_early(tmp_path: Path) -> None:
+    make_synth(tmp_path, 30, 10)
+    opts = SampleOptions("regions", SYNTH_TOK, train=True)
+    with pytest.raises(FileNotFoundError, match="missing shard: .*train-000003.tar"):
+        TrainReader(f"{tmp_path}/train-{{000000..000007}}.tar", opts, 4)
+    with pytest.raises(ValueError, match="3 shards for 2 ranks x 2 workers"):
+        TrainReader(f"{tmp_path}/train-*.tar", opts, 4, rank=0, world=2, num_workers=2)
+    shard = tmp_path / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    with pytest.raises(ValueError, match="checksum mismatch for shard .*train-000002.tar"):
+        TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=1)
+    os.remove(tmp_path / "train-index.json")
+    with pytest.raises(FileNotFoundError, match="shard index not found"):
+        TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=1)
+
+
+def test_eval_reader_ranks_take_contiguous_slices(tmp_path: Path) -> None:
+    make_synth(tmp_path, 47, 10, split="test")
+    opts = SampleOptions("regions", SYNTH_TOK, train=False)
+    parts = [
+        all_ids(EvalReader(f"{tmp_path}/test-*.tar", opts, 5, rank=r, world=3)) for r in range(3)
+    ]
+    assert [len(p) for p in parts] == [16, 15, 16]
+    assert parts[0] + parts[1] + parts[2] == [f"test{i:07d}" for i in range(47)]
