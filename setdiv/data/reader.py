@@ -41,6 +41,7 @@ from setdiv.data.text import Tokenizer, word_dropout
 __all__ = ["Batch", "EvalReader", "ShardSet", "TrainReader", "collate"]
 
 log = logging.getLogger(__name__)
+CHUNK = 16
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -161,14 +162,16 @@ def _decode_meta(files: dict[str, bytes]) -> dict[str, Any]:
     return meta
 
 
-def _decode_regions(files: dict[str, bytes]) -> Tensor:
+def _decode_regions(files: dict[str, bytes]) -> np.ndarray:
+    # Stays numpy in its storage dtype until collation: cheaper to pass between processes.
     arr = np.load(io.BytesIO(files["npy"]), allow_pickle=False)
-    if arr.ndim != 2:
-        raise ValueError(f"region array of shape {arr.shape}")
-    return torch.from_numpy(arr.astype(np.float32))
+    if arr.ndim != 2 or not np.isfinite(arr).all():
+        raise ValueError(f"region array of shape {arr.shape} (or non-finite values)")
+    return arr
 
 
-def _image_transform(size: int, train: bool) -> Callable[[Tensor], Tensor]:
+def _image_transform(size: int, train: bool) -> Callable[[Image.Image], np.ndarray]:
+    """PIL image -> (3,size,size) uint8; normalisation happens batched in `collate`."""
     from torchvision.transforms import v2
 
     resize = (
@@ -177,14 +180,14 @@ def _image_transform(size: int, train: bool) -> Callable[[Tensor], Tensor]:
         else [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     )
     # No horizontal flip: it would contradict captions such as "left of".
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            *resize,
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    pipeline = v2.Compose([v2.ToImage(), *resize])
+    return lambda im: pipeline(im).numpy()
+
+
+def _normalise(pixels_B3HW: Tensor) -> Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return (pixels_B3HW.float() - mean) / std
 
 
 @dataclass
@@ -210,7 +213,18 @@ class _SampleStream(IterableDataset):
     ) -> None:
         self.shards, self.opts, self.seed_key, self.buffer = shards, opts, seed_key, buffer
 
-    def __iter__(self) -> Iterator[tuple[dict[str, Any] | None, int]]:
+    def __iter__(self) -> Iterator[list[tuple[dict[str, Any] | None, int]]]:
+        """Chunks of `CHUNK` items: one inter-process message per chunk, not per sample."""
+        chunk = []
+        for item in self._items():
+            chunk.append(item)
+            if len(chunk) == CHUNK:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _items(self) -> Iterator[tuple[dict[str, Any] | None, int]]:
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         rng = _rng(*self.seed_key, wid)
@@ -275,14 +289,14 @@ class _SampleStream(IterableDataset):
         }
 
 
-def _drop_regions(regions_RC: Tensor, p: float, rng: np.random.Generator) -> Tensor:
+def _drop_regions(regions_RC: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
     """Drop each region independently with probability p, keeping at least one."""
     if p <= 0:
         return regions_RC
     keep = rng.random(regions_RC.shape[0]) >= p
     if not keep.any():
         keep[rng.integers(regions_RC.shape[0])] = True
-    return regions_RC[torch.from_numpy(keep)]
+    return regions_RC[keep]
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -307,15 +321,15 @@ class Batch:
 def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Batch:
     """Stack B decoded samples into a `Batch` (regions and tokens right-padded)."""
     images = [s["image"] for s in samples]
-    if images[0].dim() == 2:  # regions (R, C), R varies under region dropout
+    if images[0].ndim == 2:  # regions (R, C), R varies under region dropout
         R = max(x.shape[0] for x in images)
-        batch_images = images[0].new_zeros(len(images), R, images[0].shape[1])
+        batch_images = torch.zeros(len(images), R, images[0].shape[1])
         image_mask = torch.zeros(len(images), R, dtype=torch.bool)
         for i, x in enumerate(images):
-            batch_images[i, : x.shape[0]] = x
+            batch_images[i, : x.shape[0]] = torch.from_numpy(x)
             image_mask[i, : x.shape[0]] = True
-    else:
-        batch_images, image_mask = torch.stack(images), None
+    else:  # uint8 pixels (3, H, W)
+        batch_images, image_mask = _normalise(torch.from_numpy(np.stack(images))), None
     captions = [t for s in samples for t in s["tokens"]]
     T = max(len(t) for t in captions)
     tokens = torch.full((len(captions), T), pad_id, dtype=torch.long)
@@ -332,6 +346,10 @@ def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Bat
         caption_ids=[c for s in samples for c in s["caption_ids"]],
         skipped=skipped,
     )
+
+
+def _as_is(item: Any) -> Any:
+    return item
 
 
 class TrainReader:
@@ -407,10 +425,12 @@ class TrainReader:
                 stream,
                 batch_size=None,
                 num_workers=self.num_workers,
+                collate_fn=_as_is,  # keep numpy arrays numpy: no per-sample tensor conversion
                 persistent_workers=False,
                 prefetch_factor=4 if self.num_workers else None,
             )
-            yield from loader
+            for chunk in loader:
+                yield from chunk
         raise RuntimeError("training reader could not fill an epoch: the shards are mostly corrupt")
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
@@ -468,7 +488,7 @@ class EvalReader:
         stream = _SampleStream([(p, n) for p, n, _ in mine], self.opts, (0,), buffer=1)
         pos, pending, skipped = mine[0][2], [], 0
         self.skipped = 0
-        for sample, skip in stream:  # in-process: keeps file order exactly
+        for sample, skip in stream._items():  # in-process: keeps file order exactly
             pos += skip
             skipped += skip
             self.skipped += skip
