@@ -179,6 +179,14 @@ class DataConfig:
     """Fraction of regions dropped per training image."""
     word_dropout: float = 0.2
     """Probability that a token is perturbed (50% mask, 10% random word, 40% deleted)."""
+    shuffle_buffer: int = 1000
+    """Samples held per worker for sample-level shuffling (shards are shuffled too)."""
+    resampled: bool = False
+    """Draw shards with replacement (epochs of equal length) instead of one pass over all."""
+    verify_checksums: bool = True
+    """Check every shard's sha256 against its index before training starts."""
+    eval_batch_size: int = 256
+    """Images per encoding batch in evaluation (captions: 5x)."""
 
 
 @dataclass

@@ -95,6 +95,10 @@ def _block(reduce: Callable[[Tensor], Tensor], x_nKD: Tensor, y_mLD: Tensor) -> 
     return reduce(s_nKmL)
 
 
+def _needs_grad(x: Tensor, y: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+
+
 def _check_sets(x: Tensor, y: Tensor) -> None:
     if x.dim() != 3 or y.dim() != 3:
         raise ValueError(
@@ -107,23 +111,29 @@ def _check_sets(x: Tensor, y: Tensor) -> None:
 
 
 def blockwise(
-    reduce: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, block_size: int | None = None
+    reduce: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    block_size: int | None = None,
+    inference_block: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Apply an element reduction to all set pairs, `block_size` sets per side at a time.
 
     x: (N,K,D), y: (M,L,D) -> (N,M) in float32 (float64 for float64 inputs).
+    `inference_block(x_nKD, y_mLD) -> (n,m)`, if given, replaces GEMM + `reduce` when no
+    gradient is needed (a fused, in-place variant of the same function).
     """
     _check_sets(x, y)
     bs = block_size or DEFAULT_BLOCK_SIZE
     if bs <= 0:
         raise ValueError(f"block_size must be > 0, got {bs}")
     N, M = x.shape[0], y.shape[0]
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    if not needs_grad:
+    if not _needs_grad(x, y):
         out = x.new_empty(N, M, dtype=_reduce_dtype(x.dtype))
+        block = inference_block or functools.partial(_block, reduce)
         for i in range(0, N, bs):
             for j in range(0, M, bs):
-                out[i : i + bs, j : j + bs] = _block(reduce, x[i : i + bs], y[j : j + bs])
+                out[i : i + bs, j : j + bs] = block(x[i : i + bs], y[j : j + bs])
         return out
     rows = []
     for i in range(0, N, bs):
@@ -139,13 +149,48 @@ def blockwise(
 # --- public similarities ----------------------------------------------------------------------
 
 
+def _smooth_chamfer_fixed_shift(x_nKD: Tensor, y_mLD: Tensor, alpha: float) -> Tensor:
+    """Inference block for unit vectors (s <= 1): LSE(alpha s) = alpha + log sum exp(alpha (s-1)).
+
+    One exp pass shared by both directions, computed in place after a GEMM whose epilogue
+    already applies alpha * s - alpha; exp(alpha (s-1)) >= exp(-2 alpha) cannot underflow for
+    alpha <= FIXED_SHIFT_MAX_ALPHA.
+    """
+    n, K, D = x_nKD.shape
+    m, L, _ = y_mLD.shape
+    shift = x_nKD.new_full((1, 1), -alpha)
+    e = torch.addmm(shift, x_nKD.reshape(n * K, D), y_mLD.reshape(m * L, D).T, alpha=alpha)
+    e_nKmL = e.exp_().view(n, K, m, L)
+    img_to_txt = e_nKmL.sum(dim=3).log_().mean(dim=1)  # (n, m)
+    txt_to_img = e_nKmL.sum(dim=1).log_().mean(dim=2)  # (n, m)
+    return (img_to_txt + txt_to_img) / (2.0 * alpha) + 1.0
+
+
+FIXED_SHIFT_MAX_ALPHA = 40.0
+"""Above this alpha the fused inference path could underflow in float32: max-shift instead."""
+
+
+def _is_unit(x: Tensor) -> bool:
+    return bool(x.norm(dim=-1).max() <= 1.0 + 1e-3)
+
+
 def smooth_chamfer(
     x: Tensor, y: Tensor, alpha: float = 16.0, block_size: int | None = None
 ) -> Tensor:
     """Smooth-Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    return blockwise(functools.partial(smooth_chamfer_reduce, alpha=alpha), x, y, block_size)
+    fused = None
+    if (
+        not _needs_grad(x, y)
+        and alpha <= FIXED_SHIFT_MAX_ALPHA
+        and x.dtype in (torch.float32, torch.float64)
+        and _is_unit(x)
+        and _is_unit(y)
+    ):
+        fused = functools.partial(_smooth_chamfer_fixed_shift, alpha=alpha)
+    reduce = functools.partial(smooth_chamfer_reduce, alpha=alpha)
+    return blockwise(reduce, x, y, block_size, inference_block=fused)
 
 
 def chamfer(x: Tensor, y: Tensor, block_size: int | None = None) -> Tensor:

@@ -96,17 +96,23 @@ def test_block_size_does_not_change_result(name: str) -> None:
         torch.testing.assert_close(sim.get(name)(x, y, block_size=bs), full, atol=1e-6, rtol=0)
 
 
-def test_blocks_never_exceed_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "name,block_fn", [("chamfer", "_block"), ("smooth_chamfer", "_smooth_chamfer_fixed_shift")]
+)
+def test_blocks_never_exceed_block_size(
+    name: str, block_fn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[tuple[int, int]] = []
-    real = sim._block
+    real = getattr(sim, block_fn)
 
-    def spy(reduce, x, y):  # noqa: ANN001, ANN202
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        x, y = [a for a in args if isinstance(a, torch.Tensor)][:2]
         seen.append((x.shape[0], y.shape[0]))
-        return real(reduce, x, y)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(sim, "_block", spy)
+    monkeypatch.setattr(sim, block_fn, spy)
     x, y = random_sets(40, 4, 8, torch.float32), random_sets(70, 4, 8, torch.float32)
-    sim.smooth_chamfer(x, y, block_size=16)
+    sim.get(name)(x, y, block_size=16)
     assert max(n for n, _ in seen) <= 16 and max(m for _, m in seen) <= 16
     assert sum(n * m for n, m in seen) == 40 * 70  # every pair exactly once
 
@@ -200,3 +206,22 @@ def test_build_similarity_binds_config() -> None:
     g = sim.build_similarity(SimilarityConfig(name="match_prob", mp_a=2.0, mp_b=-1.0))
     s = torch.einsum("nkd,mld->nkml", x, y)
     torch.testing.assert_close(g(x, y), torch.sigmoid(2 * s - 1).mean(dim=(1, 3)))
+
+
+@pytest.mark.parametrize("alpha", [4.0, 16.0, 40.0, 128.0])
+def test_fused_inference_path_matches_naive_loop(alpha: float) -> None:
+    """No-grad fp32 runs take the fused fixed-shift path for alpha <= 40, max-shift above."""
+    x, y = (
+        random_sets(6, 4, 8, torch.float32, seed=15),
+        random_sets(9, 3, 8, torch.float32, seed=16),
+    )
+    with torch.no_grad():
+        got = sim.smooth_chamfer(x, y, alpha=alpha, block_size=4)
+    ref = naive("smooth_chamfer", x.double().numpy(), y.double().numpy(), alpha)
+    np.testing.assert_allclose(got.numpy(), ref, atol=2e-6, rtol=0)
+
+
+def test_non_unit_inputs_fall_back_to_max_shift() -> None:
+    x, y = 3 * random_sets(2, 2, 4, seed=17), 3 * random_sets(3, 2, 4, seed=18)
+    ref = naive("smooth_chamfer", x.numpy(), y.numpy())
+    np.testing.assert_allclose(sim.smooth_chamfer(x, y).numpy(), ref, atol=1e-9, rtol=0)

@@ -50,7 +50,9 @@ def write_jpeg_shards(root: Path, n: int) -> str:
         Image.fromarray((base + noise).clip(0, 255).astype(np.uint8)).save(
             root / "img" / f"{i}.jpg", quality=90
         )
-        sents = [{"raw": f"a photo of scene {i} variant {j}", "sentid": 5 * i + j} for j in range(5)]
+        sents = [
+            {"raw": f"a photo of scene {i} variant {j}", "sentid": 5 * i + j} for j in range(5)
+        ]
         images.append({"filename": f"{i}.jpg", "split": "train", "imgid": i, "sentences": sents})
     (root / "karpathy.json").write_text(json.dumps({"images": images}))
     out = root / "jpeg"
@@ -79,8 +81,18 @@ def main() -> None:
         regions = write_region_shards(root, args.regions)
         jpegs = write_jpeg_shards(root, args.images)
         cases = [
-            ("BUTD regions 36x2048 fp16", regions, SampleOptions("regions", tok, True, 224, 0.2, 0.2), 100),
-            ("JPEG 640x480 -> 224 crop", jpegs, SampleOptions("image", tok, True, 224, 0.0, 0.2), 50),
+            (
+                "BUTD regions 36x2048 fp16",
+                regions,
+                SampleOptions("regions", tok, True, 224, 0.2, 0.2),
+                100,
+            ),
+            (
+                "JPEG 640x480 -> 224 crop",
+                jpegs,
+                SampleOptions("image", tok, True, 224, 0.0, 0.2),
+                50,
+            ),
         ]
         print(f"{'input':<28}{'0 workers':>12}{f'{args.workers} workers':>12}{'speed-up':>10}")
         for name, pattern, opts, batch in cases:

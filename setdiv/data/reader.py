@@ -35,10 +35,20 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from setdiv.config import DataConfig
 from setdiv.data.shards import CAPTIONS_PER_IMAGE, ShardIndex, ShardInfo, index_path, sha256_file
 from setdiv.data.text import Tokenizer, word_dropout
 
-__all__ = ["Batch", "EvalReader", "ShardSet", "TrainReader", "collate"]
+__all__ = [
+    "Batch",
+    "EvalReader",
+    "SampleOptions",
+    "ShardSet",
+    "TrainReader",
+    "build_eval_reader",
+    "build_train_reader",
+    "collate",
+]
 
 log = logging.getLogger(__name__)
 CHUNK = 16
@@ -500,3 +510,36 @@ class EvalReader:
                 pending, skipped = [], 0
             if pos >= self.stop:
                 break
+
+
+def build_train_reader(
+    cfg: DataConfig, kind: str, tokenizer: Tokenizer, rank: int, world: int, seed: int
+) -> TrainReader:
+    """The training reader of `data.train_shards`; `data.batch_size` is the global batch."""
+    if cfg.train_shards is None:
+        raise ValueError("config key 'data.train_shards' is not set")
+    if cfg.batch_size % world:
+        raise ValueError(f"'data.batch_size'={cfg.batch_size} does not split over {world} ranks")
+    opts = SampleOptions(
+        kind, tokenizer, True, cfg.image_size, cfg.region_dropout, cfg.word_dropout
+    )
+    return TrainReader(
+        cfg.train_shards,
+        opts,
+        cfg.batch_size // world,
+        rank,
+        world,
+        cfg.num_workers,
+        seed,
+        cfg.shuffle_buffer,
+        cfg.resampled,
+        cfg.verify_checksums,
+    )
+
+
+def build_eval_reader(
+    cfg: DataConfig, pattern: str, kind: str, tokenizer: Tokenizer, rank: int = 0, world: int = 1
+) -> EvalReader:
+    """An evaluation reader over `pattern` (no augmentation, index order, rank's slice)."""
+    opts = SampleOptions(kind, tokenizer, False, cfg.image_size)
+    return EvalReader(pattern, opts, cfg.eval_batch_size, rank, world)

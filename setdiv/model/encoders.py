@@ -26,6 +26,7 @@ from setdiv.model.positional import sine_positions_1d, sine_positions_2d
 
 __all__ = [
     "IMAGE_ENCODERS",
+    "IMAGE_INPUT_KIND",
     "TEXT_ENCODERS",
     "BertEncoder",
     "BiGRUEncoder",
@@ -256,6 +257,8 @@ IMAGE_ENCODERS = {
     "resnext101_32x8d": _resnext101,
 }
 TEXT_ENCODERS = {"bigru": BiGRUEncoder, "bert": BertEncoder}
+IMAGE_INPUT_KIND = {"region": "regions", "resnet152": "image", "resnext101_32x8d": "image"}
+"""What each image encoder reads from the shards: region features or JPEG pixels."""
 
 
 def build_image_encoder(cfg: ImageEncoderConfig, dim: int) -> nn.Module:
