@@ -76,6 +76,12 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from setdiv.eval import run
+
+    return run.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="setdiv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     shards = sub.add_parser("shards", help="convert a dataset into WebDataset shards")
     make_shards.add_arguments(shards)
     shards.set_defaults(func=cmd_shards)
+
+    from setdiv.eval import run as eval_run
+
+    ev = sub.add_parser("eval", help="evaluate an exported model on test shards")
+    eval_run.add_arguments(ev)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["WorldInfo", "world_info"]
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "WorldInfo",
+    "all_gather_list",
+    "all_gather_rows",
+    "init_distributed",
+    "is_initialized",
+    "world_info",
+]
 
 
 @dataclass(frozen=True)
@@ -30,3 +41,43 @@ def world_info() -> WorldInfo:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world of size {world}")
     return WorldInfo(rank, world, local)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(
+    rank: int, world_size: int, init_method: str, backend: str | None = None
+) -> None:
+    """Join the process group: nccl when CUDA is available, gloo otherwise."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+
+
+def all_gather_rows(t: Tensor) -> Tensor:
+    """Concatenate each rank's (n_r, ...) tensor along dim 0 in rank order (n_r may differ).
+
+    World size 1 (or no process group) returns `t` unchanged.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return t
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = t.new_zeros((longest, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def all_gather_list(items: list) -> list:
+    """Concatenate each rank's Python list in rank order (world size 1: unchanged)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]

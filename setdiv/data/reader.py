@@ -462,7 +462,8 @@ class TrainReader:
 
 class EvalReader:
     """Every image of the shards exactly once, in index order; rank r of `world` gets the r-th
-    contiguous slice (so concatenating ranks' outputs restores index order)."""
+    contiguous slice (so concatenating ranks' outputs restores index order), a multiple of
+    `align` images long except for the last."""
 
     def __init__(
         self,
@@ -471,6 +472,7 @@ class EvalReader:
         batch_size: int,
         rank: int = 0,
         world: int = 1,
+        align: int = 1,
     ) -> None:
         self.shards = ShardSet.resolve(pattern)
         if self.shards.kind != opts.kind:
@@ -478,14 +480,21 @@ class EvalReader:
                 f"{pattern}: shards hold {self.shards.kind!r}, the model reads {opts.kind!r}"
             )
         self.opts, self.batch_size = opts, batch_size
+        # Slices are multiples of `align` (the last takes the rest), so batch boundaries, and
+        # hence every encoded vector, are the same whatever the number of ranks.
         total = self.shards.num_samples
-        bounds = np.linspace(0, total, world + 1).round().astype(int)
-        self.start, self.stop = int(bounds[rank]), int(bounds[rank + 1])
+        per_rank = -(-total // (world * align)) * align
+        self.start, self.stop = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
         self.skipped = 0
         """Corrupt samples skipped in the last full iteration."""
 
     def __len__(self) -> int:
+        """Images in this rank's slice."""
         return self.stop - self.start
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         pos, mine = 0, []
@@ -542,4 +551,4 @@ def build_eval_reader(
 ) -> EvalReader:
     """An evaluation reader over `pattern` (no augmentation, index order, rank's slice)."""
     opts = SampleOptions(kind, tokenizer, False, cfg.image_size)
-    return EvalReader(pattern, opts, cfg.eval_batch_size, rank, world)
+    return EvalReader(pattern, opts, cfg.eval_batch_size, rank, world, align=cfg.eval_batch_size)

@@ -88,8 +88,9 @@ class RegionEncoder(nn.Module):
 
     backbone = None
 
-    def __init__(self, cfg: ImageEncoderConfig, dim: int) -> None:
+    def __init__(self, cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> None:
         super().__init__()
+        del pretrained  # nothing pretrained: region features come precomputed
         self.head = ProjectionHead(cfg.feature_dim, dim, cfg.dropout)
         self.local_dim = dim
 
@@ -120,10 +121,14 @@ def load_state_dict_file(path: str | Path, key: str) -> dict[str, Tensor]:
 class CNNGridEncoder(nn.Module):
     """torchvision ResNet/ResNeXt last conv map -> S*S projected cells + 2-D sine positions."""
 
-    def __init__(self, cfg: ImageEncoderConfig, dim: int, arch: str) -> None:
+    def __init__(
+        self, cfg: ImageEncoderConfig, dim: int, arch: str, pretrained: bool = True
+    ) -> None:
         super().__init__()
         net = getattr(torchvision.models, arch)(weights=None)
-        if cfg.weights is None:
+        if not pretrained:
+            pass  # architecture only: the caller loads a full state dict
+        elif cfg.weights is None:
             log.warning("model.image.weights is null: %s is randomly initialised", arch)
         else:
             state = load_state_dict_file(cfg.weights, "model.image.weights")
@@ -171,7 +176,7 @@ class BiGRUEncoder(nn.Module):
 
     backbone = None
 
-    def __init__(self, cfg: TextEncoderConfig, dim: int) -> None:
+    def __init__(self, cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> None:
         super().__init__()
         vocab = None
         if cfg.vocab_path is not None:
@@ -184,7 +189,7 @@ class BiGRUEncoder(nn.Module):
             raise ValueError("bigru needs 'model.text.vocab_path' (or 'model.text.vocab_size')")
         num_words = len(vocab) if vocab is not None else int(cfg.vocab_size)  # type: ignore[arg-type]
         self.embed = nn.Embedding(num_words, cfg.word_dim, padding_idx=0)
-        if cfg.glove_path is not None:
+        if cfg.glove_path is not None and pretrained:
             if not Path(cfg.glove_path).is_file():
                 raise FileNotFoundError(
                     f"config key 'model.text.glove_path': not found: {cfg.glove_path}"
@@ -213,11 +218,15 @@ class BiGRUEncoder(nn.Module):
 class BertEncoder(nn.Module):
     """BERT token states -> Linear(hidden, D) local features; global = projected [CLS] or max."""
 
-    def __init__(self, cfg: TextEncoderConfig, dim: int) -> None:
+    def __init__(self, cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> None:
         super().__init__()
         from transformers import BertConfig, BertModel
 
-        if cfg.bert_path is None:
+        if not pretrained and cfg.bert_path is not None:
+            # Architecture from config.json only; the caller loads a full state dict.
+            bert_cfg = BertConfig.from_pretrained(cfg.bert_path, local_files_only=True)
+            self.backbone = BertModel(bert_cfg, add_pooling_layer=False)
+        elif cfg.bert_path is None:
             # Random init with the bert-base-uncased shape: for `setdiv info` and smoke runs.
             log.warning("model.text.bert_path is null: BERT is randomly initialised")
             self.backbone = BertModel(BertConfig(), add_pooling_layer=False)
@@ -243,12 +252,12 @@ class BertEncoder(nn.Module):
         return Features(local_BRD, mask_BR, pooled_BD, pos=pos_RD.to(local_BRD.dtype))
 
 
-def _resnet152(cfg: ImageEncoderConfig, dim: int) -> CNNGridEncoder:
-    return CNNGridEncoder(cfg, dim, "resnet152")
+def _resnet152(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> CNNGridEncoder:
+    return CNNGridEncoder(cfg, dim, "resnet152", pretrained)
 
 
-def _resnext101(cfg: ImageEncoderConfig, dim: int) -> CNNGridEncoder:
-    return CNNGridEncoder(cfg, dim, "resnext101_32x8d")
+def _resnext101(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> CNNGridEncoder:
+    return CNNGridEncoder(cfg, dim, "resnext101_32x8d", pretrained)
 
 
 IMAGE_ENCODERS = {
@@ -261,19 +270,25 @@ IMAGE_INPUT_KIND = {"region": "regions", "resnet152": "image", "resnext101_32x8d
 """What each image encoder reads from the shards: region features or JPEG pixels."""
 
 
-def build_image_encoder(cfg: ImageEncoderConfig, dim: int) -> nn.Module:
-    """The image encoder registered as `cfg.name`, producing D = dim global features."""
+def build_image_encoder(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> nn.Module:
+    """The image encoder registered as `cfg.name`, producing D = dim global features.
+
+    `pretrained=False` builds the architecture only (no weights file is read).
+    """
     if cfg.name not in IMAGE_ENCODERS:
         raise ValueError(
             f"unknown 'model.image.name={cfg.name}'; registered: {sorted(IMAGE_ENCODERS)}"
         )
-    return IMAGE_ENCODERS[cfg.name](cfg, dim)
+    return IMAGE_ENCODERS[cfg.name](cfg, dim, pretrained)
 
 
-def build_text_encoder(cfg: TextEncoderConfig, dim: int) -> nn.Module:
-    """The text encoder registered as `cfg.name`, producing D = dim global features."""
+def build_text_encoder(cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> nn.Module:
+    """The text encoder registered as `cfg.name`, producing D = dim global features.
+
+    `pretrained=False` skips GloVe / BERT weights (the vocabulary or BERT config is still read).
+    """
     if cfg.name not in TEXT_ENCODERS:
         raise ValueError(
             f"unknown 'model.text.name={cfg.name}'; registered: {sorted(TEXT_ENCODERS)}"
         )
-    return TEXT_ENCODERS[cfg.name](cfg, dim)
+    return TEXT_ENCODERS[cfg.name](cfg, dim, pretrained)

@@ -52,10 +52,14 @@ class SetRetrievalModel(nn.Module):
         ]
 
 
-def build_model(cfg: ModelConfig) -> SetRetrievalModel:
-    """Build both encoders and both set modules from the model config subtree."""
-    image_encoder = build_image_encoder(cfg.image, cfg.embed_dim)
-    text_encoder = build_text_encoder(cfg.text, cfg.embed_dim)
+def build_model(cfg: ModelConfig, pretrained: bool = True) -> SetRetrievalModel:
+    """Build both encoders and both set modules from the model config subtree.
+
+    `pretrained=False` builds the architecture without reading backbone / GloVe weights, for
+    loading a complete state dict afterwards (exported models, checkpoints).
+    """
+    image_encoder = build_image_encoder(cfg.image, cfg.embed_dim, pretrained)
+    text_encoder = build_text_encoder(cfg.text, cfg.embed_dim, pretrained)
     return SetRetrievalModel(
         image_encoder,
         text_encoder,

@@ -1,0 +1,126 @@
+"""`setdiv eval`: evaluate an exported model on test shards, on 1 or N local processes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from setdiv.data.reader import ShardSet, build_eval_reader
+from setdiv.distributed import init_distributed, is_initialized
+from setdiv.eval.evaluator import EvalResult, encode, format_table, gather_and_score, write_result
+from setdiv.export import ExportedModel, find_export, load_exported
+from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.similarity import build_similarity
+
+__all__ = ["add_arguments", "evaluate_export", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="export directory, its model.safetensors, or a run directory")
+    p.add_argument("--data", required=True, help="test shards (brace pattern or glob)")
+    p.add_argument("--protocol", choices=("coco", "f30k"), required=True)
+    p.add_argument("--nproc", type=int, default=1, help="local processes sharing the image rows")
+    p.add_argument("--out", default=None, help="output directory (default: <export>/eval)")
+    p.add_argument("--block-size", type=int, default=None, help="override similarity.block_size")
+    p.add_argument("--batch-size", type=int, default=None, help="override data.eval_batch_size")
+    p.add_argument(
+        "--analysis", action="store_true", help="circular variance, per-element RSUM, attention PNG"
+    )
+
+
+def _device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def evaluate_export(
+    exported: ExportedModel,
+    data: str,
+    protocol: str,
+    device: torch.device,
+    progress: bool = True,
+    analysis: bool = False,
+) -> EvalResult | None:
+    """Evaluate a loaded export on `data`; shards rows over the process group if one exists.
+    Returns the result on rank 0 (or a lone process), None elsewhere."""
+    cfg = exported.cfg
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_initialized() else (0, 1)
+    kind = IMAGE_INPUT_KIND[cfg.model.image.name]
+    reader = build_eval_reader(cfg.data, data, kind, exported.tokenizer, rank, world)
+    model = exported.model.to(device)
+    enc = encode(model, reader, device, progress=progress and rank == 0)
+    similarity = build_similarity(cfg.similarity)
+    result = gather_and_score(enc, similarity, cfg.data.eval_batch_size, protocol)
+    if analysis:
+        from setdiv.eval.report import analyse
+
+        analysis_out = analyse(model, reader, enc, similarity, device)
+        if result is not None and analysis_out is not None:
+            result.metrics["analysis"], result.figures = analysis_out
+    if result is not None:
+        s = cfg.similarity
+        result.meta = {
+            "similarity": {"name": s.name, "alpha": s.alpha, "mp_a": s.mp_a, "mp_b": s.mp_b},
+            "checkpoint_sha256": exported.sha256,
+            "data": data,
+            "protocol": protocol,
+            "processes": world,
+            "skipped_samples": enc.skipped,
+        }
+    return result
+
+
+def _worker(rank: int, args: argparse.Namespace, init_method: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
+    )
+    if args.nproc > 1:
+        init_distributed(rank, args.nproc, init_method)
+    try:
+        exported = load_exported(args.checkpoint)
+        cfg = exported.cfg
+        if args.block_size:
+            cfg = replace(cfg, similarity=replace(cfg.similarity, block_size=args.block_size))
+        if args.batch_size:
+            cfg = replace(cfg, data=replace(cfg.data, eval_batch_size=args.batch_size))
+        exported.cfg = cfg
+        result = evaluate_export(
+            exported, args.data, args.protocol, _device(rank), analysis=args.analysis
+        )
+        if result is not None:
+            out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+            write_result(result, out)
+            print(format_table(result.metrics, title=f"{args.checkpoint} on {args.data}"))
+            print(f"wrote {out}/sims.npy, sims_meta.json, metrics.json")
+    finally:
+        if args.nproc > 1 and is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise ValueError("--nproc must be >= 1")
+    find_export(args.checkpoint)  # fail here, not in N child processes
+    ShardSet.resolve(args.data)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    if args.nproc == 1:
+        _worker(0, args, init_method)
+    else:
+        mp.spawn(_worker, args=(args, init_method), nprocs=args.nproc, join=True)
+    return 0

@@ -1,0 +1,102 @@
+"""Exported models: a directory users exchange, loadable without executing code.
+
+    model.safetensors   consolidated fp32 weights
+    config.yaml         the resolved config
+    vocab.json          bi-GRU vocabulary (bigru models)
+    bert/               BERT config.json + tokenizer files, no weights (bert models)
+
+`load_exported` rebuilds the architecture without reading any backbone / GloVe file and loads
+the weights, so an export runs on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from setdiv import config as config_lib
+from setdiv.data.text import Tokenizer, build_tokenizer
+from setdiv.data.vocab import Vocab
+from setdiv.model import SetRetrievalModel, build_model
+
+__all__ = ["WEIGHTS", "ExportedModel", "export_model", "find_export", "load_exported"]
+
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class ExportedModel:
+    model: SetRetrievalModel
+    cfg: config_lib.Config
+    tokenizer: Tokenizer
+    sha256: str
+    """Hash of model.safetensors: identifies the weights in evaluation metadata."""
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_model(
+    model: nn.Module, cfg: config_lib.Config, out_dir: str | Path, vocab: Vocab | None = None
+) -> Path:
+    """Write `model` (fp32, contiguous) with its config and text assets into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"format": "setdiv/1"})
+    text = cfg.model.text
+    if text.name == "bigru":
+        if vocab is None:
+            if text.vocab_path is None:
+                raise ValueError("exporting a bigru model needs its vocabulary")
+            vocab = Vocab.load(text.vocab_path)
+        vocab.save(out / "vocab.json")
+    elif text.bert_path is not None:
+        bert_out = out / "bert"
+        bert_out.mkdir(exist_ok=True)
+        for f in Path(text.bert_path).iterdir():
+            if f.is_file() and not f.name.endswith((".bin", ".safetensors", ".h5", ".msgpack")):
+                shutil.copy2(f, bert_out / f.name)
+    config_lib.save(cfg, out / "config.yaml")
+    return out
+
+
+def find_export(path: str | Path) -> Path:
+    """The export directory for an export dir, its weights file, or a run dir (`RUN/export`)."""
+    p = Path(path)
+    for cand in (p if p.is_dir() else p.parent, p / "export"):
+        if (cand / WEIGHTS).is_file() and (cand / "config.yaml").is_file():
+            return cand
+    raise FileNotFoundError(
+        f"{p}: no {WEIGHTS} + config.yaml here or in {p / 'export'} (run `setdiv export RUN_DIR`)"
+    )
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
+    """Rebuild and load an exported model (eval mode) with its tokenizer."""
+    root = find_export(path)
+    cfg = config_lib.load([root / "config.yaml"])
+    text = cfg.model.text
+    if text.name == "bigru":
+        text = replace(text, vocab_path=str(root / "vocab.json"), vocab_size=None, glove_path=None)
+    elif (root / "bert").is_dir():
+        text = replace(text, bert_path=str(root / "bert"))
+    image = replace(cfg.model.image, weights=None)
+    cfg = replace(cfg, model=replace(cfg.model, text=text, image=image))
+    model = build_model(cfg.model, pretrained=False)
+    missing, unexpected = model.load_state_dict(load_file(str(root / WEIGHTS)), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{root / WEIGHTS} does not fit its config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return ExportedModel(
+        model.to(device).eval(), cfg, build_tokenizer(cfg.model.text), _file_sha256(root / WEIGHTS)
+    )
