@@ -161,8 +161,8 @@ def eccv_metrics(
         from eccv_caption import Metrics
 
     metric = Metrics()
-    known_caps = set(metric.coco_gts["t2i"])  # type: ignore[attr-defined]
-    if not set(img) <= set(int(i) for i in metric.coco_ids) or not set(cap) <= known_caps:
+    gts = metric.coco_gts  # type: ignore[attr-defined]
+    if not set(img) <= set(gts["i2t"]) or not set(cap) <= set(gts["t2i"]):
         log.info("ECCV/CxC skipped: ids are not COCO 5K-test image / caption ids")
         return None
     s = torch.from_numpy(sims)

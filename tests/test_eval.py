@@ -1,0 +1,168 @@
+"""Evaluator end to end: exported model + test shards -> sims.npy, metrics, ensembles, analysis."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from setdiv import cli
+from setdiv import config as config_lib
+from setdiv import similarity as sim
+from setdiv.data.convert import synthetic_samples
+from setdiv.data.shards import write_shards
+from setdiv.data.vocab import Vocab
+from setdiv.eval.evaluator import eccv_metrics, protocol_metrics
+from setdiv.eval.metrics import recall_at_k
+from setdiv.eval.report import element_rsums
+from setdiv.export import export_model, load_exported
+from setdiv.model import build_model
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import ensemble_eval  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    vocab = Vocab.build(c for s in synthetic_samples("train", 300, 0) for c in s.captions)
+    vocab.save(root / "vocab.json")
+    cfg = config_lib.load(
+        [ROOT / "configs/demo.yaml"],
+        [f"model.text.vocab_path={root / 'vocab.json'}", "model.text.vocab_size=null", "data.eval_batch_size=8"],
+    )
+    torch.manual_seed(0)
+    export_model(build_model(cfg.model), cfg, root / "export", vocab)
+    write_shards(synthetic_samples("test", 60, 0), root / "test", "test", "regions", "synthetic", 25)
+    return root
+
+
+def run_eval(root: Path, out: str, *extra: str) -> Path:
+    args = ["eval", str(root / "export"), "--data", f"{root}/test/test-*.tar", "--protocol", "coco"]
+    assert cli.main([*args, "--out", str(root / out), *extra]) == 0
+    return root / out
+
+
+def test_sims_match_direct_encoding_and_naive_similarity(setup: Path) -> None:
+    out = run_eval(setup, "one")
+    sims = np.load(out / "sims.npy")
+    meta = json.loads((out / "sims_meta.json").read_text())
+    assert sims.shape == (60, 300)
+    assert meta["image_ids"] == [f"test{i:07d}" for i in range(60)]
+    assert meta["caption_ids"] == list(range(300))
+    assert len(meta["checkpoint_sha256"]) == 64 and meta["similarity"]["name"] == "smooth_chamfer"
+    # Reference: encode all samples in one batch per modality, whole (N,K,M,L) tensor at once.
+    ex = load_exported(setup / "export")
+    samples = list(synthetic_samples("test", 60, 0))
+    regions = torch.from_numpy(np.stack([s.regions for s in samples]))
+    ids = [ex.tokenizer.encode(c) for s in samples for c in s.captions]
+    T = max(map(len, ids))
+    tokens = torch.tensor([t + [0] * (T - len(t)) for t in ids])
+    with torch.no_grad():
+        img = ex.model.encode_image(regions).embeds
+        txt = ex.model.encode_text(tokens, tokens != 0).embeds
+        ref = sim.smooth_chamfer_reduce(torch.einsum("nkd,mld->nkml", img.double(), txt.double()))
+    np.testing.assert_allclose(sims, ref.numpy(), atol=2e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["coco_60"] == pytest.approx(recall_at_k(sims))
+
+
+@pytest.mark.distributed
+def test_one_and_two_processes_give_identical_sims(setup: Path) -> None:
+    one = np.load(run_eval(setup, "p1") / "sims.npy")
+    two = np.load(run_eval(setup, "p2", "--nproc", "2") / "sims.npy")
+    assert np.array_equal(one, two)
+    meta = json.loads((setup / "p2/sims_meta.json").read_text())
+    assert meta["processes"] == 2 and meta["image_ids"] == [f"test{i:07d}" for i in range(60)]
+
+
+def test_block_size_does_not_change_sims(setup: Path) -> None:
+    a = np.load(run_eval(setup, "b512", "--block-size", "512") / "sims.npy")
+    b = np.load(run_eval(setup, "b3", "--block-size", "3") / "sims.npy")
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_ensemble_of_itself_and_of_two(setup: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = run_eval(setup, "ens_a")
+    b = setup / "ens_b"
+    b.mkdir()
+    other = np.load(a / "sims.npy") + np.random.default_rng(0).normal(0, 0.05, (60, 300)).astype(np.float32)
+    np.save(b / "sims.npy", other)
+    (b / "sims_meta.json").write_text((a / "sims_meta.json").read_text())
+    assert ensemble_eval.main([str(a / "sims.npy"), str(a / "sims.npy"), "--out", str(setup / "self")]) == 0
+    np.testing.assert_array_equal(np.load(setup / "self/sims.npy"), np.load(a / "sims.npy"))
+    assert json.loads((setup / "self/metrics.json").read_text()) == json.loads((a / "metrics.json").read_text())
+    assert ensemble_eval.main([str(a / "sims.npy"), str(b / "sims.npy"), "--out", str(setup / "two")]) == 0
+    np.testing.assert_allclose(np.load(setup / "two/sims.npy"), (np.load(a / "sims.npy") + other) / 2, atol=1e-7)
+    assert "ensemble:coco_60" in capsys.readouterr().out
+
+
+def test_ensemble_refuses_mismatched_ids(setup: Path) -> None:
+    a = run_eval(setup, "mm_a")
+    b = setup / "mm_b"
+    b.mkdir()
+    np.save(b / "sims.npy", np.load(a / "sims.npy"))
+    meta = json.loads((a / "sims_meta.json").read_text())
+    meta["image_ids"] = meta["image_ids"][::-1]
+    (b / "sims_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="image_ids differ"):
+        ensemble_eval.main([str(a / "sims.npy"), str(b / "sims.npy")])
+
+
+def test_analysis_writes_numbers_and_attention_png(setup: Path) -> None:
+    out = run_eval(setup, "analysis", "--analysis")
+    analysis = json.loads((out / "metrics.json").read_text())["analysis"]
+    assert 0 <= analysis["circular_variance_image"] <= 1
+    assert {f"rsum_img_elem{k}" for k in range(4)} <= set(analysis)
+    png = (out / "attention.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_element_rsums_hand_constructed() -> None:
+    """Image element 0 carries the match, elements 1..3 are noise: only elem0 retrieves well."""
+    g = torch.Generator().manual_seed(0)
+    N, D = 40, 64
+    keys = F.normalize(torch.randn(N, D, generator=g), dim=-1)
+    images = F.normalize(torch.randn(N, 4, D, generator=g), dim=-1)
+    images[:, 0] = keys
+    captions = keys.repeat_interleave(5, 0)[:, None, :].expand(-1, 2, -1).clone()
+    out = element_rsums(sim.smooth_chamfer, images, captions)
+    assert out["rsum_img_elem0"] == pytest.approx(600.0)
+    assert max(out[f"rsum_img_elem{k}"] for k in (1, 2, 3)) < 150
+
+
+def test_protocol_reports_5k_and_1k_and_f30k() -> None:
+    rng = np.random.default_rng(0)
+    S = rng.standard_normal((2000, 10000)).astype(np.float32)
+    out = protocol_metrics(S, "coco", [str(i) for i in range(2000)], list(range(10000)))
+    assert set(out) == {"coco_2000", "coco_1k"}
+    out = protocol_metrics(S[:1000, :5000], "f30k", [], [])
+    assert set(out) == {"f30k_1k"}
+
+
+@pytest.mark.slow
+def test_eccv_coco_recalls_agree_with_ours() -> None:
+    """On the real COCO 5K test ids, eccv_caption's own COCO 5K R@1 must equal ours."""
+    from eccv_caption import Metrics
+
+    m = Metrics()
+    image_ids = sorted(m.coco_gts["i2t"])
+    caption_ids = [c for i in image_ids for c in m.coco_gts["i2t"][i][:5]]
+    rng = np.random.default_rng(0)
+    S = rng.standard_normal((5000, 25000)).astype(np.float32)
+    S[np.arange(25000) // 5, np.arange(25000)] += 3.0
+    ours = recall_at_k(S)
+    extended = eccv_metrics(S, image_ids, caption_ids)
+    assert extended is not None and set(extended) >= {"eccv_map_at_r_i2t", "cxc_r1_t2i", "eccv_r1_i2t"}
+    i2t = {image_ids[i]: [caption_ids[j] for j in np.argsort(-S[i])[:10]] for i in range(5000)}
+    t2i = {caption_ids[c]: [image_ids[j] for j in np.argsort(-S[:, c])[:10]] for c in range(25000)}
+    theirs = m.compute_all_metrics(i2t, t2i, target_metrics=("coco_5k_recalls",), Ks=(1, 5, 10), verbose=False)
+    for k in (1, 5, 10):
+        assert 100 * theirs[f"coco_5k_r{k}"]["i2t"] == pytest.approx(ours[f"i2t_r{k}"], abs=1e-6)
+        assert 100 * theirs[f"coco_5k_r{k}"]["t2i"] == pytest.approx(ours[f"t2i_r{k}"], abs=1e-6)
