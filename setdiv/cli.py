@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate an exported model on test shards")
     eval_run.add_arguments(ev)
     ev.set_defaults(func=cmd_eval)
+
+    from setdiv.train import launch
+
+    tr = sub.add_parser("train", help="train through DeepSpeed")
+    launch.add_train_arguments(tr)
+    tr.set_defaults(func=launch.run_train)
+    ex = sub.add_parser("export", help="consolidated fp32 safetensors from a run's checkpoint")
+    launch.add_export_arguments(ex)
+    ex.set_defaults(func=launch.run_export)
     return parser
 
 

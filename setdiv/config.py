@@ -205,6 +205,8 @@ class TrainConfig:
     """Steps between checkpoints (plus one at every epoch end)."""
     keep_last: int = 3
     """Checkpoints kept besides `best`."""
+    max_nonfinite: int = 5
+    """Consecutive non-finite losses (each step skipped) after which training stops."""
 
 
 @dataclass

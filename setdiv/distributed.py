@@ -13,6 +13,9 @@ __all__ = [
     "WorldInfo",
     "all_gather_list",
     "all_gather_rows",
+    "all_gather_with_grad",
+    "all_reduce_sum",
+    "rank_and_world",
     "init_distributed",
     "is_initialized",
     "world_info",
@@ -81,3 +84,33 @@ def all_gather_list(items: list) -> list:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [x for p in parts for x in p]
+
+
+def all_gather_with_grad(t: Tensor) -> Tensor:
+    """Concatenate every rank's (n, ...) tensor (equal n) along dim 0, differentiably: the
+    backward pass sums each slice's gradient over ranks and hands every rank its own slice's
+    total, so a loss split over ranks back-propagates exactly like the whole-batch loss.
+
+    World size 1 (or no process group) returns `t` unchanged.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t), dim=0)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the current process group, (0, 1) without one."""
+    if not is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum over ranks (a copy; world size 1 returns `t`), without gradient."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out

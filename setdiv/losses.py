@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from setdiv.config import LossConfig
+from setdiv.distributed import all_gather_with_grad, rank_and_world
 from setdiv.model.set_modules import SetOutput
 
 __all__ = [
@@ -63,30 +64,61 @@ def triplet_loss(
     return {"i2t_loss": reduce(i2t_P), "t2i_loss": reduce(t2i_P)}
 
 
+def _kernel_sum(a_PD: Tensor, b_QD: Tensor) -> Tensor:
+    """sum_ij exp(-0.5 ||a_i - b_j||) (distance not squared)."""
+    # ||a - b|| from Gram entries; the clamp keeps sqrt's gradient finite at distance 0.
+    d2 = (a_PD.pow(2).sum(1)[:, None] + b_QD.pow(2).sum(1)[None, :] - 2 * a_PD @ b_QD.T).clamp_min(
+        1e-12
+    )
+    return torch.exp(-0.5 * d2.sqrt()).sum()
+
+
 def mmd_loss(x_PD: Tensor, y_QD: Tensor) -> Tensor:
     """Biased MMD estimate between element clouds x (P,D) and y (Q,D), k = exp(-0.5 ||x - y||)."""
+    P, Q = x_PD.shape[0], y_QD.shape[0]
+    return (
+        _kernel_sum(x_PD, x_PD) / P**2
+        + _kernel_sum(y_QD, y_QD) / Q**2
+        - 2 * _kernel_sum(x_PD, y_QD) / (P * Q)
+    )
 
-    def k_mean(a: Tensor, b: Tensor) -> Tensor:
-        # ||a - b|| from Gram entries; the clamp keeps sqrt's gradient finite at distance 0.
-        d2 = (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.T).clamp_min(1e-12)
-        return torch.exp(-0.5 * d2.sqrt()).mean()
 
-    return k_mean(x_PD, x_PD) + k_mean(y_QD, y_QD) - 2 * k_mean(x_PD, y_QD)
+def _mmd_rows(x_local: Tensor, x_all: Tensor, y_local: Tensor, y_all: Tensor) -> Tensor:
+    """This rank's share of `mmd_loss(x_all, y_all)`: its rows of the three kernel sums."""
+    P, Q = x_all.shape[0], y_all.shape[0]
+    return (
+        _kernel_sum(x_local, x_all) / P**2
+        + _kernel_sum(y_local, y_all) / Q**2
+        - 2 * _kernel_sum(x_local, y_all) / (P * Q)
+    )
+
+
+def _diversity_per_sample(slots_BKD: Tensor) -> Tensor:
+    B, K, _ = slots_BKD.shape
+    if K < 2:
+        return slots_BKD.new_zeros(B)
+    r_BKD = F.normalize(slots_BKD, dim=-1)
+    d2_BKK = (2 - 2 * r_BKD @ r_BKD.transpose(1, 2)).clamp_min(0)
+    i, j = torch.triu_indices(K, K, offset=1, device=slots_BKD.device)
+    return torch.exp(-2 * d2_BKK[:, i, j]).mean(dim=1)
 
 
 def diversity_loss(slots_BKD: Tensor) -> Tensor:
     """Mean over samples of 2/(K(K-1)) sum_{i<j} exp(-2 ||r_i - r_j||^2), r = l2norm(slots)."""
-    B, K, _ = slots_BKD.shape
-    if K < 2:
-        return slots_BKD.new_zeros(())
-    r_BKD = F.normalize(slots_BKD, dim=-1)
-    d2_BKK = (2 - 2 * r_BKD @ r_BKD.transpose(1, 2)).clamp_min(0)
-    i, j = torch.triu_indices(K, K, offset=1, device=slots_BKD.device)
-    return torch.exp(-2 * d2_BKK[:, i, j]).mean()
+    return _diversity_per_sample(slots_BKD).mean()
 
 
 class SetRetrievalLoss(nn.Module):
-    """L = L_i2t + L_t2i + w_mmd * MMD + w_div * Div, as separately named terms."""
+    """L = L_i2t + L_t2i + w_mmd * MMD + w_div * Div, as separately named terms.
+
+    Under a process group the global batch is the concatenation of the ranks' batches: sets
+    are all-gathered with gradient, each rank computes its image rows (i2t, hardest negative
+    over ALL captions) and its caption columns (t2i, over ALL images), and every term is this
+    rank's share, normalised by global counts. The shares sum over ranks to the whole-batch
+    loss, and after the gather's backward each rank holds the whole-batch gradient for its own
+    samples. (A data-parallel engine averages parameter gradients over ranks, so the caller
+    back-propagates world_size x the local loss.)
+    """
 
     def __init__(self, cfg: LossConfig, similarity: Callable[[Tensor, Tensor], Tensor]) -> None:
         super().__init__()
@@ -94,18 +126,36 @@ class SetRetrievalLoss(nn.Module):
         self.similarity = similarity
 
     def forward(self, image: SetOutput, text: SetOutput, epoch: int = 0) -> dict[str, Tensor]:
-        """image sets (N,K,D), text sets (M,L,D), M = 5N image-major -> named scalar terms."""
+        """Local image sets (n,K,D), caption sets (5n,L,D), image-major -> this rank's share
+        of each named term (world size 1: the whole loss)."""
         cfg = self.cfg
-        sims_NM = self.similarity(image.embeds, text.embeds)
-        pos_NM = positive_mask(sims_NM.shape[0], sims_NM.shape[1], sims_NM.device)
+        rank, world = rank_and_world()
+        img_all, txt_all = all_gather_with_grad(image.embeds), all_gather_with_grad(text.embeds)
+        n, m = image.embeds.shape[0], text.embeds.shape[0]
+        N, M = img_all.shape[0], txt_all.shape[0]
+        per = M // N
+        rows_nM = self.similarity(image.embeds, txt_all)
+        cols_Nm = rows_nM if world == 1 else self.similarity(img_all, text.embeds)
+        owner_M = torch.arange(M, device=rows_nM.device) // per
+        pos_rows = owner_M[None, :] == (rank * n + torch.arange(n, device=rows_nM.device))[:, None]
+        pos_cols = (
+            owner_M[None, rank * m : (rank + 1) * m]
+            == torch.arange(N, device=rows_nM.device)[:, None]
+        )
         hardest = cfg.hardest_negatives and epoch >= cfg.mean_negative_epochs
-        terms = triplet_loss(sims_NM, pos_NM, cfg.margin, hardest, cfg.reduction)
+        i2t = _row_hinges(rows_nM, pos_rows, cfg.margin, hardest).sum()
+        t2i = _row_hinges(cols_Nm.T, pos_cols.T, cfg.margin, hardest).sum()
+        if cfg.reduction == "mean":
+            i2t, t2i = i2t / int(pos_rows.sum() * world), t2i / M
+        terms = {"i2t_loss": i2t, "t2i_loss": t2i}
         if cfg.mmd_weight:
             D = image.embeds.shape[-1]
             x, y = image.embeds.reshape(-1, D).float(), text.embeds.reshape(-1, D).float()
-            terms["mmd_loss"] = cfg.mmd_weight * mmd_loss(x, y)
+            xa, ya = img_all.reshape(-1, D).float(), txt_all.reshape(-1, D).float()
+            terms["mmd_loss"] = cfg.mmd_weight * _mmd_rows(x, xa, y, ya)
         if cfg.div_weight:
-            div = diversity_loss(image.slots.float()) + diversity_loss(text.slots.float())
+            div = _diversity_per_sample(image.slots.float()).sum() / N
+            div = div + _diversity_per_sample(text.slots.float()).sum() / M
             terms["div_loss"] = cfg.div_weight * div
         return terms
 

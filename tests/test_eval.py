@@ -35,11 +35,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vocab.save(root / "vocab.json")
     cfg = config_lib.load(
         [ROOT / "configs/demo.yaml"],
-        [f"model.text.vocab_path={root / 'vocab.json'}", "model.text.vocab_size=null", "data.eval_batch_size=8"],
+        [
+            f"model.text.vocab_path={root / 'vocab.json'}",
+            "model.text.vocab_size=null",
+            "data.eval_batch_size=8",
+        ],
     )
     torch.manual_seed(0)
     export_model(build_model(cfg.model), cfg, root / "export", vocab)
-    write_shards(synthetic_samples("test", 60, 0), root / "test", "test", "regions", "synthetic", 25)
+    write_shards(
+        synthetic_samples("test", 60, 0), root / "test", "test", "regions", "synthetic", 25
+    )
     return root
 
 
@@ -92,14 +98,26 @@ def test_ensemble_of_itself_and_of_two(setup: Path, capsys: pytest.CaptureFixtur
     a = run_eval(setup, "ens_a")
     b = setup / "ens_b"
     b.mkdir()
-    other = np.load(a / "sims.npy") + np.random.default_rng(0).normal(0, 0.05, (60, 300)).astype(np.float32)
+    other = np.load(a / "sims.npy") + np.random.default_rng(0).normal(0, 0.05, (60, 300)).astype(
+        np.float32
+    )
     np.save(b / "sims.npy", other)
     (b / "sims_meta.json").write_text((a / "sims_meta.json").read_text())
-    assert ensemble_eval.main([str(a / "sims.npy"), str(a / "sims.npy"), "--out", str(setup / "self")]) == 0
+    assert (
+        ensemble_eval.main([str(a / "sims.npy"), str(a / "sims.npy"), "--out", str(setup / "self")])
+        == 0
+    )
     np.testing.assert_array_equal(np.load(setup / "self/sims.npy"), np.load(a / "sims.npy"))
-    assert json.loads((setup / "self/metrics.json").read_text()) == json.loads((a / "metrics.json").read_text())
-    assert ensemble_eval.main([str(a / "sims.npy"), str(b / "sims.npy"), "--out", str(setup / "two")]) == 0
-    np.testing.assert_allclose(np.load(setup / "two/sims.npy"), (np.load(a / "sims.npy") + other) / 2, atol=1e-7)
+    assert json.loads((setup / "self/metrics.json").read_text()) == json.loads(
+        (a / "metrics.json").read_text()
+    )
+    assert (
+        ensemble_eval.main([str(a / "sims.npy"), str(b / "sims.npy"), "--out", str(setup / "two")])
+        == 0
+    )
+    np.testing.assert_allclose(
+        np.load(setup / "two/sims.npy"), (np.load(a / "sims.npy") + other) / 2, atol=1e-7
+    )
     assert "ensemble:coco_60" in capsys.readouterr().out
 
 
@@ -159,10 +177,16 @@ def test_eccv_coco_recalls_agree_with_ours() -> None:
     S[np.arange(25000) // 5, np.arange(25000)] += 3.0
     ours = recall_at_k(S)
     extended = eccv_metrics(S, image_ids, caption_ids)
-    assert extended is not None and set(extended) >= {"eccv_map_at_r_i2t", "cxc_r1_t2i", "eccv_r1_i2t"}
+    assert extended is not None and set(extended) >= {
+        "eccv_map_at_r_i2t",
+        "cxc_r1_t2i",
+        "eccv_r1_i2t",
+    }
     i2t = {image_ids[i]: [caption_ids[j] for j in np.argsort(-S[i])[:10]] for i in range(5000)}
     t2i = {caption_ids[c]: [image_ids[j] for j in np.argsort(-S[:, c])[:10]] for c in range(25000)}
-    theirs = m.compute_all_metrics(i2t, t2i, target_metrics=("coco_5k_recalls",), Ks=(1, 5, 10), verbose=False)
+    theirs = m.compute_all_metrics(
+        i2t, t2i, target_metrics=("coco_5k_recalls",), Ks=(1, 5, 10), verbose=False
+    )
     for k in (1, 5, 10):
         assert 100 * theirs[f"coco_5k_r{k}"]["i2t"] == pytest.approx(ours[f"i2t_r{k}"], abs=1e-6)
         assert 100 * theirs[f"coco_5k_r{k}"]["t2i"] == pytest.approx(ours[f"t2i_r{k}"], abs=1e-6)

@@ -278,3 +278,23 @@ def test_glove_vectors_initialise_word_embeddings(tmp_path: Path) -> None:
     assert enc.embed.num_embeddings == len(vocab)
     torch.testing.assert_close(enc.embed.weight[vocab.stoi["red"]], torch.arange(1.0, 9.0))
     torch.testing.assert_close(enc.embed.weight[vocab.stoi["square"]], -torch.ones(8))
+
+
+def test_sync_masked_batchnorm_matches_batchnorm_in_one_process() -> None:
+    from setdiv.model.encoders import SyncMaskedBatchNorm
+
+    ours, ref = SyncMaskedBatchNorm(6), nn.BatchNorm1d(6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    ref.load_state_dict(ours.state_dict())
+    x1 = (torch.randn(40, 6) * 3 + 1).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    for _ in range(3):
+        torch.testing.assert_close(ours(x1), ref(x2), atol=1e-5, rtol=1e-5)
+    (ours(x1) ** 3).sum().backward()
+    (ref(x2) ** 3).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x1), ref(x2))

@@ -121,15 +121,20 @@ def main() -> None:
     print(f"bare element product ({N * K}x{D} @ {D}x{M * K}): {t_bare:8.2f} s")
     print(f"smooth_chamfer matrix ({N}x{M}):          {t_sc:8.2f} s   ratio {t_sc / t_bare:.3f}x")
     extra = mem.extra - out_bytes
-    print(f"peak extra memory beyond inputs and the {out_bytes / 2**30:.2f} GiB output: {extra / 2**30:.3f} GiB")
+    print(
+        f"peak extra memory beyond inputs and the {out_bytes / 2**30:.2f} GiB output: "
+        f"{extra / 2**30:.3f} GiB"
+    )
     if not args.skip_official:
         n1 = min(1000, N)
         xs, ys = x[:n1], y[: 5 * n1]
         t_bare1 = timed(lambda: xs.reshape(-1, D) @ ys.reshape(-1, D).T, device)
         t_off = timed(lambda: official_loop(xs, ys), device)
         t_sc1 = timed(lambda: smooth_chamfer(xs, ys, block_size=args.block_size), device)
-        print(f"at {n1}x{5 * n1}: bare {t_bare1:.2f} s | official loop {t_off:.2f} s "
-              f"({t_off / t_bare1:.1f}x) | setdiv {t_sc1:.2f} s ({t_sc1 / t_bare1:.2f}x)")
+        print(
+            f"at {n1}x{5 * n1}: bare {t_bare1:.2f} s | official loop {t_off:.2f} s "
+            f"({t_off / t_bare1:.1f}x) | setdiv {t_sc1:.2f} s ({t_sc1 / t_bare1:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -59,11 +59,12 @@ def encode(
 ) -> Encoded:
     """Encode every image and caption of `batches` once (eval mode, no grad), on `device`."""
     model.eval()
+    dtype = next(model.parameters()).dtype  # bf16 / fp16 engines take inputs in their dtype
     images, captions, image_ids, caption_ids, skipped = [], [], [], [], 0
     total = getattr(batches, "num_batches", None)
     for batch in tqdm(batches, desc="encode", unit="batch", total=total, disable=not progress):
         mask = batch.image_mask.to(device) if batch.image_mask is not None else None
-        images.append(model.encode_image(batch.images.to(device), mask).embeds.float())
+        images.append(model.encode_image(batch.images.to(device, dtype), mask).embeds.float())
         text = model.encode_text(batch.tokens.to(device), batch.token_mask.to(device))
         captions.append(text.embeds.float())
         image_ids += batch.image_ids

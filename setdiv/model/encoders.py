@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from setdiv.config import ImageEncoderConfig, TextEncoderConfig
 from setdiv.data.vocab import Vocab, load_glove
+from setdiv.distributed import is_initialized
 from setdiv.model.positional import sine_positions_1d, sine_positions_2d
 
 __all__ = [
@@ -61,6 +62,34 @@ def _masked_mean(x_BRD: Tensor, mask_BR: Tensor) -> Tensor:
     return (x_BRD * w_BR1).sum(dim=1) / w_BR1.sum(dim=1).clamp_min(1.0)
 
 
+class SyncMaskedBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over a (T, C) set of rows (the real inputs of a batch), with training
+    statistics summed over all ranks, differentiably (SyncBatchNorm semantics on CPU or GPU):
+    a global batch split over ranks normalises exactly like the whole batch in one process."""
+
+    def forward(self, x_TC: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x_TC)
+        x = x_TC.float()
+        stats = torch.cat([x.sum(0), x.pow(2).sum(0), x.new_tensor([x.shape[0]])])
+        if is_initialized() and torch.distributed.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            stats = all_reduce(stats)
+        C = x.shape[1]
+        count = stats[-1]
+        mean = stats[:C] / count
+        var = (stats[C : 2 * C] / count - mean.pow(2)).clamp_min(0)
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            unbiased = var * count / (count - 1).clamp_min(1)
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * unbiased.detach())
+            self.num_batches_tracked += 1
+        out = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return out.to(x_TC.dtype)
+
+
 class ProjectionHead(nn.Module):
     """Linear(Cin, D) plus a residual 2-layer MLP (D -> D/2 -> D), as in VSE-infinity / DivE.
 
@@ -71,7 +100,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim_in, dim)
         self.fc1 = nn.Linear(dim, dim // 2)
-        self.bn = nn.BatchNorm1d(dim // 2)
+        self.bn = SyncMaskedBatchNorm(dim // 2)
         self.fc2 = nn.Linear(dim // 2, dim)
         self.dropout = nn.Dropout(dropout)
 

@@ -1,0 +1,1 @@
+"""Training: optimiser & schedule, DeepSpeed glue, checkpoints, the trainer loop."""

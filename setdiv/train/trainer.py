@@ -1,0 +1,287 @@
+"""The training loop: DeepSpeed engine, streaming shards, global hardest negatives, logging,
+validation, checkpoints and resume.
+
+`Trainer(cfg, run_dir).train()` runs on every rank of an initialised job (or alone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from setdiv import config as config_lib
+from setdiv.data.reader import Batch, build_eval_reader, build_train_reader
+from setdiv.data.text import build_tokenizer
+from setdiv.data.vocab import Vocab
+from setdiv.distributed import all_reduce_sum, is_initialized, rank_and_world
+from setdiv.eval.evaluator import encode, gather_and_score
+from setdiv.export import export_model
+from setdiv.losses import build_loss
+from setdiv.model import build_model
+from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.similarity import build_similarity
+from setdiv.train import checkpoint
+from setdiv.train import engine as ds
+from setdiv.train.checkpoint import TrainState
+from setdiv.train.optim import build_optimizer, group_lr_lambdas
+
+__all__ = ["NonFiniteLossError", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: training stops, the last checkpoint is kept."""
+
+
+class Trainer:
+    """Builds model, data, loss and engine from `cfg`; `train()` runs to `train.epochs`."""
+
+    def __init__(
+        self, cfg: config_lib.Config, run_dir: str | Path, resume: str | None = None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.rank, self.world = rank_and_world()
+        self.device = torch.device(
+            f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        )
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
+        vocab = (
+            Vocab.load(cfg.model.text.vocab_path)
+            if cfg.model.text.name == "bigru" and cfg.model.text.vocab_path
+            else None
+        )
+        self.vocab = vocab
+        self.tokenizer = (
+            build_tokenizer(cfg.model.text, vocab)
+            if cfg.model.text.name == "bert" or vocab
+            else None
+        )
+        if self.tokenizer is None:
+            raise ValueError(
+                "training a bigru model needs 'model.text.vocab_path' (see `setdiv demo`)"
+            )
+        kind = IMAGE_INPUT_KIND[cfg.model.image.name]
+        # All user errors surface here, before any work: shards, checksums, ranks x workers.
+        self.reader = build_train_reader(
+            cfg.data, kind, self.tokenizer, self.rank, self.world, cfg.train.seed
+        )
+        self.cfg, self.kind = cfg, kind
+        model = build_model(cfg.model)
+        self.similarity = build_similarity(cfg.similarity)
+        self.loss_fn = build_loss(cfg.loss, self.similarity)
+        optimizer = build_optimizer(model, cfg.optim)
+        lambdas = group_lr_lambdas(
+            cfg.optim, optimizer.param_groups, self.reader.batches_per_epoch, cfg.train.epochs
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        micro = cfg.data.batch_size // self.world
+        self.engine = ds.initialize(
+            model, optimizer, scheduler, ds.deepspeed_config(cfg.train, cfg.optim, micro)
+        )
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            cfg.train.precision, torch.float32
+        )
+        self.state = TrainState()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_lib.save(cfg, self.run_dir / "config.yaml")
+            if vocab is not None:
+                vocab.save(self.run_dir / "vocab.json")
+        if resume is not None:
+            self._resume(resume)
+        self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.rank == 0 else None
+
+    # --- resume ------------------------------------------------------------------------------
+
+    def _resume(self, which: str) -> None:
+        state = checkpoint.load(self.engine, self.run_dir, which)
+        if state is None:
+            log.info("--resume %s: no checkpoint in %s, starting fresh", which, self.run_dir)
+            return
+        self.state = state
+        log.info(
+            "resumed at epoch %d, batch %d (step %d)", state.epoch, state.batch_in_epoch, state.step
+        )
+        if self.rank == 0:
+            self._truncate_metrics(state.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= step
+            ]
+            path.write_text("".join(k + "\n" for k in kept))
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _to_device(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        images = batch.images.to(self.device, self.dtype)
+        mask = batch.image_mask.to(self.device) if batch.image_mask is not None else None
+        return images, mask, batch.tokens.to(self.device), batch.token_mask.to(self.device)
+
+    def train_step(self, batch: Batch) -> dict[str, float] | None:
+        """Forward, loss, backward, optimizer step. Returns the global loss terms (summed over
+        ranks), or None when the step was skipped for a non-finite loss."""
+        self.engine.train()
+        images, image_mask, tokens, token_mask = self._to_device(batch)
+        img, txt = self.engine(images, image_mask, tokens, token_mask)
+        terms = self.loss_fn(img, txt, epoch=self.state.epoch)
+        local = sum(terms.values())
+        values = all_reduce_sum(torch.stack([t.detach().float() for t in terms.values()]))
+        if not torch.isfinite(values).all():  # same verdict on every rank: all skip together
+            return None
+        # The engine averages gradients over ranks; the loss shares sum to the global loss.
+        self.engine.backward(local * self.world)
+        self.engine.step()
+        out = {name: float(v) for name, v in zip(terms, values, strict=True)}
+        out["loss"] = float(values.sum())
+        return out
+
+    # --- loop ----------------------------------------------------------------------------------
+
+    def train(self) -> TrainState:
+        cfg, st = self.cfg, self.state
+        per_epoch = self.reader.batches_per_epoch
+        bar = tqdm(
+            total=per_epoch * cfg.train.epochs,
+            initial=st.step,
+            disable=self.rank != 0,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        consecutive_bad = 0
+        while st.epoch < cfg.train.epochs:
+            t_last, n_last = time.perf_counter(), 0
+            for batch in self.reader.epoch(st.epoch, start_batch=st.batch_in_epoch):
+                st.skipped_samples += int(all_reduce_sum(torch.tensor([batch.skipped]))[0])
+                result = self.train_step(batch)
+                st.step += 1
+                st.batch_in_epoch += 1
+                n_last += batch.images.shape[0] * self.world
+                bar.update(1)
+                if result is None:
+                    st.nonfinite_steps += 1
+                    consecutive_bad += 1
+                    log.warning(
+                        "non-finite loss at step %d: step skipped (%d in a row)",
+                        st.step,
+                        consecutive_bad,
+                    )
+                    if consecutive_bad >= cfg.train.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{consecutive_bad} consecutive non-finite losses at step {st.step}; "
+                            f"last good checkpoint: {checkpoint.latest_tag(self.run_dir)}"
+                        )
+                    continue
+                consecutive_bad = 0
+                if st.step % cfg.train.log_every == 0:
+                    now = time.perf_counter()
+                    self._log(result, n_last / max(now - t_last, 1e-9))
+                    bar.set_postfix(
+                        loss=f"{result['loss']:.4f}",
+                        img_s=f"{n_last / max(now - t_last, 1e-9):.0f}",
+                    )
+                    t_last, n_last = now, 0
+                if st.step % cfg.train.ckpt_every == 0:
+                    checkpoint.save(self.engine, self.run_dir, st, cfg.train.keep_last)
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            self._validate()
+            checkpoint.save(self.engine, self.run_dir, st, cfg.train.keep_last)
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return st
+
+    def _lr(self) -> float:
+        groups = self.engine.optimizer.param_groups
+        return float(next((g["lr"] for g in groups if g.get("name") == "rest"), groups[0]["lr"]))
+
+    def _log(self, result: dict[str, float], samples_per_s: float) -> None:
+        if self.rank != 0:
+            return
+        st = self.state
+        record = {
+            "step": st.step,
+            "epoch": st.epoch,
+            **result,
+            "lr": self._lr(),
+            "samples_per_s": samples_per_s,
+            "skipped_samples": st.skipped_samples,
+            "nonfinite_steps": st.nonfinite_steps,
+        }
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k not in ("step", "epoch"):
+                self.writer.add_scalar(f"train/{k}", v, st.step)
+
+    # --- validation and export -----------------------------------------------------------------
+
+    def _validate(self) -> None:
+        """Validation RSUM through the evaluator on every rank; a better one becomes `best`."""
+        if self.cfg.data.val_shards is None:
+            return
+        reader = build_eval_reader(
+            self.cfg.data,
+            self.cfg.data.val_shards,
+            self.kind,
+            self.tokenizer,
+            self.rank,
+            self.world,
+        )
+        enc = encode(self.engine.module, reader, self.device)
+        result = gather_and_score(enc, self.similarity, self.cfg.data.eval_batch_size, "coco")
+        rsum = torch.tensor(
+            [next(iter(result.metrics.values()))["rsum"] if result is not None else 0.0]
+        )
+        if is_initialized():
+            dist.broadcast(rsum, src=0)
+        rsum_value = float(rsum[0])
+        if self.rank == 0:
+            log.info("epoch %d validation RSUM %.2f", self.state.epoch, rsum_value)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(
+                    json.dumps(
+                        {"step": self.state.step, "epoch": self.state.epoch, "val_rsum": rsum_value}
+                    )
+                    + "\n"
+                )
+            self.writer.add_scalar("val/rsum", rsum_value, self.state.step)
+        if rsum_value > self.state.best_rsum:
+            self.state.best_rsum = rsum_value
+            checkpoint.save(
+                self.engine, self.run_dir, self.state, self.cfg.train.keep_last, tag="best"
+            )
+
+
+def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None) -> Path:
+    """Consolidated fp32 weights of a run's checkpoint (default `latest`) -> `RUN/export/`."""
+    run_dir = Path(run_dir)
+    cfg = config_lib.load([run_dir / "config.yaml"])
+    tag = tag or checkpoint.latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
+    state = ds.consolidated_state_dict(run_dir / "checkpoints", tag)
+    model = build_model(_architecture_only(cfg, run_dir).model, pretrained=False)
+    model.load_state_dict(state)
+    vocab = Vocab.load(run_dir / "vocab.json") if (run_dir / "vocab.json").is_file() else None
+    return export_model(model, cfg, out or run_dir / "export", vocab)
+
+
+def _architecture_only(cfg: config_lib.Config, run_dir: Path) -> config_lib.Config:
+    text = cfg.model.text
+    if text.name == "bigru" and (run_dir / "vocab.json").is_file():
+        text = replace(text, vocab_path=str(run_dir / "vocab.json"), vocab_size=None)
+    return replace(cfg, model=replace(cfg.model, text=text))
