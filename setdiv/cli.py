@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="consolidated fp32 safetensors from a run's checkpoint")
     launch.add_export_arguments(ex)
     ex.set_defaults(func=launch.run_export)
+
+    from setdiv import demo
+
+    dm = sub.add_parser("demo", help="generate synthetic data, train K=4 and K=1, evaluate both")
+    demo.add_arguments(dm)
+    dm.set_defaults(func=demo.run)
     return parser
 
 

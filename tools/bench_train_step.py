@@ -1,11 +1,13 @@
-"""Forward+backward time of one paper-size ROI + bi-GRU training step, split by phase.
+"""Training throughput of the paper-size ROI + bi-GRU setting, split into data, forward,
+loss, backward and optimizer step.
 
 Paper size: 200 images x 36 BUTD regions (2048-d), 1000 captions, K = L = 4, T = 4, D = 1024,
-smooth-Chamfer + triplet + MMD + diversity. Reports the share of the step spent in
-similarity + loss, and compares setdiv's block-wise log-sum-exp smooth-Chamfer against the
-official formulation (whole element matrix, raw exp / sum / log) measured in the same run.
+smooth-Chamfer + triplet + MMD + diversity, AdamW. Data: the training reader (2 workers) on
+BUTD-sized shards it writes to a temp dir. Also compares setdiv's block-wise log-sum-exp
+smooth-Chamfer + loss with the official formulation (whole element matrix, raw exp / sum /
+log) measured in the same run.
 
-    python tools/bench_train_step.py [--reps 3] [--images 200]
+    python tools/bench_train_step.py [--reps 3] [--images 200] [--device cuda --precision bf16]
 """
 
 from __future__ import annotations
@@ -13,16 +15,26 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from setdiv import config as config_lib
+from setdiv.data.reader import SampleOptions, TrainReader
+from setdiv.data.text import Tokenizer
+from setdiv.data.vocab import SPECIALS, Vocab
 from setdiv.losses import build_loss
 from setdiv.model import build_model
 from setdiv.model.set_modules import SetOutput
 from setdiv.similarity import build_similarity
+from setdiv.train.optim import build_optimizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_reader import write_region_shards  # noqa: E402
 
 
 def official_smooth_chamfer(x: torch.Tensor, y: torch.Tensor, alpha: float = 16.0) -> torch.Tensor:
@@ -35,12 +47,18 @@ def official_smooth_chamfer(x: torch.Tensor, y: torch.Tensor, alpha: float = 16.
     return (t1 + t2) / 2
 
 
-def timed(fn: Callable[[], object], reps: int) -> float:
+def timed(fn: Callable[[], object], reps: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     fn()  # warm-up
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -53,61 +71,111 @@ def make_batch(n_images: int, vocab: int, gen: torch.Generator) -> tuple[torch.T
     return regions, ids.masked_fill(~mask, 0), mask
 
 
+def data_seconds_per_batch(n_images: int, reps: int) -> float:
+    """Seconds per batch of the training reader (2 workers) on BUTD-sized region shards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern = write_region_shards(Path(tmp), n_images * (reps + 2))
+        vocab = Vocab.build(["a man riding a horse on a beach number"])
+        tok = Tokenizer(vocab, None, vocab.pad, vocab.mask, len(SPECIALS), len(vocab))
+        opts = SampleOptions("regions", tok, True, 224, 0.2, 0.2)
+        reader = TrainReader(pattern, opts, n_images, num_workers=2, shuffle_buffer=200)
+        it = reader.epoch(0)
+        next(it)  # workers started, first batch ready
+        t0 = time.perf_counter()
+        n = sum(1 for _ in it)
+        return (time.perf_counter() - t0) / max(n, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
     cfg = config_lib.load(
         ["configs/roi_bigru.yaml"],
         ["model.text.vocab_path=null", "model.text.vocab_size=11354", "model.text.glove_path=null"],
     )
     torch.manual_seed(0)
-    model = build_model(cfg.model).train()
+    model = build_model(cfg.model).to(device, dtype).train()
+    optimizer = build_optimizer(model, cfg.optim)
     loss_fn = build_loss(cfg.loss, build_similarity(cfg.similarity))
-    regions, ids, mask = make_batch(args.images, 11354, torch.Generator().manual_seed(0))
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        img, txt = model(regions, None, ids, mask)
-        sum(loss_fn(img, txt).values()).backward()
+    official_loss = build_loss(cfg.loss, official_smooth_chamfer)
+    regions, ids, mask = (
+        t.to(device) for t in make_batch(args.images, 11354, torch.Generator().manual_seed(0))
+    )
+    regions = regions.to(dtype)
 
     def forward() -> tuple[SetOutput, SetOutput]:
-        with torch.no_grad():
-            return model(regions, None, ids, mask)
+        return model(regions, None, ids, mask)
 
-    img, txt = forward()
+    holder: dict[str, object] = {}
+
+    def loss_only() -> None:
+        holder["terms"] = loss_fn(*holder["sets"])
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        sum(loss_fn(*forward()).values()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+
+    def fwd_loss_bwd() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        sum(loss_fn(*forward()).values()).backward()
+
+    t_step = timed(step, args.reps, device)
+    t_fb = timed(fwd_loss_bwd, args.reps, device)
+    t_fwd = timed(lambda: holder.update(sets=forward()), args.reps, device)
+    t_loss = timed(loss_only, args.reps, device)
+    t_bwd = t_fb - t_fwd - t_loss
+    t_opt = t_step - t_fb
+
+    with torch.no_grad():
+        img, txt = forward()
 
     def leaf(s: SetOutput) -> SetOutput:
-        return SetOutput(s.embeds.clone().requires_grad_(), s.slots.clone().requires_grad_())
+        return SetOutput(
+            s.embeds.detach().clone().requires_grad_(), s.slots.detach().clone().requires_grad_()
+        )
 
     def sim_loss(loss: Callable[..., dict[str, torch.Tensor]]) -> Callable[[], None]:
-        def run() -> None:
-            sum(loss(leaf(img), leaf(txt)).values()).backward()
+        return lambda: sum(loss(leaf(img), leaf(txt)).values()).backward()
 
-        return run
+    t_sl = timed(sim_loss(loss_fn), args.reps, device)
+    t_sl_official = timed(sim_loss(official_loss), args.reps, device)
+    t_data = (
+        data_seconds_per_batch(args.images, args.reps) if device.type == "cpu" else float("nan")
+    )
 
-    official_loss = build_loss(cfg.loss, official_smooth_chamfer)
-    t_step = timed(step, args.reps)
-    t_fwd = timed(forward, args.reps)
-    t_loss = timed(sim_loss(loss_fn), args.reps)
-    t_loss_official = timed(sim_loss(official_loss), args.reps)
-
+    n = args.images
     print(
-        f"machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"device {device} ({platform.processor() or platform.machine()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.precision}"
     )
     print(
-        f"batch: {args.images} images x 36 regions, {5 * args.images} captions "
-        f"(<= {ids.shape[1]} tokens), K=L=4, T=4, D=1024, fp32"
+        f"batch: {n} images x 36 regions, {5 * n} captions (<= {ids.shape[1]} tokens), "
+        "K=L=4, T=4, D=1024"
     )
-    print(f"fwd+bwd step            {t_step:8.3f} s   {args.images / t_step:7.1f} images/s")
-    print(f"  forward (no grad)     {t_fwd:8.3f} s")
-    print(f"  similarity+loss f+b   {t_loss:8.3f} s   share of step {100 * t_loss / t_step:5.1f}%")
+    print(f"training step (fwd+loss+bwd+AdamW)  {t_step:8.3f} s   {n / t_step:8.1f} images/s")
+    for name, t in (
+        ("forward", t_fwd),
+        ("loss (similarity + terms)", t_loss),
+        ("backward", t_bwd),
+        ("optimizer (clip + AdamW)", t_opt),
+    ):
+        print(f"  {name:<32}{t:8.3f} s   {100 * t / t_step:5.1f}%")
     print(
-        f"official sim+loss f+b   {t_loss_official:8.3f} s   "
-        f"setdiv/official = {t_loss / t_loss_official:.2f}x"
+        f"data: reader, 2 workers, per batch  {t_data:8.3f} s   "
+        f"({n / t_data:.0f} images/s; overlaps compute)"
+    )
+    print(
+        f"similarity+loss fwd+bwd: setdiv {t_sl:.3f} s, official {t_sl_official:.3f} s, "
+        f"setdiv/official = {t_sl / t_sl_official:.2f}x"
     )
 
 

@@ -436,6 +436,11 @@ class TrainReader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 collate_fn=_as_is,  # keep numpy arrays numpy: no per-sample tensor conversion
+                # Its own generator: creating workers must not draw from the global RNG, or a
+                # resumed run's dropout masks would drift from the uninterrupted run's.
+                generator=torch.Generator().manual_seed(
+                    int(_rng(self.seed, epoch, self.rank, attempt).integers(2**62))
+                ),
                 persistent_workers=False,
                 prefetch_factor=4 if self.num_workers else None,
             )

@@ -12,8 +12,8 @@ from a local directory). Nothing is ever downloaded.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torchvision
@@ -41,8 +41,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Features:
+class Features(NamedTuple):
+    # A NamedTuple (not a dataclass) so ZeRO-3 sees the tensors and hooks their backward.
     local: Tensor
     """(B,R,Din) local features, the set module's keys and values."""
     mask: Tensor

@@ -11,7 +11,7 @@ Every module maps `(local_BRDin, mask_BR, global_BD, pos_BRDin)` to a `SetOutput
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +28,13 @@ __all__ = [
 ]
 
 
-@dataclass
-class SetOutput:
+class SetOutput(NamedTuple):
+    # A NamedTuple (not a dataclass) so ZeRO-3 sees the tensors and hooks their backward.
     embeds: Tensor
     """(B,K,D) unit-norm set elements."""
     slots: Tensor
     """(B,K,D) pre-fusion slots."""
-    attn: list[Tensor] = field(default_factory=list)
+    attn: list[Tensor] | tuple[Tensor, ...] = ()
     """Per iteration (B,H,K,R) attention over inputs (each row sums to 1 over valid inputs)."""
 
 

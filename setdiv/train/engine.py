@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from setdiv.config import OptimConfig, TrainConfig
+from setdiv.distributed import world_info
 
 __all__ = [
     "consolidated_state_dict",
@@ -65,8 +66,14 @@ def init_distributed() -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    for key in ("MASTER_ADDR", "MASTER_PORT"):
-        os.environ.setdefault(key, "127.0.0.1" if key == "MASTER_ADDR" else "29500")
+    info = world_info()  # torchrun variables, else SLURM's, else a single process
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    if info.world_size > 1 and "MASTER_ADDR" not in os.environ:
+        raise ValueError("MASTER_ADDR / MASTER_PORT must be set for a multi-process job")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 

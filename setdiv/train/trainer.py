@@ -38,7 +38,7 @@ __all__ = ["NonFiniteLossError", "Trainer"]
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ValueError):
     """Too many consecutive non-finite losses: training stops, the last checkpoint is kept."""
 
 
