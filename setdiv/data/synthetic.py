@@ -79,15 +79,32 @@ def _relation(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
+_ROWS = ("top", "middle", "bottom")
+_COLS = ("left", "center", "right")
+
+
+def _where(obj: SceneObject) -> str:
+    if (obj.row, obj.col) == (1, 1):
+        return "in the center"
+    if obj.row == 1:
+        return f"on the {_COLS[obj.col]}"
+    if obj.col == 1:
+        return f"at the {_ROWS[obj.row]}"
+    return f"at the {_ROWS[obj.row]} {_COLS[obj.col]}"
+
+
 def _captions(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> tuple[str, ...]:
-    """Five captions, each about a different subset of objects (or a relation)."""
+    """Five captions, each about a different subset of objects: one object with its place,
+    a relation between two objects, or a loose pair."""
     n = len(objects)
     candidates: list[str] = []
     for i in range(n):
-        candidates.append(objects[i].phrase(with_size=True))
+        candidates.append(f"{objects[i].phrase(with_size=True)} {_where(objects[i])}")
         for j in range(n):
             if i != j and (rel := _relation(objects[i], objects[j])):
-                candidates.append(f"{objects[i].phrase()} {rel} {objects[j].phrase()}")
+                candidates.append(
+                    f"{objects[i].phrase(with_size=True)} {rel} {objects[j].phrase(with_size=True)}"
+                )
             if i < j:
                 candidates.append(f"{objects[i].phrase()} and {objects[j].phrase()}")
     unique = sorted(set(candidates))
