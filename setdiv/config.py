@@ -187,6 +187,8 @@ class DataConfig:
     """Check every shard's sha256 against its index before training starts."""
     eval_batch_size: int = 256
     """Images per encoding batch in evaluation (captions: 5x)."""
+    val_protocol: str = "coco"
+    """Protocol of the validation split: coco | f30k (selects the whole-set RSUM)."""
 
 
 @dataclass
@@ -264,6 +266,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "step"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "model.text.bert_global": ("cls", "max"),
+    "data.val_protocol": ("coco", "f30k"),
 }
 
 
@@ -273,13 +276,55 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"bad config key '{key}': {value!r} is not one of {choices}")
-    positive = ("model.embed_dim", "similarity.block_size", "data.batch_size", "train.epochs")
+    positive = (
+        "model.embed_dim",
+        "similarity.block_size",
+        "similarity.alpha",
+        "data.batch_size",
+        "data.eval_batch_size",
+        "data.image_size",
+        "train.epochs",
+        "train.log_every",
+        "train.ckpt_every",
+        "train.keep_last",
+        "train.max_nonfinite",
+        "optim.lr",
+        "optim.step_epochs",
+        "model.text.word_dim",
+        "model.text.hidden_dim",
+        "model.text.num_layers",
+        "model.image.feature_dim",
+    )
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"bad config key '{key}': must be > 0")
+    for key in (
+        "data.num_workers",
+        "optim.warmup_iters",
+        "optim.backbone_freeze_epochs",
+        "loss.mean_negative_epochs",
+        "loss.margin",
+        "optim.grad_clip",
+    ):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"bad config key '{key}': must be >= 0")
+    for key in (
+        "data.region_dropout",
+        "data.word_dropout",
+        "model.image.dropout",
+        "model.text.dropout",
+    ):
+        if not 0 <= OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"bad config key '{key}': must be in [0, 1)")
     for side in ("image_set", "text_set"):
-        if OmegaConf.select(cfg, f"model.{side}.num_embeds") < 1:
-            raise ConfigError(f"bad config key 'model.{side}.num_embeds': must be >= 1")
+        for key in ("num_embeds", "num_iters", "num_heads", "head_dim", "mlp_ratio"):
+            if OmegaConf.select(cfg, f"model.{side}.{key}") < 1:
+                raise ConfigError(f"bad config key 'model.{side}.{key}': must be >= 1")
+        name = OmegaConf.select(cfg, f"model.{side}.name")
+        if name not in ("slot", "transformer", "pienet"):
+            raise ConfigError(
+                f"bad config key 'model.{side}.name': {name!r} is not slot, transformer or pienet"
+            )
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError("bad config key 'train.zero_stage': must be 0, 1, 2 or 3")
     text = cfg.model.text

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+T = TypeVar("T")
+
 __all__ = [
+    "broadcast_float",
+    "on_all_ranks",
     "WorldInfo",
     "all_gather_list",
     "all_gather_rows",
@@ -59,22 +65,25 @@ def init_distributed(
 
 
 def all_gather_rows(t: Tensor) -> Tensor:
-    """Concatenate each rank's (n_r, ...) tensor along dim 0 in rank order (n_r may differ).
+    """Concatenate each rank's (n_r, ...) tensor along dim 0 in rank order (n_r may differ, and
+    may be 0 on a rank that had no data; its trailing shape is then taken from the others).
 
     World size 1 (or no process group) returns `t` unchanged.
     """
     if not is_initialized() or dist.get_world_size() == 1:
         return t
     world = dist.get_world_size()
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = t.new_zeros((longest, *t.shape[1:]))
-    padded[: t.shape[0]] = t
+    shapes: list = [None] * world
+    dist.all_gather_object(shapes, tuple(t.shape))
+    trailing = next((s[1:] for s in shapes if s[0] > 0), tuple(t.shape[1:]))
+    longest = max(s[0] for s in shapes)
+    device = _collective_device()
+    padded = torch.zeros((longest, *trailing), dtype=t.dtype, device=device)
+    if t.shape[0]:
+        padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    return torch.cat([p[: s[0]] for p, s in zip(parts, shapes, strict=True)]).to(t.device)
 
 
 def all_gather_list(items: list) -> list:
@@ -107,10 +116,44 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _collective_device() -> torch.device:
+    """Where collectives need their tensors: the current GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum over ranks (a copy; world size 1 returns `t`), without gradient."""
+    """Sum over ranks (a copy on t's device; world size 1 returns `t`), without gradient."""
     if not is_initialized() or dist.get_world_size() == 1:
         return t
-    out = t.detach().clone()
+    out = t.detach().to(_collective_device(), copy=True)
     dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def broadcast_float(value: float, src: int = 0) -> float:
+    """`value` as rank `src` has it, on every rank."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.broadcast(t, src=src)
+    return float(t[0])
+
+
+def on_all_ranks(fn: Callable[[], T], what: str) -> T:
+    """Run `fn` on every rank; if it raises anywhere, raise everywhere, so no rank is left
+    waiting in a collective for a peer that has already failed."""
+    error: BaseException | None = None
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001 -- re-raised below, after the agreement
+        error = exc
+    if is_initialized() and dist.get_world_size() > 1:
+        failed = torch.tensor([float(error is not None)], device=_collective_device())
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise RuntimeError(f"{what} failed on another rank (see that rank's error)")
+    if error is not None:
+        raise error
     return out

@@ -108,6 +108,11 @@ def diversity_loss(slots_BKD: Tensor) -> Tensor:
     return _diversity_per_sample(slots_BKD).mean()
 
 
+def _wide(t: Tensor) -> Tensor:
+    """16-bit tensors in float32 for the regularisers; float32/64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class SetRetrievalLoss(nn.Module):
     """L = L_i2t + L_t2i + w_mmd * MMD + w_div * Div, as separately named terms.
 
@@ -133,6 +138,8 @@ class SetRetrievalLoss(nn.Module):
         img_all, txt_all = all_gather_with_grad(image.embeds), all_gather_with_grad(text.embeds)
         n, m = image.embeds.shape[0], text.embeds.shape[0]
         N, M = img_all.shape[0], txt_all.shape[0]
+        if M % N:
+            raise ValueError(f"{M} captions do not split evenly over {N} images")
         per = M // N
         rows_nM = self.similarity(image.embeds, txt_all)
         cols_Nm = rows_nM if world == 1 else self.similarity(img_all, text.embeds)
@@ -150,12 +157,12 @@ class SetRetrievalLoss(nn.Module):
         terms = {"i2t_loss": i2t, "t2i_loss": t2i}
         if cfg.mmd_weight:
             D = image.embeds.shape[-1]
-            x, y = image.embeds.reshape(-1, D).float(), text.embeds.reshape(-1, D).float()
-            xa, ya = img_all.reshape(-1, D).float(), txt_all.reshape(-1, D).float()
+            x, y = _wide(image.embeds.reshape(-1, D)), _wide(text.embeds.reshape(-1, D))
+            xa, ya = _wide(img_all.reshape(-1, D)), _wide(txt_all.reshape(-1, D))
             terms["mmd_loss"] = cfg.mmd_weight * _mmd_rows(x, xa, y, ya)
         if cfg.div_weight:
-            div = _diversity_per_sample(image.slots.float()).sum() / N
-            div = div + _diversity_per_sample(text.slots.float()).sum() / M
+            div = _diversity_per_sample(_wide(image.slots)).sum() / N
+            div = div + _diversity_per_sample(_wide(text.slots)).sum() / M
             terms["div_loss"] = cfg.div_weight * div
         return terms
 

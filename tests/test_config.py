@@ -97,3 +97,21 @@ def test_resolved_config_round_trips(path: Path, tmp_path: Path) -> None:
     again = config_lib.load([saved])
     assert again == cfg
     assert again.optim.betas == (0.8, 0.95)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.keep_last=0", "train.keep_last"),
+        ("train.log_every=0", "train.log_every"),
+        ("data.eval_batch_size=0", "data.eval_batch_size"),
+        ("optim.step_epochs=0", "optim.step_epochs"),
+        ("data.word_dropout=1.5", "data.word_dropout"),
+        ("model.text_set.num_heads=0", "model.text_set.num_heads"),
+        ("model.image_set.name=gru", "model.image_set.name"),
+        ("data.val_protocol=cxc", "data.val_protocol"),
+    ],
+)
+def test_bad_values_fail_at_load_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+        config_lib.load([], [override])

@@ -12,7 +12,9 @@ from setdiv import cli
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_demo_set_model_beats_single_embedding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_set_model_beats_single_embedding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["demo", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     k4, k1 = rows["set K=4 (smooth-Chamfer)"], rows["single K=1 (cosine)"]

@@ -68,8 +68,9 @@ class ShardSet:
     kind: str
 
     @classmethod
-    def resolve(cls, pattern: str) -> ShardSet:
-        """Expand braces and globs; every shard must exist and be listed in its index."""
+    def resolve(cls, pattern: str, kind: str | None = None) -> ShardSet:
+        """Expand braces and globs; every shard must exist and be listed in its index, and
+        hold `kind` samples ("regions" / "image") when given."""
         paths: list[Path] = []
         for part in braceexpand(pattern):
             matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
@@ -92,6 +93,8 @@ class ShardSet:
             kinds.add(indexes[idx_file].kind)
         if len(kinds) != 1:
             raise ValueError(f"shards of different kinds in {pattern!r}: {sorted(kinds)}")
+        if kind is not None and kind not in kinds:
+            raise ValueError(f"{pattern}: shards hold {kinds.pop()!r}, the model reads {kind!r}")
         return cls(paths, infos, kinds.pop())
 
     def verify(self, which: list[int] | None = None) -> None:
@@ -378,11 +381,7 @@ class TrainReader:
         resampled: bool = False,
         verify: bool = True,
     ) -> None:
-        self.shards = ShardSet.resolve(pattern)
-        if self.shards.kind != opts.kind:
-            raise ValueError(
-                f"{pattern}: shards hold {self.shards.kind!r}, the model reads {opts.kind!r}"
-            )
+        self.shards = ShardSet.resolve(pattern, opts.kind)
         n = len(self.shards.paths)
         if not resampled and n < world * max(num_workers, 1):
             raise ValueError(
@@ -479,11 +478,7 @@ class EvalReader:
         world: int = 1,
         align: int = 1,
     ) -> None:
-        self.shards = ShardSet.resolve(pattern)
-        if self.shards.kind != opts.kind:
-            raise ValueError(
-                f"{pattern}: shards hold {self.shards.kind!r}, the model reads {opts.kind!r}"
-            )
+        self.shards = ShardSet.resolve(pattern, opts.kind)
         self.opts, self.batch_size = opts, batch_size
         # Slices are multiples of `align` (the last takes the rest), so batch boundaries, and
         # hence every encoded vector, are the same whatever the number of ranks.

@@ -6,8 +6,9 @@ Shape legend: N images, M = 5N captions, K / L set sizes, D embedding width.
 Works on one process, under `setdiv eval --nproc N` (gloo on CPU, nccl on GPU) and from
 inside training (any initialised process group). Every rank encodes its contiguous slice of
 images with their captions; captions are all-gathered, each rank scores its image rows against
-all captions, and rank 0 gathers the rows. Slices and row chunks are aligned to the encoding
-batch, so the matrix is bit-identical whatever the number of processes.
+all captions, and the rows are all-gathered (rank 0 scores and writes them). Slices and row
+chunks are aligned to the encoding batch, so the matrix is bit-identical whatever the number
+of processes.
 """
 
 from __future__ import annotations
@@ -119,6 +120,23 @@ def gather_and_score(
     )
 
 
+_FULL = {"coco": ("coco_5k", 5000), "f30k": ("f30k_1k", 1000)}
+
+
+def full_set_key(protocol: str, num_images: int) -> str:
+    """Name of the whole-test-set metric group: coco_5k, f30k_1k, or <protocol>_<N>."""
+    name, expected = _FULL[protocol]
+    return name if num_images == expected else f"{protocol}_{num_images}"
+
+
+def full_set_rsum(metrics: dict[str, dict[str, float]], protocol: str) -> float:
+    """RSUM of the whole-set group of a `protocol_metrics` result."""
+    key = next(
+        k for k in metrics if k == "coco_5k" or k == "f30k_1k" or k.startswith(f"{protocol}_")
+    )
+    return metrics[key]["rsum"]
+
+
 def protocol_metrics(
     sims: np.ndarray, protocol: str, image_ids: list[str], caption_ids: list[Any]
 ) -> dict[str, dict[str, float]]:
@@ -127,9 +145,7 @@ def protocol_metrics(
     if protocol not in ("coco", "f30k"):
         raise ValueError(f"protocol must be coco or f30k, got {protocol!r}")
     N = sims.shape[0]
-    full = {"coco": "coco_5k", "f30k": "f30k_1k"}[protocol]
-    expected = {"coco": 5000, "f30k": 1000}[protocol]
-    out = {full if N == expected else f"{protocol}_{N}": recall_at_k(sims)}
+    out = {full_set_key(protocol, N): recall_at_k(sims)}
     if protocol == "coco" and N % 1000 == 0 and N > 1000:
         out["coco_1k"] = coco_1k(sims, folds=N // 1000)
     if protocol == "coco":

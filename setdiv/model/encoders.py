@@ -155,11 +155,9 @@ class CNNGridEncoder(nn.Module):
     ) -> None:
         super().__init__()
         net = getattr(torchvision.models, arch)(weights=None)
-        if not pretrained:
-            pass  # architecture only: the caller loads a full state dict
-        elif cfg.weights is None:
+        if pretrained and cfg.weights is None:
             log.warning("model.image.weights is null: %s is randomly initialised", arch)
-        else:
+        elif pretrained:  # (not pretrained: architecture only, the caller loads a state dict)
             state = load_state_dict_file(cfg.weights, "model.image.weights")
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from setdiv.distributed import is_initialized, rank_and_world
 
-__all__ = ["TrainState", "latest_tag", "load", "save"]
+__all__ = ["TrainState", "latest_tag", "load", "save", "step_tag"]
 
 
 @dataclass
@@ -42,6 +42,8 @@ class TrainState:
     skipped_samples: int = 0
     """Corrupt samples the readers skipped so far."""
     best_rsum: float = float("-inf")
+    world_size: int = 1
+    """Ranks of the run: the data plan depends on it, so a resume must use the same number."""
 
 
 def _barrier() -> None:
@@ -82,6 +84,10 @@ def _root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
 def latest_tag(run_dir: Path) -> str | None:
     f = _root(run_dir) / "latest"
     return f.read_text().strip() if f.is_file() else None
@@ -93,7 +99,7 @@ def save(
     """Checkpoint on every rank; returns the tag. `tag="best"` replaces the best checkpoint."""
     root = _root(run_dir)
     rank, _ = rank_and_world()
-    final = tag or f"step{state.step:08d}"
+    final = tag or step_tag(state.step)
     writing = f"{final}.tmp" if final == "best" else final
     engine.save_checkpoint(
         str(root), tag=writing, client_state={"train_state": asdict(state)}, save_latest=False
@@ -101,9 +107,12 @@ def save(
     torch.save(_rng_state(), root / writing / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
-        if final == "best":
-            shutil.rmtree(root / "best", ignore_errors=True)
+        if final == "best":  # swap in with renames: a crash leaves best or best.old intact
+            if (root / "best").exists():
+                shutil.rmtree(root / "best.old", ignore_errors=True)
+                os.replace(root / "best", root / "best.old")
             os.replace(root / writing, root / "best")
+            shutil.rmtree(root / "best.old", ignore_errors=True)
         else:
             tmp = root / "latest.tmp"
             tmp.write_text(final)
@@ -133,8 +142,14 @@ def load(engine: Any, run_dir: Path, which: str) -> TrainState | None:
     )
     if client is None:
         raise ValueError(f"{root / tag}: DeepSpeed could not load this checkpoint")
-    rank, _ = rank_and_world()
+    rank, world = rank_and_world()
+    state = TrainState(**client["train_state"])
+    if state.world_size != world:
+        raise ValueError(
+            f"{root / tag} was written by {state.world_size} ranks, this job has {world}: "
+            "resume with the same number of ranks (the data order depends on it)"
+        )
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
-    return TrainState(**client["train_state"])
+    return state

@@ -75,6 +75,8 @@ def init_distributed() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # one GPU per local rank, before any CUDA work
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
@@ -103,12 +105,10 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, t
     root = Path(checkpoint_dir) / tag
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {root}")
-    if list(root.glob("*zero_pp_rank_*optim_states.pt")) and not list(
-        root.glob("bf16_zero_pp_rank_*")
-    ):
+    if list(root.glob("*zero_pp_rank_*optim_states.pt")):  # ZeRO / bf16: fp32 master copies
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    else:
-        # Our own file written next to DeepSpeed's: module states, never executed as code.
+    else:  # stage 0 without a master copy: the module itself holds the weights
+        # DeepSpeed's own pickle inside this run's directory (not a file users exchange).
         blob = torch.load(
             root / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
         )

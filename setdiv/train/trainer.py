@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -21,8 +20,8 @@ from setdiv import config as config_lib
 from setdiv.data.reader import Batch, build_eval_reader, build_train_reader
 from setdiv.data.text import build_tokenizer
 from setdiv.data.vocab import Vocab
-from setdiv.distributed import all_reduce_sum, is_initialized, rank_and_world
-from setdiv.eval.evaluator import encode, gather_and_score
+from setdiv.distributed import all_reduce_sum, broadcast_float, on_all_ranks, rank_and_world
+from setdiv.eval.evaluator import encode, full_set_rsum, gather_and_score
 from setdiv.export import export_model
 from setdiv.losses import build_loss
 from setdiv.model import build_model
@@ -53,31 +52,9 @@ class Trainer:
         self.device = torch.device(
             f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         )
-        torch.manual_seed(cfg.train.seed)  # same init on every rank
-        vocab = (
-            Vocab.load(cfg.model.text.vocab_path)
-            if cfg.model.text.name == "bigru" and cfg.model.text.vocab_path
-            else None
-        )
-        self.vocab = vocab
-        self.tokenizer = (
-            build_tokenizer(cfg.model.text, vocab)
-            if cfg.model.text.name == "bert" or vocab
-            else None
-        )
-        if self.tokenizer is None:
-            raise ValueError(
-                "training a bigru model needs 'model.text.vocab_path' (see `setdiv demo`)"
-            )
-        kind = IMAGE_INPUT_KIND[cfg.model.image.name]
-        # All user errors surface here, before any work: shards, checksums, ranks x workers.
-        self.reader = build_train_reader(
-            cfg.data, kind, self.tokenizer, self.rank, self.world, cfg.train.seed
-        )
-        self.cfg, self.kind = cfg, kind
-        model = build_model(cfg.model)
-        self.similarity = build_similarity(cfg.similarity)
-        self.loss_fn = build_loss(cfg.loss, self.similarity)
+        # User errors (shards, checksums, ranks x workers, weights paths) surface here, before
+        # any training, and on every rank at once so none waits in a collective.
+        model = on_all_ranks(lambda: self._build(cfg), "building data and model")
         optimizer = build_optimizer(model, cfg.optim)
         lambdas = group_lr_lambdas(
             cfg.optim, optimizer.param_groups, self.reader.batches_per_epoch, cfg.train.epochs
@@ -87,18 +64,40 @@ class Trainer:
         self.engine = ds.initialize(
             model, optimizer, scheduler, ds.deepspeed_config(cfg.train, cfg.optim, micro)
         )
+        torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # independent dropout per rank
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.train.precision, torch.float32
         )
-        self.state = TrainState()
+        self.state = TrainState(world_size=self.world)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_lib.save(cfg, self.run_dir / "config.yaml")
-            if vocab is not None:
-                vocab.save(self.run_dir / "vocab.json")
+            if self.vocab is not None:
+                self.vocab.save(self.run_dir / "vocab.json")
         if resume is not None:
             self._resume(resume)
         self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.rank == 0 else None
+
+    def _build(self, cfg: config_lib.Config) -> torch.nn.Module:
+        """Tokenizer, training reader, model (same init on every rank), similarity, loss."""
+        text = cfg.model.text
+        self.vocab = (
+            Vocab.load(text.vocab_path) if text.name == "bigru" and text.vocab_path else None
+        )
+        if text.name == "bigru" and self.vocab is None:
+            raise ValueError(
+                "training a bigru model needs 'model.text.vocab_path' (see `setdiv demo`)"
+            )
+        self.tokenizer = build_tokenizer(text, self.vocab)
+        self.cfg, self.kind = cfg, IMAGE_INPUT_KIND[cfg.model.image.name]
+        self.reader = build_train_reader(
+            cfg.data, self.kind, self.tokenizer, self.rank, self.world, cfg.train.seed
+        )
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
+        model = build_model(cfg.model)
+        self.similarity = build_similarity(cfg.similarity)
+        self.loss_fn = build_loss(cfg.loss, self.similarity)
+        return model
 
     # --- resume ------------------------------------------------------------------------------
 
@@ -184,21 +183,23 @@ class Trainer:
                             f"{consecutive_bad} consecutive non-finite losses at step {st.step}; "
                             f"last good checkpoint: {checkpoint.latest_tag(self.run_dir)}"
                         )
-                    continue
-                consecutive_bad = 0
-                if st.step % cfg.train.log_every == 0:
-                    now = time.perf_counter()
-                    self._log(result, n_last / max(now - t_last, 1e-9))
-                    bar.set_postfix(
-                        loss=f"{result['loss']:.4f}",
-                        img_s=f"{n_last / max(now - t_last, 1e-9):.0f}",
-                    )
-                    t_last, n_last = now, 0
+                else:
+                    consecutive_bad = 0
+                    if st.step % cfg.train.log_every == 0:
+                        now = time.perf_counter()
+                        rate = n_last / max(now - t_last, 1e-9)
+                        self._log(result, rate)
+                        bar.set_postfix(loss=f"{result['loss']:.4f}", img_s=f"{rate:.0f}")
+                        t_last, n_last = now, 0
                 if st.step % cfg.train.ckpt_every == 0:
                     checkpoint.save(self.engine, self.run_dir, st, cfg.train.keep_last)
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             self._validate()
-            checkpoint.save(self.engine, self.run_dir, st, cfg.train.keep_last)
+            # Epoch-end checkpoint, unless this step was just saved: `latest` must never point
+            # at a directory being rewritten in place. (Resuming from the step checkpoint of
+            # an epoch's last batch simply finds that epoch's stream exhausted.)
+            if checkpoint.latest_tag(self.run_dir) != checkpoint.step_tag(st.step):
+                checkpoint.save(self.engine, self.run_dir, st, cfg.train.keep_last)
         bar.close()
         if self.writer is not None:
             self.writer.close()
@@ -242,13 +243,13 @@ class Trainer:
             self.world,
         )
         enc = encode(self.engine.module, reader, self.device)
-        result = gather_and_score(enc, self.similarity, self.cfg.data.eval_batch_size, "coco")
-        rsum = torch.tensor(
-            [next(iter(result.metrics.values()))["rsum"] if result is not None else 0.0]
-        )
-        if is_initialized():
-            dist.broadcast(rsum, src=0)
-        rsum_value = float(rsum[0])
+        protocol = self.cfg.data.val_protocol
+
+        def score() -> float:
+            result = gather_and_score(enc, self.similarity, self.cfg.data.eval_batch_size, protocol)
+            return full_set_rsum(result.metrics, protocol) if result is not None else 0.0
+
+        rsum_value = broadcast_float(on_all_ranks(score, "validation"))
         if self.rank == 0:
             log.info("epoch %d validation RSUM %.2f", self.state.epoch, rsum_value)
             with open(self.run_dir / "metrics.jsonl", "a") as f:
