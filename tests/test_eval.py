@@ -190,3 +190,23 @@ def test_eccv_coco_recalls_agree_with_ours() -> None:
     for k in (1, 5, 10):
         assert 100 * theirs[f"coco_5k_r{k}"]["i2t"] == pytest.approx(ours[f"i2t_r{k}"], abs=1e-6)
         assert 100 * theirs[f"coco_5k_r{k}"]["t2i"] == pytest.approx(ours[f"t2i_r{k}"], abs=1e-6)
+
+
+def test_attention_figure_for_a_grid_model() -> None:
+    from conftest import tiny_config
+
+    from setdiv.data.reader import Batch
+    from setdiv.eval.report import attention_figure
+
+    model = build_model(tiny_config("model.image.name=resnet152").model).eval()
+    batch = Batch(
+        torch.randn(2, 3, 64, 64),
+        None,
+        torch.zeros(10, 3, dtype=torch.long),
+        torch.ones(10, 3, dtype=torch.bool),
+        ["a", "b"],
+        list(range(10)),
+    )
+    fig = attention_figure(model, batch, torch.device("cpu"), n=2)
+    T, K = 4, 4  # default num_iters and num_embeds
+    assert len(fig.axes) == 2 * T * (K + 1)  # per image and iteration: the picture + K slots
