@@ -10,10 +10,12 @@ side, and writes `attention.png` (slot attention of the K = 4 model) and `curves
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -26,7 +28,7 @@ from setdiv import config as config_lib  # noqa: E402
 from setdiv.data.convert import synthetic_samples  # noqa: E402
 from setdiv.data.shards import ShardIndex, index_path, write_shards  # noqa: E402
 from setdiv.data.vocab import Vocab  # noqa: E402
-from setdiv.eval.evaluator import format_table, write_result  # noqa: E402
+from setdiv.eval.evaluator import format_table, full_set_key, write_result  # noqa: E402
 
 __all__ = ["add_arguments", "run"]
 
@@ -87,54 +89,22 @@ def _curves(runs: dict[str, Path], out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from setdiv.eval.run import evaluate_export, free_port
-    from setdiv.export import load_exported
-    from setdiv.train import engine as ds
-    from setdiv.train.trainer import Trainer, export_run
+    from setdiv.eval.run import free_port
 
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = SIZES["quick" if args.quick else "full"]
     vocab_path = _make_data(out, sizes, seed=0)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    ds.init_distributed()
-    base = [
-        f"model.text.vocab_path={vocab_path}",
-        "model.text.vocab_size=null",
-        f"data.train_shards={out}/data/train-*.tar",
-        f"data.val_shards={out}/data/val-*.tar",
-        *(["train.epochs=2"] if args.quick else []),
-        *args.overrides,
-    ]
-    models = {"set K=4 (smooth-Chamfer)": 4, "single K=1 (cosine)": 1}
-    runs, rows, results = {}, {}, {}
-    for name, k in models.items():
-        run_dir = out / f"run_k{k}"
-        cfg = config_lib.load(
-            [CONFIG], [*base, f"model.image_set.num_embeds={k}", f"model.text_set.num_embeds={k}"]
-        )
-        log.info("training %s -> %s", name, run_dir)
-        Trainer(cfg, run_dir).train()
-        export_run(run_dir, tag="best")
-        result = evaluate_export(
-            load_exported(run_dir), f"{out}/data/test-*.tar", "coco", _cpu(), analysis=k > 1
-        )
-        write_result(result, run_dir / "eval")
-        runs[name], results[name] = run_dir, result
-        rows.update({f"{name}": m for m in result.metrics.values() if "rsum" in m})
-    set_name, single_name = list(models)
-    if "attention" in results[set_name].figures:
-        results[set_name].figures["attention"].savefig(
-            out / "attention.png", dpi=110, bbox_inches="tight"
-        )
-    _curves(runs, out)
+    with _single_process_group(free_port()):
+        rows = _train_and_evaluate(args, out, vocab_path)
     minutes = (time.perf_counter() - t0) / 60
     print(
         format_table(
             rows, title=f"synthetic test split ({sizes[2]} images, {5 * sizes[2]} captions)"
         )
     )
+    set_name, single_name = MODELS
     gain = rows[set_name]["rsum"] - rows[single_name]["rsum"]
     print(
         f"RSUM gain of the set model over the single embedding: {gain:+.1f}   ({minutes:.1f} min)"
@@ -144,5 +114,72 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu() -> torch.device:
+MODELS = {"set K=4 (smooth-Chamfer)": 4, "single K=1 (cosine)": 1}
+
+
+@contextlib.contextmanager
+def _single_process_group(port: int) -> Iterator[None]:
+    """A one-rank process group for the demo's trainers, torn down afterwards with the
+    environment restored (the caller may be a long-lived process, e.g. a test session)."""
+    from setdiv.train import engine as ds
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    ds.init_distributed()
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _train_and_evaluate(
+    args: argparse.Namespace, out: Path, vocab_path: Path
+) -> dict[str, dict[str, float]]:
+    """Train, export and evaluate both models; rows of the comparison table."""
+    from setdiv.eval.run import evaluate_export
+    from setdiv.export import load_exported
+    from setdiv.train.trainer import Trainer, export_run
+
+    base = [
+        f"model.text.vocab_path={vocab_path}",
+        "model.text.vocab_size=null",
+        f"data.train_shards={out}/data/train-*.tar",
+        f"data.val_shards={out}/data/val-*.tar",
+        *(["train.epochs=2"] if args.quick else []),
+        *args.overrides,
+    ]
+    runs, rows, results = {}, {}, {}
+    for name, k in MODELS.items():
+        run_dir = out / f"run_k{k}"
+        cfg = config_lib.load(
+            [CONFIG], [*base, f"model.image_set.num_embeds={k}", f"model.text_set.num_embeds={k}"]
+        )
+        log.info("training %s -> %s", name, run_dir)
+        Trainer(cfg, run_dir).train()
+        export_run(run_dir, tag="best")
+        result = evaluate_export(
+            load_exported(run_dir), f"{out}/data/test-*.tar", "coco", _device(), analysis=k > 1
+        )
+        write_result(result, run_dir / "eval")
+        runs[name], results[name] = run_dir, result
+        rows[name] = result.metrics[full_set_key("coco", len(result.image_ids))]
+    set_name = next(iter(MODELS))
+    if "attention" in results[set_name].figures:
+        results[set_name].figures["attention"].savefig(
+            out / "attention.png", dpi=110, bbox_inches="tight"
+        )
+    _curves(runs, out)
+    return rows
+
+
+def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

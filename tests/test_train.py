@@ -60,6 +60,11 @@ def base_args(data: Path, *extra: str) -> list[str]:
     ]
 
 
+JOB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in JOB_VARS}
+"""Children start as fresh single-node jobs, whatever this test process has in its env."""
+
+
 def setdiv(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "setdiv.cli", *args],
@@ -67,6 +72,7 @@ def setdiv(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=CLEAN_ENV,
     )
 
 
@@ -129,6 +135,7 @@ def test_sigkill_mid_epoch_and_resume_reproduces_the_run(data: Path, tmp_path: P
     proc = subprocess.Popen(
         [sys.executable, "-m", "setdiv.cli", "train", *args, "--run-dir", str(run)],
         cwd=ROOT,
+        env=CLEAN_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -241,6 +248,7 @@ def test_nonfinite_losses_are_skipped_then_stop(data: Path, tmp_path: Path) -> N
         text=True,
         timeout=400,
         cwd=ROOT,
+        env=CLEAN_ENV,
     )
     assert r.returncode == 2
     assert "3 consecutive non-finite losses at step 7" in r.stderr
