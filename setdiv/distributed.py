@@ -23,6 +23,7 @@ __all__ = [
     "all_reduce_sum",
     "rank_and_world",
     "init_distributed",
+    "rendezvous_address",
     "is_initialized",
     "world_info",
 ]
@@ -50,6 +51,18 @@ def world_info() -> WorldInfo:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world of size {world}")
     return WorldInfo(rank, world, local)
+
+
+def rendezvous_address() -> tuple[str, str] | None:
+    """(MASTER_ADDR, MASTER_PORT): from the environment (torchrun), else derived under SLURM
+    (the node srun launched from, and a port fixed by the job id, so every task agrees);
+    None when neither says."""
+    env = os.environ
+    if "MASTER_ADDR" in env:
+        return env["MASTER_ADDR"], env.get("MASTER_PORT", "29500")
+    if "SLURM_LAUNCH_NODE_IPADDR" in env and "SLURM_JOB_ID" in env:
+        return env["SLURM_LAUNCH_NODE_IPADDR"], str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    return None
 
 
 def is_initialized() -> bool:

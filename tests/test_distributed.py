@@ -104,3 +104,26 @@ def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
             torch.testing.assert_close(local, expected, msg=lambda m, i=i: f"leaf {i}: {m}")
         assert shape == (2, 4)
     assert results[1][3] == "own" and "failed on another rank" in results[0][3]
+
+
+def test_rank_world_and_rendezvous_from_torchrun_or_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from setdiv.distributed import WorldInfo, rendezvous_address
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.7")
+    assert world_info() == WorldInfo(5, 8, 1)
+    assert rendezvous_address() == ("10.0.0.7", str(20000 + 123456 % 20000))
+    monkeypatch.setenv("RANK", "2")  # torchrun's variables win
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    assert world_info() == WorldInfo(2, 4, 0) and rendezvous_address() == ("node0", "1234")
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="rank 4 outside world of size 4"):
+        world_info()

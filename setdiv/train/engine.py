@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from setdiv.config import OptimConfig, TrainConfig
-from setdiv.distributed import world_info
+from setdiv.distributed import rendezvous_address, world_info
 
 __all__ = [
     "consolidated_state_dict",
@@ -70,10 +70,12 @@ def init_distributed() -> None:
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("WORLD_SIZE", str(info.world_size))
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-    if info.world_size > 1 and "MASTER_ADDR" not in os.environ:
+    address = rendezvous_address()
+    if address is None and info.world_size > 1:
         raise ValueError("MASTER_ADDR / MASTER_PORT must be set for a multi-process job")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    addr, port = address or ("127.0.0.1", "29500")
+    os.environ.setdefault("MASTER_ADDR", addr)
+    os.environ.setdefault("MASTER_PORT", port)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():  # one GPU per local rank, before any CUDA work
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
