@@ -96,7 +96,8 @@ def attention_figure(
                         else np.ones(R, bool)
                     )
                     ax.bar(np.arange(int(valid.sum())), a[valid], color=f"C{k}")
-                    ax.set_ylim(0, 1)
+                    ax.axhline(1 / int(valid.sum()), color="grey", lw=0.6, ls="--")  # uniform
+                    ax.set_ylim(0, float(attn_TKR.max()) * 1.1)
                     ax.tick_params(labelsize=5)
                 if i == 0 and t == 0:
                     ax.set_title(f"slot {k + 1}", fontsize=8)
