@@ -89,7 +89,7 @@ def _curves(runs: dict[str, Path], out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from setdiv.eval.run import free_port
+    from setdiv.distributed import free_port
 
     t0 = time.perf_counter()
     out = Path(args.out)

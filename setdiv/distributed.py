@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -15,6 +16,7 @@ T = TypeVar("T")
 
 __all__ = [
     "broadcast_float",
+    "free_port",
     "on_all_ranks",
     "WorldInfo",
     "all_gather_list",
@@ -63,6 +65,13 @@ def rendezvous_address() -> tuple[str, str] | None:
     if "SLURM_LAUNCH_NODE_IPADDR" in env and "SLURM_JOB_ID" in env:
         return env["SLURM_LAUNCH_NODE_IPADDR"], str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
     return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_initialized() -> bool:

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from setdiv import similarity
 from setdiv.config import LossConfig
-from setdiv.distributed import all_gather_rows, on_all_ranks, world_info
-from setdiv.eval.run import free_port
+from setdiv.distributed import all_gather_rows, free_port, on_all_ranks, world_info
 from setdiv.losses import build_loss
 from setdiv.model.set_modules import SetOutput
 

@@ -129,14 +129,6 @@ def full_set_key(protocol: str, num_images: int) -> str:
     return name if num_images == expected else f"{protocol}_{num_images}"
 
 
-def full_set_rsum(metrics: dict[str, dict[str, float]], protocol: str) -> float:
-    """RSUM of the whole-set group of a `protocol_metrics` result."""
-    key = next(
-        k for k in metrics if k == "coco_5k" or k == "f30k_1k" or k.startswith(f"{protocol}_")
-    )
-    return metrics[key]["rsum"]
-
-
 def protocol_metrics(
     sims: np.ndarray, protocol: str, image_ids: list[str], caption_ids: list[Any]
 ) -> dict[str, dict[str, float]]:

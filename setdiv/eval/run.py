@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from setdiv.data.reader import ShardSet, build_eval_reader
-from setdiv.distributed import init_distributed, is_initialized
+from setdiv.distributed import free_port, init_distributed, is_initialized
 from setdiv.eval.evaluator import EvalResult, encode, format_table, gather_and_score, write_result
 from setdiv.export import ExportedModel, find_export, load_exported
 from setdiv.model.encoders import IMAGE_INPUT_KIND
@@ -105,12 +104,6 @@ def _worker(rank: int, args: argparse.Namespace, init_method: str) -> None:
     finally:
         if args.nproc > 1 and is_initialized():
             dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: argparse.Namespace) -> int:

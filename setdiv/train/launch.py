@@ -47,7 +47,7 @@ def train_worker(local_rank: int, args: argparse.Namespace, port: int | None) ->
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from setdiv.eval.run import free_port
+    from setdiv.distributed import free_port
 
     config_lib.load([args.config], args.overrides)  # bad keys fail here, before any spawn
     if args.nproc_per_node > 1:

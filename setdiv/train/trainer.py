@@ -21,7 +21,7 @@ from setdiv.data.reader import Batch, build_eval_reader, build_train_reader
 from setdiv.data.text import build_tokenizer
 from setdiv.data.vocab import Vocab
 from setdiv.distributed import all_reduce_sum, broadcast_float, on_all_ranks, rank_and_world
-from setdiv.eval.evaluator import encode, full_set_rsum, gather_and_score
+from setdiv.eval.evaluator import encode, full_set_key, gather_and_score
 from setdiv.export import export_model
 from setdiv.losses import build_loss
 from setdiv.model import build_model
@@ -247,7 +247,9 @@ class Trainer:
 
         def score() -> float:
             result = gather_and_score(enc, self.similarity, self.cfg.data.eval_batch_size, protocol)
-            return full_set_rsum(result.metrics, protocol) if result is not None else 0.0
+            if result is None:  # not rank 0
+                return 0.0
+            return result.metrics[full_set_key(protocol, len(result.image_ids))]["rsum"]
 
         rsum_value = broadcast_float(on_all_ranks(score, "validation"))
         if self.rank == 0:
