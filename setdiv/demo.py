@@ -10,19 +10,15 @@ side, and writes `attention.png` (slot attention of the K = 4 model) and `curves
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 from setdiv import config as config_lib  # noqa: E402
 from setdiv.data.convert import synthetic_samples  # noqa: E402
@@ -89,14 +85,14 @@ def _curves(runs: dict[str, Path], out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from setdiv.distributed import free_port
+    from setdiv.distributed import Job, process_group
 
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = SIZES["quick" if args.quick else "full"]
     vocab_path = _make_data(out, sizes, seed=0)
-    with _single_process_group(free_port()):
+    with process_group(Job.single()):  # whatever job this shell is in: the demo is one process
         rows = _train_and_evaluate(args, out, vocab_path)
     minutes = (time.perf_counter() - t0) / 60
     print(
@@ -117,34 +113,11 @@ def run(args: argparse.Namespace) -> int:
 MODELS = {"set K=4 (smooth-Chamfer)": 4, "single K=1 (cosine)": 1}
 
 
-@contextlib.contextmanager
-def _single_process_group(port: int) -> Iterator[None]:
-    """A one-rank process group for the demo's trainers, torn down afterwards with the
-    environment restored (the caller may be a long-lived process, e.g. a test session)."""
-    from setdiv.train import engine as ds
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    ds.init_distributed()
-    try:
-        yield
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _train_and_evaluate(
     args: argparse.Namespace, out: Path, vocab_path: Path
 ) -> dict[str, dict[str, float]]:
     """Train, export and evaluate both models; rows of the comparison table."""
+    from setdiv.distributed import pick_device
     from setdiv.eval.run import evaluate_export
     from setdiv.export import load_exported
     from setdiv.train.trainer import Trainer, export_run
@@ -167,7 +140,7 @@ def _train_and_evaluate(
         Trainer(cfg, run_dir).train()
         export_run(run_dir, tag="best")
         result = evaluate_export(
-            load_exported(run_dir), f"{out}/data/test-*.tar", "coco", _device(), analysis=k > 1
+            load_exported(run_dir), f"{out}/data/test-*.tar", "coco", pick_device(), analysis=k > 1
         )
         write_result(result, run_dir / "eval")
         runs[name], results[name] = run_dir, result
@@ -179,7 +152,3 @@ def _train_and_evaluate(
         )
     _curves(runs, out)
     return rows
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

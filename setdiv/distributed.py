@@ -1,70 +1,194 @@
-"""Where this process sits in the job: rank and world size from torchrun, SLURM or defaults."""
+"""Where this process sits in its job, and the one way setdiv joins (and leaves) a job.
+
+`job_from_env()` reads the job from the environment, whoever launched it:
+
+    launcher         variables read
+    spawn/torchrun   RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    slurm (srun)     SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_NODELIST (first host
+                     is the master) or SLURM_JOB_NODELIST, SLURM_JOB_ID (fixes the port)
+    submitit-local   SUBMITIT_LOCAL_GLOBALID, SUBMITIT_LOCAL_NTASKS, SUBMITIT_LOCAL_LOCALID,
+                     SUBMITIT_LOCAL_JOB_ID (submitit's local executor: one node, 127.0.0.1)
+    single           nothing set: one process
+
+`process_group()` joins that job (nccl on GPU, gloo on CPU) and leaves it on exit;
+`spawn_local()` starts N ranks of a job on this machine; `pick_device()` is the one place a
+rank's device is chosen (by local rank among the GPUs the launcher left visible). Train,
+eval, the demo and the cluster jobs all go through these.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import Tensor
 
 T = TypeVar("T")
 
 __all__ = [
-    "broadcast_float",
-    "free_port",
-    "on_all_ranks",
-    "WorldInfo",
+    "Job",
     "all_gather_list",
     "all_gather_rows",
     "all_gather_with_grad",
     "all_reduce_sum",
-    "rank_and_world",
-    "init_distributed",
-    "rendezvous_address",
+    "broadcast_float",
+    "expand_hostlist",
+    "free_port",
     "is_initialized",
-    "world_info",
+    "job_from_env",
+    "on_all_ranks",
+    "pick_device",
+    "process_group",
+    "rank_and_world",
+    "spawn_local",
 ]
+
+JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What `process_group` exports for DeepSpeed and torch (and restores on exit)."""
 
 
 @dataclass(frozen=True)
-class WorldInfo:
+class Job:
+    """One process's place in a job."""
+
     rank: int
     world_size: int
     local_rank: int
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    """0 for a single process (no rendezvous needed)."""
+    launcher: str = "single"
+    """spawn/torchrun | slurm | submitit-local | single"""
+
+    @classmethod
+    def single(cls) -> Job:
+        return cls(0, 1, 0)
 
 
-def world_info() -> WorldInfo:
-    """Rank / world size / local rank from `RANK`/`WORLD_SIZE`/`LOCAL_RANK` (torchrun), else
-    `SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID`, else a single process."""
-    env = os.environ
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's compressed host list, expanded: `"gpu[01-03,7],cpu1"` -> gpu01 gpu02 gpu03 gpu7
+    cpu1 (zero padding kept; several bracket groups per name allowed)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(hostlist + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            if hostlist[start:i]:
+                items.append(hostlist[start:i])
+            start = i + 1
+    hosts: list[str] = []
+    for item in items:
+        m = re.match(r"^([^\[]*)\[([^\]]+)\](.*)$", item)
+        if m is None:
+            hosts.append(item)
+            continue
+        head, ranges, tail = m.groups()
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for n in range(int(lo), int(hi or lo) + 1):
+                rests = expand_hostlist(tail) if tail else [""]
+                hosts += [f"{head}{n:0{len(lo)}d}{rest}" for rest in rests]
+    return hosts
+
+
+def _port_for(job_id: str) -> int:
+    """A rendezvous port every task of a job derives alike (20000-39999: clear of Ray's
+    default worker ports)."""
+    digits = re.sub(r"\D", "", job_id) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def job_from_env(env: Mapping[str, str] | None = None) -> Job:
+    """The job this process belongs to, read from `env` (default: `os.environ`); see the
+    module docstring for the variables. MASTER_ADDR / MASTER_PORT, when set, always win."""
+    env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", rank))
+        rank, world, launcher = _int(env, "RANK"), _int(env, "WORLD_SIZE"), "spawn/torchrun"
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
+            raise ValueError("a multi-process job needs MASTER_ADDR and MASTER_PORT set")
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "0")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
+        rank, world, launcher = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), "slurm"
+        local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        first = expand_hostlist(nodes)[0] if nodes else "127.0.0.1"
+        addr = env.get("MASTER_ADDR", first)
+        port = env.get("MASTER_PORT") or str(_port_for(env.get("SLURM_JOB_ID", "0")))
+    elif "SUBMITIT_LOCAL_GLOBALID" in env:
+        rank, local = _int(env, "SUBMITIT_LOCAL_GLOBALID"), _int(env, "SUBMITIT_LOCAL_LOCALID")
+        world, launcher = _int(env, "SUBMITIT_LOCAL_NTASKS"), "submitit-local"
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = env.get("MASTER_PORT") or str(_port_for(env.get("SUBMITIT_LOCAL_JOB_ID", "0")))
     else:
-        rank, world, local = 0, 1, 0
+        return Job.single()
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside world of size {world}")
-    return WorldInfo(rank, world, local)
+        raise ValueError(f"rank {rank} outside world of size {world} ({launcher})")
+    return Job(rank, world, local, addr, int(port) if world > 1 else 0, launcher)
 
 
-def rendezvous_address() -> tuple[str, str] | None:
-    """(MASTER_ADDR, MASTER_PORT): from the environment (torchrun), else derived under SLURM
-    (the node srun launched from, and a port fixed by the job id, so every task agrees);
-    None when neither says."""
-    env = os.environ
-    if "MASTER_ADDR" in env:
-        return env["MASTER_ADDR"], env.get("MASTER_PORT", "29500")
-    if "SLURM_LAUNCH_NODE_IPADDR" in env and "SLURM_JOB_ID" in env:
-        return env["SLURM_LAUNCH_NODE_IPADDR"], str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
-    return None
+def pick_device(job: Job | None = None) -> torch.device:
+    """This rank's device: GPU `local_rank` modulo the GPUs visible (CUDA_VISIBLE_DEVICES as
+    the launcher set it, whether a task sees one GPU or the whole node), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    job = job or job_from_env()
+    return torch.device("cuda", job.local_rank % torch.cuda.device_count())
+
+
+@contextlib.contextmanager
+def process_group(job: Job | None = None) -> Iterator[Job]:
+    """Join `job` (default: `job_from_env()`) for the duration of the block: the rank's GPU
+    is made current, RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* are exported (DeepSpeed reads
+    them), and on exit the group is destroyed and the environment restored."""
+    job = job or job_from_env()
+    device = pick_device(job)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    saved = {k: os.environ.get(k) for k in JOB_VARIABLES}
+    os.environ.update(
+        RANK=str(job.rank),
+        WORLD_SIZE=str(job.world_size),
+        LOCAL_RANK=str(job.local_rank),
+        MASTER_ADDR=job.master_addr,
+        MASTER_PORT=str(job.master_port),
+    )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        if job.world_size == 1:  # no rendezvous: an in-memory store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{job.master_addr}:{job.master_port}",
+                rank=job.rank,
+                world_size=job.world_size,
+            )
+        yield job
+    finally:
+        if is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:
@@ -74,16 +198,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawned(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_RANK=str(local_rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    fn(*args)
+
+
+def spawn_local(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
+    """Run `fn(*args)` in `nprocs` new processes forming one job on this machine (a free
+    port, ranks 0..nprocs-1 in RANK / WORLD_SIZE / LOCAL_RANK); `fn` joins it with
+    `process_group()`. If one rank fails the others are stopped and the error is raised here;
+    SIGTERM / SIGINT to this process stop every rank too, so none is left behind."""
+    ctx = mp.start_processes(
+        _spawned, args=(fn, nprocs, free_port(), args), nprocs=nprocs, join=False
+    )
+
+    def stop(signum: int, _frame: Any) -> None:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()  # handlers: main thread only
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        while not ctx.join():
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def init_distributed(
-    rank: int, world_size: int, init_method: str, backend: str | None = None
-) -> None:
-    """Join the process group: nccl when CUDA is available, gloo otherwise."""
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
 
 
 def all_gather_rows(t: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader,
 from setdiv.data.shards import ShardIndex, write_shards
 from setdiv.data.text import Tokenizer, build_tokenizer, word_dropout
 from setdiv.data.vocab import SPECIALS, Vocab
-from setdiv.distributed import world_info
+from setdiv.distributed import job_from_env
 
 
 def vocab_tokenizer(captions: list[str]) -> Tokenizer:
@@ -256,7 +256,7 @@ def simulated_ranks(
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        w = world_info()
+        w = job_from_env()
         out.append(read_epoch(pattern, epoch, w.rank, w.world_size, bs))
     return out
 

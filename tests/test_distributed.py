@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from setdiv import similarity
 from setdiv.config import LossConfig
-from setdiv.distributed import all_gather_rows, free_port, on_all_ranks, world_info
+from setdiv.distributed import all_gather_rows, free_port, job_from_env, on_all_ranks
 from setdiv.losses import build_loss
 from setdiv.model.set_modules import SetOutput
 
@@ -43,11 +44,13 @@ def loss_and_grads(img, txt, si, st):  # noqa: ANN001, ANN201
 
 def _worker(rank: int, port: int, queue: mp.Queue) -> None:
     try:
-        os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
         )
-        assert world_info().rank == rank
+        assert job_from_env().rank == rank
         img, txt, si, st = global_batch()
         terms, leaves = loss_and_grads(
             img[3 * rank : 3 * rank + 3],
@@ -105,24 +108,162 @@ def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
     assert results[1][3] == "own" and "failed on another rank" in results[0][3]
 
 
-def test_rank_world_and_rendezvous_from_torchrun_or_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    from setdiv.distributed import WorldInfo, rendezvous_address
+# --- the job from the environment, one device picker, local spawning ---------------------------
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_ID", "123456")
-    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.7")
-    assert world_info() == WorldInfo(5, 8, 1)
-    assert rendezvous_address() == ("10.0.0.7", str(20000 + 123456 % 20000))
-    monkeypatch.setenv("RANK", "2")  # torchrun's variables win
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("MASTER_ADDR", "node0")
-    monkeypatch.setenv("MASTER_PORT", "1234")
-    assert world_info() == WorldInfo(2, 4, 0) and rendezvous_address() == ("node0", "1234")
-    monkeypatch.setenv("RANK", "4")
+JOB_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def slurm_task(procid: int, nodes: int = 4, gpus: int = 8) -> dict[str, str]:
+    """The variables srun gives task `procid` of a nodes x gpus job (one task per GPU)."""
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": str(procid),
+        "SLURM_NTASKS": str(nodes * gpus),
+        "SLURM_LOCALID": str(procid % gpus),
+        "SLURM_NODEID": str(procid // gpus),
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NODELIST": "gpu-a[017-019],gpu-b001",
+        "SLURM_STEP_NODELIST": "gpu-a[017-019],gpu-b001",
+        "SLURM_TASKS_PER_NODE": f"{gpus}(x{nodes})",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(gpus)),
+    }
+
+
+@pytest.mark.parametrize("procid", [0, 1, 7, 8, 13, 23, 24, 31])
+def test_slurm_four_nodes_eight_gpus_mapping(procid: int) -> None:
+    from setdiv.distributed import Job
+
+    job = job_from_env(slurm_task(procid))
+    assert job == Job(
+        rank=procid,
+        world_size=32,
+        local_rank=procid % 8,
+        master_addr="gpu-a017",  # first host of the step, the same for every task
+        master_port=20000 + 4242,  # derived from the job id: every task agrees, requeue too
+        launcher="slurm",
+    )
+
+
+def test_explicit_variables_win_and_bad_ones_fail() -> None:
+    env = slurm_task(9)
+    job = job_from_env({**env, "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "1234"})
+    assert (job.master_addr, job.master_port) == ("10.1.2.3", 1234)
+    torchrun = {**env, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}
+    torchrun |= {"MASTER_ADDR": "node0", "MASTER_PORT": "29400"}
+    job = job_from_env(torchrun)
+    assert (job.rank, job.world_size, job.local_rank, job.master_addr, job.master_port) == (
+        2,
+        4,
+        2,
+        "node0",
+        29400,
+    )
     with pytest.raises(ValueError, match="rank 4 outside world of size 4"):
-        world_info()
+        job_from_env({**torchrun, "RANK": "4"})
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT"):
+        job_from_env({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="SLURM_PROCID='x'"):
+        job_from_env({**env, "SLURM_PROCID": "x"})
+
+
+def test_submitit_local_and_single_process() -> None:
+    from setdiv.distributed import Job
+
+    local = {
+        "SUBMITIT_LOCAL_GLOBALID": "1",
+        "SUBMITIT_LOCAL_LOCALID": "1",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+        "SUBMITIT_LOCAL_JOB_ID": "31337",
+    }
+    assert job_from_env(local) == Job(1, 2, 1, "127.0.0.1", 20000 + 31337 % 20000, "submitit-local")
+    assert job_from_env({"PATH": "/bin"}) == Job.single()
+
+
+def test_hostlist_expansion_by_hand() -> None:
+    from setdiv.distributed import expand_hostlist
+
+    assert expand_hostlist("gpu[01-03,7],cpu1") == ["gpu01", "gpu02", "gpu03", "gpu7", "cpu1"]
+    assert expand_hostlist("r[1-2]-n[09-10]") == ["r1-n09", "r1-n10", "r2-n09", "r2-n10"]
+    assert expand_hostlist("node7") == ["node7"]
+
+
+@pytest.mark.parametrize(("visible", "expected"), [(8, [0, 5, 7]), (1, [0, 0, 0])])
+def test_device_by_local_rank_among_visible_gpus(
+    monkeypatch: pytest.MonkeyPatch, visible: int, expected: list[int]
+) -> None:
+    """A task that sees the node's 8 GPUs takes GPU local_rank; one bound to a single GPU
+    (CUDA_VISIBLE_DEVICES left as SLURM set it) takes that one."""
+    from setdiv.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    got = [pick_device(job_from_env(slurm_task(p))).index for p in (8, 13, 15)]
+    assert got == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device(job_from_env(slurm_task(13))) == torch.device("cpu")
+
+
+def _spawned_sum(out: str, fail_rank: int) -> None:
+    from setdiv.distributed import process_group
+
+    with process_group() as job:
+        with open(f"{out}/pid{job.rank}", "w") as f:
+            f.write(str(os.getpid()))
+        if job.rank == fail_rank:
+            raise RuntimeError("rank failure on purpose")
+        t = torch.tensor([float(job.rank + 1)])
+        dist.all_reduce(t)  # rank 0 waits here forever if rank 1 failed
+        with open(f"{out}/rank{job.rank}", "w") as f:
+            f.write(f"{job.world_size} {job.local_rank} {t.item()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_spawn_local_forms_one_job_and_a_failure_stops_every_rank(tmp_path: Path) -> None:
+    from setdiv.distributed import spawn_local
+
+    spawn_local(_spawned_sum, 2, str(tmp_path), -1)
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == [f"2 {r} 3.0" for r in (0, 1)]
+    assert "RANK" not in os.environ or os.environ["RANK"] != "1"  # the parent's env untouched
+
+    (tmp_path / "f").mkdir()
+    with pytest.raises(mp.ProcessRaisedException):  # rank 1 own error, or rank 0 losing its peer
+        spawn_local(_spawned_sum, 2, str(tmp_path / "f"), 1)
+    pids = [int((tmp_path / f"f/pid{r}").read_text()) for r in range(2)]
+    assert not any(_alive(p) for p in pids)
+
+
+def test_sigterm_to_the_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time, os\n"
+        "from setdiv.distributed import spawn_local\n"
+        "def hang(out):\n"
+        "    open(f'{out}/pid{os.environ[\"RANK\"]}', 'w').write(str(os.getpid()))\n"
+        "    time.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    spawn_local(hang, 2, sys.argv[1])\n"
+    )
+    (tmp_path / "hang.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "hang.py"), str(tmp_path)])
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(tmp_path.glob("pid*"))) < 2:
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in tmp_path.glob("pid*")]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)

@@ -8,11 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from setdiv.data.reader import ShardSet, build_eval_reader
-from setdiv.distributed import free_port, init_distributed, is_initialized
+from setdiv.distributed import pick_device, process_group, rank_and_world, spawn_local
 from setdiv.eval.evaluator import EvalResult, encode, format_table, gather_and_score, write_result
 from setdiv.export import ExportedModel, find_export, load_exported
 from setdiv.model.encoders import IMAGE_INPUT_KIND
@@ -36,12 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _device(rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def evaluate_export(
     exported: ExportedModel,
     data: str,
@@ -53,7 +45,7 @@ def evaluate_export(
     """Evaluate a loaded export on `data`; shards rows over the process group if one exists.
     Returns the result on rank 0 (or a lone process), None elsewhere."""
     cfg = exported.cfg
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     kind = IMAGE_INPUT_KIND[cfg.model.image.name]
     reader = build_eval_reader(cfg.data, data, kind, exported.tokenizer, rank, world)
     model = exported.model.to(device)
@@ -79,13 +71,14 @@ def evaluate_export(
     return result
 
 
-def _worker(rank: int, args: argparse.Namespace, init_method: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
-    )
-    if args.nproc > 1:
-        init_distributed(rank, args.nproc, init_method)
-    try:
+def _worker(args: argparse.Namespace) -> None:
+    """One evaluation rank: join the job, encode and score its share, rank 0 writes."""
+    with process_group() as job:
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"[rank {job.rank}] %(levelname)s %(name)s: %(message)s",
+            force=True,
+        )
         exported = load_exported(args.checkpoint)
         cfg = exported.cfg
         if args.block_size:
@@ -94,16 +87,13 @@ def _worker(rank: int, args: argparse.Namespace, init_method: str) -> None:
             cfg = replace(cfg, data=replace(cfg.data, eval_batch_size=args.batch_size))
         exported.cfg = cfg
         result = evaluate_export(
-            exported, args.data, args.protocol, _device(rank), analysis=args.analysis
+            exported, args.data, args.protocol, pick_device(job), analysis=args.analysis
         )
         if result is not None:
             out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
             write_result(result, out)
             print(format_table(result.metrics, title=f"{args.checkpoint} on {args.data}"))
             print(f"wrote {out}/sims.npy, sims_meta.json, metrics.json")
-    finally:
-        if args.nproc > 1 and is_initialized():
-            dist.destroy_process_group()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--nproc must be >= 1")
     find_export(args.checkpoint)  # fail here, not in N child processes
     ShardSet.resolve(args.data)
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    if args.nproc == 1:
-        _worker(0, args, init_method)
+    if args.nproc == 1:  # a lone process, or one rank of a job torchrun / srun started
+        _worker(args)
     else:
-        mp.spawn(_worker, args=(args, init_method), nprocs=args.nproc, join=True)
+        spawn_local(_worker, args.nproc, args)
     return 0

@@ -1,8 +1,9 @@
 """DeepSpeed glue: the only module that imports deepspeed.
 
 Builds the DeepSpeed config from our typed config (ZeRO stage, bf16 / fp16 with dynamic loss
-scaling, gradient clipping), joins the process group, wraps model + torch optimizer + LR
-schedule into an engine, and reads consolidated fp32 weights back out of a checkpoint.
+scaling, gradient clipping), wraps model + torch optimizer + LR schedule into an engine on the
+process group `setdiv.distributed.process_group` joined, and reads consolidated fp32 weights
+back out of a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ import torch
 from torch import nn
 
 from setdiv.config import OptimConfig, TrainConfig
-from setdiv.distributed import rendezvous_address, world_info
 
 __all__ = [
     "consolidated_state_dict",
     "deepspeed_config",
-    "init_distributed",
     "initialize",
 ]
 
@@ -58,37 +57,14 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -
     return cfg
 
 
-def init_distributed() -> None:
-    """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
-    (nccl on GPU, gloo on CPU); a no-op if already joined."""
-    _environment()
-    import deepspeed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    info = world_info()  # torchrun variables, else SLURM's, else a single process
-    os.environ.setdefault("RANK", str(info.rank))
-    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-    address = rendezvous_address()
-    if address is None and info.world_size > 1:
-        raise ValueError("MASTER_ADDR / MASTER_PORT must be set for a multi-process job")
-    addr, port = address or ("127.0.0.1", "29500")
-    os.environ.setdefault("MASTER_ADDR", addr)
-    os.environ.setdefault("MASTER_PORT", port)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():  # one GPU per local rank, before any CUDA work
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-
-
 def initialize(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ds_config: dict[str, Any],
 ) -> Any:
-    """A DeepSpeed engine around model / optimizer / per-step scheduler."""
+    """A DeepSpeed engine around model / optimizer / per-step scheduler, on the torch process
+    group already joined (DeepSpeed wraps it instead of starting its own)."""
     _environment()
     import deepspeed
 

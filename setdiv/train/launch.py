@@ -1,18 +1,17 @@
-"""`setdiv train` and `setdiv export`: start ranks (spawned locally, or from torchrun / SLURM
-environment variables) and run the trainer."""
+"""`setdiv train` and `setdiv export`: one training rank joins its job (spawned here, or
+started by torchrun / SLURM / submitit, see `setdiv.distributed`) and runs the trainer."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-
-import torch.multiprocessing as mp
+from collections.abc import Sequence
+from pathlib import Path
 
 from setdiv import config as config_lib
-from setdiv.distributed import world_info
+from setdiv.distributed import process_group, spawn_local
 
-__all__ = ["add_export_arguments", "add_train_arguments", "run_export", "run_train", "train_worker"]
+__all__ = ["add_export_arguments", "add_train_arguments", "run_export", "run_train", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -25,38 +24,32 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
 
 
-def train_worker(local_rank: int, args: argparse.Namespace, port: int | None) -> None:
-    """One rank: environment -> process group -> Trainer.train()."""
-    from setdiv.train import engine as ds
+def train(
+    config: str | Path, overrides: Sequence[str], run_dir: str | Path, resume: str | None = None
+) -> None:
+    """One rank of a training job: join the job the environment describes, train to the
+    configured epochs, leave the job. Every launcher ends up here."""
     from setdiv.train.trainer import Trainer
 
-    if port is not None:  # spawned by us: we define the job
-        os.environ.update(
-            RANK=str(local_rank),
-            WORLD_SIZE=str(args.nproc_per_node),
-            LOCAL_RANK=str(local_rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
+    with process_group() as job:
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"[rank {job.rank}] %(levelname)s %(name)s: %(message)s",
+            force=True,
         )
-    logging.basicConfig(
-        level=logging.INFO, format=f"[rank {world_info().rank}] %(levelname)s %(name)s: %(message)s"
-    )
-    cfg = config_lib.load([args.config], args.overrides)
-    ds.init_distributed()
-    Trainer(cfg, args.run_dir, resume=args.resume).train()
+        cfg = config_lib.load([config], overrides)
+        Trainer(cfg, run_dir, resume=resume).train()
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from setdiv.distributed import free_port
-
     config_lib.load([args.config], args.overrides)  # bad keys fail here, before any spawn
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    job_args = (args.config, list(args.overrides), args.run_dir, args.resume)
     if args.nproc_per_node > 1:
-        mp.spawn(train_worker, args=(args, free_port()), nprocs=args.nproc_per_node, join=True)
-        return 0
-    external = "RANK" in os.environ or "SLURM_PROCID" in os.environ
-    if not external:
-        args.nproc_per_node = 1
-    train_worker(0, args, None if external else free_port())
+        spawn_local(train, args.nproc_per_node, *job_args)
+    else:  # a lone process, or one rank of a job torchrun / srun started
+        train(*job_args)
     return 0
 
 

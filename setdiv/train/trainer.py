@@ -20,7 +20,13 @@ from setdiv import config as config_lib
 from setdiv.data.reader import Batch, build_eval_reader, build_train_reader
 from setdiv.data.text import build_tokenizer
 from setdiv.data.vocab import Vocab
-from setdiv.distributed import all_reduce_sum, broadcast_float, on_all_ranks, rank_and_world
+from setdiv.distributed import (
+    all_reduce_sum,
+    broadcast_float,
+    on_all_ranks,
+    pick_device,
+    rank_and_world,
+)
 from setdiv.eval.evaluator import encode, full_set_key, gather_and_score
 from setdiv.export import export_model
 from setdiv.losses import build_loss
@@ -49,9 +55,7 @@ class Trainer:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.rank, self.world = rank_and_world()
-        self.device = torch.device(
-            f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        )
+        self.device = pick_device()
         # User errors (shards, checksums, ranks x workers, weights paths) surface here, before
         # any training, and on every rank at once so none waits in a collective.
         model = on_all_ranks(lambda: self._build(cfg), "building data and model")
