@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"setdiv {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ __all__ = [
     "SetModuleConfig",
     "SimilarityConfig",
     "TextEncoderConfig",
+    "PATH_KEYS",
     "load",
+    "paths",
     "save",
     "to_yaml",
 ]
@@ -333,6 +335,24 @@ def validate(cfg: DictConfig) -> None:
             "model.text.vocab_path and model.text.vocab_size are both set: "
             "the size comes from the vocabulary file, drop vocab_size"
         )
+
+
+PATH_KEYS = (
+    "model.image.weights",
+    "model.text.vocab_path",
+    "model.text.glove_path",
+    "model.text.bert_path",
+    "data.train_shards",
+    "data.val_shards",
+)
+"""Dotted keys that name local files (the `*_shards` keys: brace / glob patterns). A run checks
+them where it starts; a launcher on another machine can only warn about them."""
+
+
+def paths(cfg: Config) -> dict[str, str]:
+    """The file and shard paths `cfg` names, by dotted key (unset keys left out)."""
+    node = OmegaConf.structured(cfg)
+    return {k: v for k in PATH_KEYS if (v := OmegaConf.select(node, k)) is not None}
 
 
 def to_yaml(cfg: Config) -> str:

@@ -37,6 +37,7 @@ T = TypeVar("T")
 
 __all__ = [
     "Job",
+    "PeerFailedError",
     "all_gather_list",
     "all_gather_rows",
     "all_gather_with_grad",
@@ -181,9 +182,16 @@ def process_group(job: Job | None = None) -> Iterator[Job]:
                 world_size=job.world_size,
             )
         yield job
-    finally:
         if is_initialized():
             dist.destroy_process_group()
+    except BaseException:
+        # A failing rank of a multi-process job leaves the group as it is: its process ends
+        # with the error, and tearing the group down first would make the peers report a
+        # broken connection before this rank could report its own error.
+        if is_initialized() and job.world_size == 1:
+            dist.destroy_process_group()
+        raise
+    finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -198,7 +206,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple) -> None:
+class PeerFailedError(RuntimeError):
+    """Raised on the ranks whose peer failed first (see `on_all_ranks`)."""
+
+
+def _spawned(
+    local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple, errors: Any
+) -> None:
     os.environ.update(
         RANK=str(local_rank),
         WORLD_SIZE=str(nprocs),
@@ -206,16 +220,31 @@ def _spawned(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, ar
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    fn(*args)
+    try:
+        fn(*args)
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # an unpicklable error: torch's traceback only
+            errors.put(exc)
+        raise
+
+
+def _first_error(errors: Any) -> BaseException | None:
+    """The first error a rank raised itself (not a `PeerFailedError` echo), else the first."""
+    seen = []
+    while not errors.empty():
+        seen.append(errors.get())
+    return next((e for e in seen if not isinstance(e, PeerFailedError)), seen[0] if seen else None)
 
 
 def spawn_local(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
     """Run `fn(*args)` in `nprocs` new processes forming one job on this machine (a free
     port, ranks 0..nprocs-1 in RANK / WORLD_SIZE / LOCAL_RANK); `fn` joins it with
-    `process_group()`. If one rank fails the others are stopped and the error is raised here;
-    SIGTERM / SIGINT to this process stop every rank too, so none is left behind."""
+    `process_group()`. If a rank fails, the others are stopped and the rank's own exception is
+    raised here (chained to torch's report, which holds the rank's traceback). SIGTERM / SIGINT
+    to this process stop every rank too, so none is left behind."""
+    errors = mp.get_context("spawn").SimpleQueue()
     ctx = mp.start_processes(
-        _spawned, args=(fn, nprocs, free_port(), args), nprocs=nprocs, join=False
+        _spawned, args=(fn, nprocs, free_port(), args, errors), nprocs=nprocs, join=False
     )
 
     def stop(signum: int, _frame: Any) -> None:
@@ -229,6 +258,11 @@ def spawn_local(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
     try:
         while not ctx.join():
             pass
+    except mp.ProcessRaisedException as exc:
+        own = _first_error(errors)
+        if own is None:
+            raise
+        raise own from exc
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -331,7 +365,7 @@ def on_all_ranks(fn: Callable[[], T], what: str) -> T:
         failed = torch.tensor([float(error is not None)], device=_collective_device())
         dist.all_reduce(failed)
         if failed.item() and error is None:
-            raise RuntimeError(f"{what} failed on another rank (see that rank's error)")
+            raise PeerFailedError(f"{what} failed on another rank (see that rank's error)")
     if error is not None:
         raise error
     return out

@@ -21,6 +21,7 @@ import glob
 import io
 import json
 import logging
+import signal
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -365,6 +366,15 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def _worker_signals(_worker_id: int) -> None:
+    """Data workers are forked from their rank and would inherit its signal handlers (a
+    launcher's requeue handler on USR1/USR2, a SIGTERM that is only logged): a requeue signal
+    sent to the whole job step is the rank's business, and SIGTERM must end a worker."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TrainReader:
     """Per-rank training batches of `batch_size` images (+ their 5 captions each)."""
 
@@ -442,6 +452,7 @@ class TrainReader:
                 ),
                 persistent_workers=False,
                 prefetch_factor=4 if self.num_workers else None,
+                worker_init_fn=_worker_signals,
             )
             for chunk in loader:
                 yield from chunk

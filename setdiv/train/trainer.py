@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(ValueError):
     """Too many consecutive non-finite losses: training stops, the last checkpoint is kept."""
 
+    exit_code = 3
+    """`setdiv train` exits with this code, so a scheduler can tell divergence from a crash."""
+
 
 class Trainer:
     """Builds model, data, loss and engine from `cfg`; `train()` runs to `train.epochs`."""
@@ -157,6 +160,13 @@ class Trainer:
     def train(self) -> TrainState:
         cfg, st = self.cfg, self.state
         per_epoch = self.reader.batches_per_epoch
+        log.info(
+            "training from step %d (epoch %d, batch %d) to step %d",
+            st.step,
+            st.epoch,
+            st.batch_in_epoch,
+            per_epoch * cfg.train.epochs,
+        )
         bar = tqdm(
             total=per_epoch * cfg.train.epochs,
             initial=st.step,

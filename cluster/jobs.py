@@ -1,0 +1,167 @@
+"""What runs on the allocated machines.
+
+`TrainJob` is the object submitit pickles for every task of a training job: one rank of
+`setdiv train`, reading its place in the job from the environment (`setdiv.distributed`).
+On a timeout or preemption warning submitit calls its `checkpoint()` on global rank 0, which
+requeues the same job with `--resume latest`.
+
+`run_child` runs a `setdiv` command (a Ray trial's training run, an evaluation) as a child in
+its own session, so that it and everything it starts (local ranks, data workers) can be
+stopped as one process group, and so that it dies with its parent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import submitit
+
+__all__ = ["TrainJob", "child_env", "kill_group", "run_child", "setdiv_command"]
+
+JOB_VARIABLE_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_", "TORCHELASTIC_")
+JOB_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+"""What a child must not inherit: it starts a job of its own (the same list submitit's
+`clean_env` hides at submission, plus torchrun's)."""
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One task of a submitted training job: `setdiv train CONFIG --run-dir RUN_DIR`."""
+
+    config: str
+    """The resolved config, written into the run directory at submission."""
+    run_dir: str
+    resume: str | None = None
+    """None for the first start; "latest" once requeued."""
+
+    def __call__(self) -> str:
+        from setdiv.train.launch import train
+
+        train(self.config, [], self.run_dir, self.resume)
+        return self.run_dir
+
+    def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on global rank 0 only, from its timeout / preemption signal
+        handler. It saves nothing: a DeepSpeed save needs every rank (saving here would
+        deadlock), and every rank already writes periodic checkpoints. It requeues this job,
+        resuming from the newest complete checkpoint."""
+        return submitit.helpers.DelayedSubmission(replace(self, resume="latest"))
+
+    def command(self) -> str:
+        """What every task runs, as the equivalent command line."""
+        resume = ["--resume", self.resume] if self.resume else []
+        return shlex.join(["setdiv", "train", self.config, "--run-dir", self.run_dir, *resume])
+
+
+def setdiv_command(*args: str) -> list[str]:
+    """`setdiv ARGS...` with this interpreter."""
+    return [sys.executable, "-m", "setdiv.cli", *args]
+
+
+def child_env(threads: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) without any job's rank / rendezvous
+    variables, so a child starts a job of its own; CUDA_VISIBLE_DEVICES (set by Ray or SLURM
+    for this worker) is kept. `threads` sets OMP_NUM_THREADS."""
+    env = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if not k.startswith(JOB_VARIABLE_PREFIXES) and k not in JOB_VARIABLES
+    }
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec: no Python locks
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def kill_group(pgid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM to a process group, SIGKILL to what is left after `grace_s`."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def run_child(
+    cmd: Sequence[str],
+    log: Path,
+    env: Mapping[str, str],
+    *,
+    cwd: str | Path | None = None,
+    poll: Callable[[], None] | None = None,
+    interval_s: float = 1.0,
+    record: Path | None = None,
+) -> int:
+    """Run `cmd` as the leader of a new session with stdout + stderr appended to `log`; call
+    `poll()` every `interval_s` while it runs and once after it ends. Returns its exit code.
+
+    However this returns (an exception from `poll`, a SystemExit from Ray stopping a trial),
+    the whole process group is stopped first; if this process dies, the leader gets SIGTERM
+    (and `setdiv train` passes it on to its ranks). `record` (a JSONL file) gets one line per
+    start and one per end, with the process group id.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 -- only a prctl call, no locks
+        )
+    _record(record, {"event": "start", "pgid": proc.pid, "argv": list(cmd)})
+    try:
+        while proc.poll() is None:
+            if poll is not None:
+                poll()
+            time.sleep(interval_s)
+        if poll is not None:
+            poll()
+        return proc.returncode
+    finally:
+        kill_group(proc.pid)
+        proc.wait()
+        _record(record, {"event": "end", "pgid": proc.pid, "exit": proc.returncode})
+
+
+def _record(path: Path | None, entry: dict) -> None:
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps({**entry, "time": time.time()}) + "\n")

@@ -1,0 +1,294 @@
+"""cluster/submit.py: the sbatch script for 4 nodes x 8 GPUs, submission through a fake
+sbatch (job id parsed, no SLURM_* / MASTER_* leaking), clear errors, and a 2-task job on
+submitit's local executor that is preempted, requeues itself and resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.jobs import TrainJob
+from setdiv import config as config_lib
+from setdiv.data.convert import synthetic_samples
+from setdiv.data.shards import write_shards
+from setdiv.data.vocab import Vocab
+
+ROOT = Path(__file__).parents[1]
+SUBMIT = str(ROOT / "cluster" / "submit.py")
+JOB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+CLEAN_ENV = {
+    k: v for k, v in os.environ.items() if k not in JOB_VARS and not k.startswith("SLURM_")
+}
+
+
+def submit(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, SUBMIT, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env or CLEAN_ENV,
+    )
+
+
+def test_dry_run_four_nodes_eight_gpus(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = submit(
+        # overrides before and after the options
+        "configs/demo.yaml",
+        "optim.lr=5e-4",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj",
+        "--time",
+        "600",
+        "--run-dir",
+        str(run),
+        "model.image_set.num_embeds=2",
+        "--dry-run",
+    )
+    assert r.returncode == 0, r.stderr
+    script, _, rest = r.stdout.partition("# every task runs:")
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",  # one task per GPU
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --signal=USR2@120",  # the warning before the time limit
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",  # a requeued job appends to its logs
+        "#SBATCH --time=600",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+    ):
+        assert line in script.splitlines(), line
+    assert f"srun --unbuffered --output {run}/slurm/%j/%j_%t_log.out" in script
+    assert "-m submitit.core._submit" in script
+    requeue = next(x for x in rest.splitlines() if x.startswith("# requeued"))
+    assert requeue.endswith(f"train {run}/config.yaml --run-dir {run} --resume latest")
+    resolved = rest.split("# resolved config", 1)[1].split("\n", 1)[1]
+    cfg = config_lib.load(["configs/demo.yaml"], ["optim.lr=5e-4", "model.image_set.num_embeds=2"])
+    assert resolved.strip() == config_lib.to_yaml(cfg).strip()
+    assert not run.exists()  # a dry run writes nothing
+
+
+def test_train_job_requeues_itself_with_resume_latest() -> None:
+    job = TrainJob("/runs/a/config.yaml", "/runs/a")
+    again = job.checkpoint()
+    assert again.function == TrainJob("/runs/a/config.yaml", "/runs/a", resume="latest")
+    assert again.args == () and again.kwargs == {}
+
+
+def fake_slurm(bin_dir: Path) -> Path:
+    """sbatch that records its arguments and environment and prints a job id; a dummy srun."""
+    bin_dir.mkdir()
+    record = bin_dir / "record"
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/bash\necho "$@" > {record}.args\nenv > {record}.env\n'
+        'echo "Submitted batch job 4242"\n'
+    )
+    (bin_dir / "srun").write_text("#!/bin/bash\nexit 0\n")
+    for f in ("sbatch", "srun"):
+        (bin_dir / f).chmod(0o755)
+    return record
+
+
+def test_submission_through_fake_sbatch_parses_the_job_id(tmp_path: Path) -> None:
+    record = fake_slurm(tmp_path / "bin")
+    run = tmp_path / "run"
+    inside_a_job = {  # submitting from inside a SLURM job step
+        **CLEAN_ENV,
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "77",
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "8",
+        "MASTER_ADDR": "node9",
+        "MASTER_PORT": "1234",
+        "RANK": "3",
+    }
+    r = submit("configs/demo.yaml", "--nodes", "2", "--run-dir", str(run), env=inside_a_job)
+    assert r.returncode == 0, r.stderr
+    assert "submitted job 4242" in r.stdout
+    assert f"logs: {run}/slurm/4242/4242_<task>_log.out" in r.stdout
+    assert f"run directory: {run}" in r.stdout
+    leaked = [
+        line
+        for line in (record.with_suffix(".env")).read_text().splitlines()
+        if line.startswith(("SLURM_", "MASTER_", "RANK="))
+    ]
+    assert leaked == []
+    submitted = Path(record.with_suffix(".args").read_text().split()[0])
+    assert "#SBATCH --nodes=2" in submitted.read_text() or (run / "slurm/4242").is_dir()
+    assert "#SBATCH --nodes=2" in (run / "slurm/4242/4242_submission.sh").read_text()
+    with open(run / "slurm/4242/4242_submitted.pkl", "rb") as f:
+        delayed = pickle.load(f)  # our own pickle, written a moment ago
+    assert delayed.function == TrainJob(str(run / "config.yaml"), str(run))
+    assert config_lib.load([run / "config.yaml"]) == config_lib.load(["configs/demo.yaml"])
+
+
+def test_clear_errors_before_anything_is_queued(tmp_path: Path) -> None:
+    r = submit("configs/demo.yaml", "--nodes", "2", "--run-dir", str(tmp_path / "a"))
+    assert r.returncode == 2
+    assert "'sbatch' is not on PATH" in r.stderr and "--local" in r.stderr
+    fake_slurm(tmp_path / "bin")
+    env = {**CLEAN_ENV, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    r = submit("configs/demo.yaml", "train.nope=1", "--run-dir", str(tmp_path / "b"), env=env)
+    assert r.returncode == 2 and "train.nope" in r.stderr
+    assert not (tmp_path / "b").exists()
+    # Paths missing here only warn: they may exist on the cluster's filesystem.
+    r = submit(
+        "configs/demo.yaml",
+        "data.train_shards=/cluster/fs/train-{000..009}.tar",
+        "model.text.glove_path=/cluster/fs/glove.txt",
+        "--run-dir",
+        str(tmp_path / "c"),
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "warning: config key 'data.train_shards'" in r.stderr
+    assert "warning: config key 'model.text.glove_path'" in r.stderr
+
+
+# --- the same job on submitit's local executor: preempted, requeued, resumed ------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cluster_data")
+    write_shards(synthetic_samples("train", 256, 0), root, "train", "regions", "synthetic", 64)
+    Vocab.build(c for s in synthetic_samples("train", 256, 0) for c in s.captions).save(
+        root / "vocab.json"
+    )
+    return root
+
+
+def train_overrides(data: Path) -> list[str]:
+    return [
+        f"model.text.vocab_path={data / 'vocab.json'}",
+        "model.text.vocab_size=null",
+        f"data.train_shards={data}/train-*.tar",
+        "data.batch_size=32",
+        "data.num_workers=1",
+        "train.epochs=3",
+        "train.log_every=1",
+        "train.ckpt_every=3",
+    ]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def last_step(run_dir: Path) -> int:
+    try:
+        return max(losses(run_dir), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def descendants(pid: int, depth: int = 99) -> list[int]:
+    """Live processes below `pid` down to `depth` levels, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, level = [], [pid]
+    for _ in range(depth):
+        level = [c for p in level for c in children.get(p, [])]
+        out += level
+    return out
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_local_executor_preempted_job_requeues_and_resumes(data: Path, tmp_path: Path) -> None:
+    overrides = train_overrides(data)
+    ref = subprocess.run(
+        [sys.executable, "-m", "setdiv.cli", "train", "configs/demo.yaml", *overrides]
+        + ["--run-dir", str(tmp_path / "ref"), "--nproc-per-node", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=CLEAN_ENV,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "job"
+    proc = subprocess.Popen(
+        [sys.executable, SUBMIT, "configs/demo.yaml", *overrides]
+        + ["--local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1"]
+        + ["--time", "10", "--run-dir", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=CLEAN_ENV,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 200
+        while time.time() < deadline and proc.poll() is None and last_step(run) < 8:
+            time.sleep(0.05)
+        (controller,) = descendants(proc.pid, depth=1)
+        signalled = descendants(controller)  # the tasks and their data workers
+        assert 8 <= last_step(run) < 24 and len(signalled) >= 2, "not preempted mid-run"
+        for pid in signalled:  # what SLURM does on preemption: USR2 to the job step
+            with contextlib.suppress(ProcessLookupError):  # a data worker ending its epoch
+                os.kill(pid, signal.SIGUSR2)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "finished: FINISHED" in out
+
+    log = next((run / "slurm").glob("*/*_0_log.err")).read_text()
+    starts = [
+        line.split("training from step ")[1] for line in log.splitlines() if "training from" in line
+    ]
+    assert len(starts) == 2, log[-3000:]
+    assert starts[0].startswith("0 (epoch 0, batch 0)")
+    resumed_at = int(starts[1].split()[0])
+    assert resumed_at in (6, 9, 12, 15, 18, 21)  # a checkpoint step, not 0
+    assert "Calling checkpoint method" in log and "Requeued job" in log
+
+    a, b = losses(tmp_path / "ref"), losses(run)
+    assert sorted(b) == sorted(a) == list(range(1, 25))  # same final step count
+    assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # and the same run, exactly
+    time.sleep(1)
+    assert processes_mentioning(str(run)) == []  # no task, worker or controller left behind
