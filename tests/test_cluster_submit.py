@@ -15,19 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_helpers import CLEAN_ENV, ROOT, processes_mentioning, tiny_overrides, write_data
 
 from cluster.jobs import TrainJob
 from setdiv import config as config_lib
-from setdiv.data.convert import synthetic_samples
-from setdiv.data.shards import write_shards
-from setdiv.data.vocab import Vocab
 
-ROOT = Path(__file__).parents[1]
 SUBMIT = str(ROOT / "cluster" / "submit.py")
-JOB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-CLEAN_ENV = {
-    k: v for k, v in os.environ.items() if k not in JOB_VARS and not k.startswith("SLURM_")
-}
 
 
 def submit(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -168,25 +161,7 @@ def test_clear_errors_before_anything_is_queued(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cluster_data")
-    write_shards(synthetic_samples("train", 256, 0), root, "train", "regions", "synthetic", 64)
-    Vocab.build(c for s in synthetic_samples("train", 256, 0) for c in s.captions).save(
-        root / "vocab.json"
-    )
-    return root
-
-
-def train_overrides(data: Path) -> list[str]:
-    return [
-        f"model.text.vocab_path={data / 'vocab.json'}",
-        "model.text.vocab_size=null",
-        f"data.train_shards={data}/train-*.tar",
-        "data.batch_size=32",
-        "data.num_workers=1",
-        "train.epochs=3",
-        "train.log_every=1",
-        "train.ckpt_every=3",
-    ]
+    return write_data(tmp_path_factory.mktemp("cluster_data"))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -221,22 +196,11 @@ def descendants(pid: int, depth: int = 99) -> list[int]:
     return out
 
 
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().decode(errors="replace"):
-                pids.append(int(cmdline.parent.name))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return [p for p in pids if p != os.getpid()]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_local_executor_preempted_job_requeues_and_resumes(data: Path, tmp_path: Path) -> None:
-    overrides = train_overrides(data)
+    overrides = [*tiny_overrides(data, epochs=3), "train.ckpt_every=3"]
     ref = subprocess.run(
         [sys.executable, "-m", "setdiv.cli", "train", "configs/demo.yaml", *overrides]
         + ["--run-dir", str(tmp_path / "ref"), "--nproc-per-node", "2"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import time
 import tracemalloc
@@ -396,3 +398,58 @@ def test_eval_reader_ranks_take_contiguous_slices(tmp_path: Path) -> None:
     ]
     assert [len(p) for p in parts] == [16, 16, 15]
     assert parts[0] + parts[1] + parts[2] == [f"test{i:07d}" for i in range(47)]
+
+
+_SIGNAL_SCRIPT = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from setdiv.data.reader import SampleOptions, TrainReader
+from test_data import SYNTH_TOK
+
+out = Path(sys.argv[2])
+main_pid = os.getpid()
+signal.signal(signal.SIGUSR2, lambda *_: open(out, "a").write(f"{os.getpid()}\\n"))
+
+def children():
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == main_pid:
+                pids.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+    return pids
+
+done = threading.Event()
+def storm():  # what a launcher does on preemption: USR2 to every process of the job step
+    while not done.is_set():
+        for pid in [main_pid, *children()]:
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.002)
+
+threading.Thread(target=storm, daemon=True).start()
+reader = TrainReader(sys.argv[1], SampleOptions("regions", SYNTH_TOK, train=True), 8, 0, 1,
+                     num_workers=2, shuffle_buffer=20)
+n = sum(1 for e in range(4) for _ in reader.epoch(e))
+done.set()
+print(n, main_pid)
+"""
+
+
+def test_requeue_signals_reach_the_rank_never_its_data_workers(tmp_path: Path) -> None:
+    """Workers are forked with USR2 blocked and drop it before unblocking: a signal storm over
+    every process of the rank, across worker start-ups, only ever runs the rank's handler."""
+    make_synth(tmp_path, 160, 20)
+    (tmp_path / "script.py").write_text(_SIGNAL_SCRIPT)
+    r = subprocess.run(
+        [sys.executable, tmp_path / "script.py", f"{tmp_path}/train-*.tar", tmp_path / "h"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    batches, rank_pid = r.stdout.split()
+    assert int(batches) == 4 * 20  # every batch of 4 epochs, nothing lost to a signal
+    assert set((tmp_path / "h").read_text().split()) == {rank_pid}  # the rank's handler only

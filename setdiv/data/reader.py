@@ -366,13 +366,29 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+_JOB_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+
+
 def _worker_signals(_worker_id: int) -> None:
     """Data workers are forked from their rank and would inherit its signal handlers (a
     launcher's requeue handler on USR1/USR2, a SIGTERM that is only logged): a requeue signal
-    sent to the whole job step is the rank's business, and SIGTERM must end a worker."""
+    sent to the whole job step is the rank's business, and SIGTERM must end a worker. The
+    rank forks with these signals blocked (`_start_workers`); one that arrived in between is
+    discarded here."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _JOB_SIGNALS)
+
+
+def _start_workers(loader: DataLoader) -> Iterator[Any]:
+    """`iter(loader)` with the job signals blocked while the workers are forked, so none runs
+    an inherited handler before `_worker_signals`; the rank gets any held back right after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _JOB_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class TrainReader:
@@ -454,7 +470,7 @@ class TrainReader:
                 prefetch_factor=4 if self.num_workers else None,
                 worker_init_fn=_worker_signals,
             )
-            for chunk in loader:
+            for chunk in _start_workers(loader):
                 yield from chunk
         raise RuntimeError("training reader could not fill an epoch: the shards are mostly corrupt")
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -263,6 +264,14 @@ class Trainer:
             result = gather_and_score(enc, self.similarity, self.cfg.data.eval_batch_size, protocol)
             if result is None:  # not rank 0
                 return 0.0
+            bad = int((~np.isfinite(result.sims)).sum())
+            if bad:  # a diverged model: never a good score, never `best`
+                log.warning(
+                    "validation: %d of %d scores are not finite; val_rsum recorded as NaN",
+                    bad,
+                    result.sims.size,
+                )
+                return float("nan")
             return result.metrics[full_set_key(protocol, len(result.image_ids))]["rsum"]
 
         rsum_value = broadcast_float(on_all_ranks(score, "validation"))
@@ -287,7 +296,8 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     """Consolidated fp32 weights of a run's checkpoint (default `latest`) -> `RUN/export/`."""
     run_dir = Path(run_dir)
     cfg = config_lib.load([run_dir / "config.yaml"])
-    tag = tag or checkpoint.latest_tag(run_dir)
+    if tag in (None, "latest"):  # the pointer to the newest complete checkpoint
+        tag = checkpoint.latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
     state = ds.consolidated_state_dict(run_dir / "checkpoints", tag)

@@ -1,0 +1,358 @@
+"""Hyper-parameter sweeps with Ray Tune: every trial is one `setdiv train` run over dotted
+config keys, scored by its per-epoch validation RSUM (`val_rsum`).
+
+    python cluster/sweep.py configs/roi_bigru.yaml data.val_shards='shards/dev-*.tar' \\
+        --space model.image_set.num_embeds=1,2,4,8 --space model.image_set.num_iters=int:1:6 \\
+        --space similarity.alpha=log:4:64 \\
+        --tie model.text_set.num_embeds=model.image_set.num_embeds \\
+        --samples 16 --gpus-per-trial 1 --storage /shared/sweeps --name k_t_alpha
+
+--space KEY=SPEC (repeatable):
+    KEY=v1,v2,v3        a choice among the values (each sample draws one); one value: fixed
+    KEY=grid:v1,v2      every value, each --samples times (a grid search)
+    KEY=int:LO:HI       an integer, uniform in [LO, HI] (both ends included)
+    KEY=uniform:LO:HI   a float, uniform in [LO, HI]
+    KEY=log:LO:HI       a float, log-uniform in [LO, HI]
+--tie KEY=SOURCE: KEY takes SOURCE's sampled value (e.g. the text set size follows the image
+set size), unless KEY is sampled itself.
+
+ASHA (default) stops poor trials after each epoch and the trial's whole process group with
+them; a crashed trial is retried (--max-failures) and resumes from its newest checkpoint; a
+trial that diverges (non-finite losses or val_rsum) fails and is never the best. Re-running the
+same command on an existing sweep directory resumes it. At the end: a table (printed and
+STORAGE/NAME/results.csv) and the best configuration as a YAML delta (STORAGE/NAME/best.yaml)
+that `setdiv train` and cluster/submit.py accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from cluster.ray_cluster import add_arguments as add_ray_arguments
+from cluster.ray_cluster import ray_session
+from cluster.trials import NONFINITE_MARK, TrialSpec, overrides_for, run_trial, val_records
+from setdiv import config as config_lib
+
+__all__ = ["Row", "build_parser", "main", "parse_space", "results_table", "write_best"]
+
+INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cluster/sweep.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="base YAML config (a delta over the defaults)")
+    p.add_argument("overrides", nargs="*", help="fixed dotted overrides, e.g. train.epochs=20")
+    p.add_argument("--space", action="append", default=[], required=True, help="KEY=SPEC")
+    p.add_argument("--tie", action="append", default=[], help="KEY=SOURCE")
+    p.add_argument("--samples", type=int, default=8, help="trials (grid: repeats of the grid)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    p.add_argument("--grace-epochs", type=int, default=1, help="ASHA: epochs before a stop")
+    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1 of this many")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial")
+    p.add_argument("--cpus-per-trial", type=int, default=1)
+    p.add_argument("--gpus-per-trial", type=int, default=0)
+    p.add_argument("--nproc-per-trial", type=int, default=1, help="ranks per trial")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling of the space")
+    p.add_argument("--storage", default="sweeps", help="sweep directories live here (shared FS)")
+    p.add_argument("--name", default=None, help="sweep name (default: CONFIG-sweep)")
+    add_ray_arguments(p)
+    return p
+
+
+# --- the search space --------------------------------------------------------------------------
+
+
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "null": None}.get(text.lower(), text)
+
+
+@dataclass
+class Dimension:
+    key: str
+    kind: str
+    """choice | grid | int | uniform | log"""
+    values: list[Any] = field(default_factory=list)
+    """choice / grid: the values; ranges: [LO, HI]."""
+
+    def domain(self) -> Any:
+        from ray import tune
+
+        lo, hi = (self.values + [None, None])[:2]
+        return {
+            "choice": lambda: tune.choice(self.values),
+            "grid": lambda: tune.grid_search(self.values),
+            "int": lambda: tune.randint(lo, hi + 1),
+            "uniform": lambda: tune.uniform(lo, hi),
+            "log": lambda: tune.loguniform(lo, hi),
+        }[self.kind]()
+
+
+def parse_space(spec: str) -> Dimension:
+    """One --space argument: `model.image_set.num_embeds=1,2,4`, `similarity.alpha=log:4:64`."""
+    key, sep, body = spec.partition("=")
+    if not sep or not key or not body:
+        raise ValueError(f"--space {spec!r}: expected KEY=SPEC")
+    kind, colon, rest = body.partition(":")
+    if colon and kind in ("int", "uniform", "log"):
+        parts = rest.split(":")
+        cast = int if kind == "int" else float
+        try:
+            lo, hi = (cast(x) for x in parts)
+        except ValueError:
+            raise ValueError(f"--space {spec!r}: expected {kind}:LO:HI") from None
+        if not lo < hi or (kind == "log" and lo <= 0):
+            raise ValueError(f"--space {spec!r}: need LO < HI" + (" and LO > 0" * (kind == "log")))
+        return Dimension(key, kind, [lo, hi])
+    if colon and kind == "grid":
+        return Dimension(key, "grid", [_scalar(v) for v in rest.split(",")])
+    return Dimension(key, "choice", [_scalar(v) for v in body.split(",")])
+
+
+def _validate(args: argparse.Namespace, dims: list[Dimension], ties: list[tuple[str, str]]) -> int:
+    """Every sampled value must fit the config schema; returns train.epochs."""
+    base = config_lib.load([args.config], args.overrides)
+    if base.data.val_shards is None:
+        raise ValueError("a sweep scores trials by val_rsum: set data.val_shards")
+    for dim in dims:
+        for value in dim.values:
+            config_lib.load([args.config], [*args.overrides, f"{dim.key}={json.dumps(value)}"])
+    sampled = {d.key: d for d in dims}
+    for key, source in ties:
+        if source not in sampled:
+            raise ValueError(f"--tie {key}={source}: {source} is not in the --space")
+        if key in sampled:
+            print(f"note: --tie {key}={source} ignored, {key} is sampled itself", file=sys.stderr)
+        for value in sampled[source].values:
+            config_lib.load([args.config], [*args.overrides, f"{key}={json.dumps(value)}"])
+    return base.train.epochs
+
+
+# --- the results -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    trial_id: str
+    values: dict[str, Any]
+    best: float
+    last: float
+    epochs: int
+    status: str
+    """completed | stopped early | non-finite | error | unfinished"""
+    run_dir: str
+
+
+def _row(trial: Any, runs_dir: Path, ties: tuple[tuple[str, str], ...], epochs: int) -> Row:
+    """A trial's line of the table, from Tune's record of it and its run's metrics.jsonl."""
+    run_dir = runs_dir / trial.trial_id
+    values = overrides_for(trial.config, ties)
+    scores = [r["val_rsum"] for r in val_records(run_dir / "metrics.jsonl")]
+    finite = [s for s in scores if math.isfinite(s)]
+    if (run_dir / NONFINITE_MARK).is_file() or len(finite) < len(scores):
+        status = "non-finite"
+    elif trial.status == "ERROR":
+        status = "error"
+    elif trial.status != "TERMINATED":  # PENDING / RUNNING / PAUSED when interrupted
+        status = "unfinished"
+    else:
+        status = "completed" if len(scores) >= epochs else "stopped early"
+    last = scores[-1] if scores else math.nan
+    best = max(finite, default=math.nan)
+    return Row(trial.trial_id, values, best, last, len(scores), status, str(run_dir))
+
+
+def results_table(rows: list[Row]) -> str:
+    keys = sorted({k for r in rows for k in r.values})
+    head = ["trial", *keys, "best_val_rsum", "last_val_rsum", "epochs", "status"]
+    body = [
+        [r.trial_id, *(str(r.values.get(k, "")) for k in keys), f"{r.best:.2f}", f"{r.last:.2f}"]
+        + [str(r.epochs), r.status]
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    return "\n".join(
+        "  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *body]
+    )
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    keys = sorted({k for r in rows for k in r.values})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["trial_id", *keys, "best_val_rsum", "last_val_rsum", "epochs", "status", "run_dir"]
+        )
+        for r in rows:
+            w.writerow(
+                [
+                    r.trial_id,
+                    *(r.values.get(k, "") for k in keys),
+                    r.best,
+                    r.last,
+                    r.epochs,
+                    r.status,
+                    r.run_dir,
+                ]
+            )
+
+
+def best_row(rows: list[Row]) -> Row | None:
+    """The best finished trial by its best val_rsum; failed and unfinished trials never win."""
+    ok = [r for r in rows if r.status in ("completed", "stopped early") and math.isfinite(r.best)]
+    return max(ok, key=lambda r: r.best, default=None)
+
+
+def write_best(config: str, overrides: list[str], row: Row, path: Path) -> None:
+    """The base YAML + fixed overrides + the trial's values, as one YAML delta."""
+    dotlist = [*overrides, *(f"{k}={json.dumps(v)}" for k, v in row.values.items())]
+    delta = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist(dotlist))
+    header = (
+        f"# best trial {row.trial_id}: val_rsum {row.best:.2f} "
+        f"({row.status}, {row.epochs} epochs)\n"
+        f"# run: {row.run_dir}\n# base: {config} {' '.join(overrides)}\n"
+    )
+    path.write_text(header + OmegaConf.to_yaml(delta))
+    config_lib.load([path])  # what we hand out must load
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def _tuner(
+    args: argparse.Namespace, dims: list[Dimension], spec: TrialSpec, exp_dir: Path, epochs: int
+) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+    )
+    if tune.Tuner.can_restore(str(exp_dir)):
+        print(f"resuming the sweep in {exp_dir}")
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    scheduler = None
+    if args.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=args.grace_epochs,
+            reduction_factor=args.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space={d.key: d.domain() for d in dims},
+        tune_config=tune.TuneConfig(
+            metric="val_rsum",
+            mode="max",
+            num_samples=args.samples,
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=args.seed),
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=exp_dir.name,
+            storage_path=str(exp_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )
+
+
+def _same_command(args: argparse.Namespace, exp_dir: Path) -> None:
+    """A sweep directory belongs to one command: resuming with another would mix trials."""
+    command = {k: v for k, v in vars(args).items() if k not in ("address", "num_cpus", "num_gpus")}
+    saved = exp_dir / "sweep.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        if before != command:
+            changed = sorted(k for k in command if before.get(k) != command[k])
+            raise ValueError(
+                f"{exp_dir} holds a sweep started with other arguments "
+                f"({', '.join(changed)}): re-run it as it was, or use another --name"
+            )
+    else:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(command, indent=1))
+
+
+def sweep(args: argparse.Namespace) -> int:
+    if min(args.samples, args.cpus_per_trial, args.nproc_per_trial) < 1 or args.gpus_per_trial < 0:
+        raise ValueError("--samples, --cpus-per-trial, --nproc-per-trial must be >= 1")
+    dims = [parse_space(s) for s in args.space]
+    ties = [tuple(t.split("=", 1)) for t in args.tie]
+    if any(len(t) != 2 for t in ties):
+        raise ValueError("--tie expects KEY=SOURCE")
+    epochs = _validate(args, dims, ties)
+    args.config = str(Path(args.config).resolve())
+    exp_dir = Path(args.storage).resolve() / (args.name or f"{Path(args.config).stem}-sweep")
+    _same_command(args, exp_dir)
+    spec = TrialSpec(
+        config=args.config,
+        overrides=tuple(args.overrides),
+        runs_dir=str(exp_dir / "runs"),
+        cwd=os.getcwd(),
+        ties=tuple(ties),
+        nproc=args.nproc_per_trial,
+        threads=max(args.cpus_per_trial // args.nproc_per_trial, 1),
+        epochs=epochs,
+    )
+    import ray
+    from ray import tune
+
+    with ray_session(args.address, args.num_cpus, args.num_gpus):
+        if args.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0) > 0:
+            print("warning: the Ray cluster has GPUs but --gpus-per-trial is 0", file=sys.stderr)
+        _tuner(args, dims, spec, exp_dir, epochs).fit()
+    trials = tune.ExperimentAnalysis(str(exp_dir)).trials  # every trial, started or not
+    rows = [_row(t, exp_dir / "runs", spec.ties, epochs) for t in trials]
+    print(results_table(rows))
+    write_csv(rows, exp_dir / "results.csv")
+    print(f"wrote {exp_dir / 'results.csv'}")
+    best = best_row(rows)
+    if best is not None:
+        write_best(args.config, args.overrides, best, exp_dir / "best.yaml")
+        print(f"best: trial {best.trial_id}, val_rsum {best.best:.2f} -> {exp_dir / 'best.yaml'}")
+    unfinished = sum(r.status == "unfinished" for r in rows)
+    if unfinished:
+        print(
+            f"sweep interrupted with {unfinished} trial(s) unfinished: "
+            "re-run the same command to resume it"
+        )
+        return INTERRUPTED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        return sweep(args)
+    except (config_lib.ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"cluster/sweep.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
