@@ -12,7 +12,6 @@ stopped as one process group, and so that it dies with its parent.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shlex
@@ -25,6 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import submitit
+
+from setdiv.distributed import die_with_parent
 
 __all__ = ["TrainJob", "child_env", "kill_group", "run_child", "setdiv_command"]
 
@@ -91,15 +92,6 @@ def child_env(threads: int | None = None, base: Mapping[str, str] | None = None)
     return env
 
 
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec: no Python locks
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def kill_group(pgid: int, grace_s: float = 10.0) -> None:
     """SIGTERM to a process group, SIGKILL to what is left after `grace_s`."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
@@ -144,7 +136,7 @@ def run_child(
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 -- only a prctl call, no locks
+            preexec_fn=die_with_parent,  # SIGTERM when this thread ends; only a prctl call
         )
     _record(record, {"event": "start", "pgid": proc.pid, "argv": list(cmd)})
     try:

@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (a delta over the defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4")
     p.add_argument("--nodes", type=int, default=1, help="nodes to allocate")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0: CPU job)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node, 0 for a CPU job (default: 8; with --local: this machine's GPUs)",
+    )
     p.add_argument(
         "--tasks-per-node",
         type=int,
@@ -114,6 +119,12 @@ def sbatch_script(params: dict[str, Any], folder: Path) -> str:
     return _make_sbatch_string(command=command, folder=folder, **native)
 
 
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _warn_missing_paths(cfg: config_lib.Config) -> None:
     from setdiv.data.reader import ShardSet
 
@@ -173,6 +184,8 @@ def _executor(args: argparse.Namespace, params: dict[str, Any], folder: Path) ->
 
 
 def submit(args: argparse.Namespace) -> int:
+    if args.gpus_per_node is None:
+        args.gpus_per_node = _local_gpus() if args.local else 8
     _check(args)
     cfg = config_lib.load([args.config], args.overrides)  # unknown keys fail before queueing
     _warn_missing_paths(cfg)

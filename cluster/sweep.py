@@ -181,39 +181,32 @@ def _row(trial: Any, runs_dir: Path, ties: tuple[tuple[str, str], ...], epochs: 
     return Row(trial.trial_id, values, best, last, len(scores), status, str(run_dir))
 
 
-def results_table(rows: list[Row]) -> str:
+def _columns(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
     keys = sorted({k for r in rows for k in r.values})
-    head = ["trial", *keys, "best_val_rsum", "last_val_rsum", "epochs", "status"]
+    head = ["trial_id", *keys, "best_val_rsum", "last_val_rsum", "epochs", "status", "run_dir"]
     body = [
-        [r.trial_id, *(str(r.values.get(k, "")) for k in keys), f"{r.best:.2f}", f"{r.last:.2f}"]
-        + [str(r.epochs), r.status]
+        [r.trial_id, *(r.values.get(k, "") for k in keys), r.best, r.last, r.epochs, r.status]
+        + [r.run_dir]
         for r in rows
     ]
-    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-    return "\n".join(
-        "  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *body]
-    )
+    return head, body
+
+
+def results_table(rows: list[Row]) -> str:
+    """The CSV's columns but the run directory, aligned for a terminal."""
+    head, body = _columns(rows)
+    scores = {head.index("best_val_rsum"), head.index("last_val_rsum")}
+    cells = [head[:-1]] + [
+        [f"{x:.2f}" if i in scores else str(x) for i, x in enumerate(line[:-1])] for line in body
+    ]
+    widths = [max(len(x) for x in col) for col in zip(*cells, strict=True)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)) for c in cells)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    keys = sorted({k for r in rows for k in r.values})
+    head, body = _columns(rows)
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["trial_id", *keys, "best_val_rsum", "last_val_rsum", "epochs", "status", "run_dir"]
-        )
-        for r in rows:
-            w.writerow(
-                [
-                    r.trial_id,
-                    *(r.values.get(k, "") for k in keys),
-                    r.best,
-                    r.last,
-                    r.epochs,
-                    r.status,
-                    r.run_dir,
-                ]
-            )
+        csv.writer(f).writerows([head, *body])
 
 
 def best_row(rows: list[Row]) -> Row | None:

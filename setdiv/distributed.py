@@ -19,11 +19,12 @@ eval, the demo and the cluster jobs all go through these.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import socket
-import threading
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ __all__ = [
     "all_gather_with_grad",
     "all_reduce_sum",
     "broadcast_float",
+    "die_with_parent",
     "expand_hostlist",
     "free_port",
     "is_initialized",
@@ -67,7 +69,7 @@ class Job:
     local_rank: int
     master_addr: str = "127.0.0.1"
     master_port: int = 0
-    """0 for a single process (no rendezvous needed)."""
+    """0: none known (a single process needs no rendezvous)."""
     launcher: str = "single"
     """spawn/torchrun | slurm | submitit-local | single"""
 
@@ -122,8 +124,6 @@ def job_from_env(env: Mapping[str, str] | None = None) -> Job:
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world, launcher = _int(env, "RANK"), _int(env, "WORLD_SIZE"), "spawn/torchrun"
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
-        if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
-            raise ValueError("a multi-process job needs MASTER_ADDR and MASTER_PORT set")
         addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "0")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world, launcher = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), "slurm"
@@ -159,6 +159,11 @@ def process_group(job: Job | None = None) -> Iterator[Job]:
     is made current, RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* are exported (DeepSpeed reads
     them), and on exit the group is destroyed and the environment restored."""
     job = job or job_from_env()
+    if job.world_size > 1 and not job.master_port:
+        raise ValueError(
+            f"rank {job.rank} of {job.world_size} ({job.launcher}): set MASTER_ADDR and "
+            "MASTER_PORT so the ranks can meet"
+        )
     device = pick_device(job)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -210,9 +215,30 @@ class PeerFailedError(RuntimeError):
     """Raised on the ranks whose peer failed first (see `on_all_ranks`)."""
 
 
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send `sig` to this process when the thread that started it ends, even
+    if its parent is killed outright (Linux; a no-op elsewhere). Safe between fork and exec:
+    no Python locks are taken."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
 def _spawned(
-    local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple, errors: Any
+    local_rank: int,
+    fn: Callable[..., Any],
+    nprocs: int,
+    port: int,
+    args: tuple,
+    errors: Any,
+    launcher: int,
 ) -> None:
+    die_with_parent(signal.SIGTERM)  # a rank never outlives the process that spawned it
+    if os.getppid() != launcher:  # it died before we asked
+        raise SystemExit(1)
     os.environ.update(
         RANK=str(local_rank),
         WORLD_SIZE=str(nprocs),
@@ -240,21 +266,11 @@ def spawn_local(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
     """Run `fn(*args)` in `nprocs` new processes forming one job on this machine (a free
     port, ranks 0..nprocs-1 in RANK / WORLD_SIZE / LOCAL_RANK); `fn` joins it with
     `process_group()`. If a rank fails, the others are stopped and the rank's own exception is
-    raised here (chained to torch's report, which holds the rank's traceback). SIGTERM / SIGINT
-    to this process stop every rank too, so none is left behind."""
+    raised here (chained to torch's report, which holds the rank's traceback). The ranks die
+    with this process, however it ends (SIGTERM, SIGKILL), so none is left behind."""
     errors = mp.get_context("spawn").SimpleQueue()
-    ctx = mp.start_processes(
-        _spawned, args=(fn, nprocs, free_port(), args, errors), nprocs=nprocs, join=False
-    )
-
-    def stop(signum: int, _frame: Any) -> None:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-        raise SystemExit(128 + signum)
-
-    main = threading.current_thread() is threading.main_thread()  # handlers: main thread only
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    job = (fn, nprocs, free_port(), args, errors, os.getpid())
+    ctx = mp.start_processes(_spawned, args=job, nprocs=nprocs, join=False)
     try:
         while not ctx.join():
             pass
@@ -264,8 +280,6 @@ def spawn_local(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
             raise
         raise own from exc
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()

@@ -185,3 +185,35 @@ def test_sweep_retries_a_crash_fails_divergence_and_resumes(tmp_path: Path) -> N
     ]
     assert wait_groups_gone(pgids) == []
     assert processes_mentioning(str(exp)) == []
+
+
+def test_nonfinite_validation_fails_the_trial_and_never_wins(tmp_path: Path) -> None:
+    """A run whose validation is NaN (as a diverged model's metrics may report it, even as
+    RSUM 600) is failed by the trial before anything reaches Tune, and is never the best."""
+    from types import SimpleNamespace
+
+    from cluster.sweep import _row, best_row
+    from cluster.trials import NONFINITE_MARK, NonFiniteTrialError, _Reporter
+
+    runs = tmp_path / "runs"
+    for name, scores in (("good", [100.0, 120.0]), ("nan", [150.0, float("nan")])):
+        (runs / name).mkdir(parents=True)
+        lines = [
+            json.dumps({"step": 8 * (e + 1), "epoch": e + 1, "val_rsum": v})
+            for e, v in enumerate(scores)
+        ]
+        (runs / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    reporter = _Reporter(runs / "nan", reported=1, last_epoch=2)
+    with pytest.raises(NonFiniteTrialError, match="val_rsum nan at epoch 2"):
+        reporter.poll(ended=True)  # epoch 1 already reported: only epoch 2 is read
+    assert (runs / "nan" / NONFINITE_MARK).is_file()
+
+    def trial(name: str) -> SimpleNamespace:
+        return SimpleNamespace(trial_id=name, config={"optim.lr": 1e-3}, status="TERMINATED")
+
+    rows = [_row(trial(n), runs, (), epochs=2) for n in ("good", "nan")]
+    assert [(r.status, r.best, r.epochs) for r in rows] == [
+        ("completed", 120.0, 2),
+        ("non-finite", 150.0, 2),
+    ]
+    assert best_row(rows).trial_id == "good"  # 150 was a diverged run's: not eligible

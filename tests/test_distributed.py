@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 from setdiv import similarity
 from setdiv.config import LossConfig
-from setdiv.distributed import all_gather_rows, free_port, job_from_env, on_all_ranks
+from setdiv.distributed import (
+    all_gather_rows,
+    free_port,
+    job_from_env,
+    on_all_ranks,
+    process_group,
+)
 from setdiv.losses import build_loss
 from setdiv.model.set_modules import SetOutput
 
@@ -74,7 +80,9 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
             failure = "own"
         except RuntimeError as exc:
             failure = str(exc)
-        queue.put((rank, values, grads, rows.shape, failure))
+        # numpy, pickled by value: a tensor would travel as a shared-memory handle that dies
+        # with this process if the parent reads it late
+        queue.put((rank, values.numpy(), [g.numpy() for g in grads], rows.shape, failure))
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 -- report to the parent instead of hanging it
         queue.put((rank, traceback.format_exc(), None, None, None))
@@ -99,11 +107,13 @@ def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
     whole = torch.stack([t.detach() for t in terms.values()])
     for rank in range(2):
         values, grads, shape, failure = results[rank]
-        torch.testing.assert_close(values, whole)
+        torch.testing.assert_close(torch.from_numpy(values), whole)
         for i, (local, full) in enumerate(zip(grads, leaves, strict=True)):
             n = local.shape[0]
             expected = full.grad[rank * n : (rank + 1) * n]
-            torch.testing.assert_close(local, expected, msg=lambda m, i=i: f"leaf {i}: {m}")
+            torch.testing.assert_close(
+                torch.from_numpy(local), expected, msg=lambda m, i=i: f"leaf {i}: {m}"
+            )
         assert shape == (2, 4)
     assert results[1][3] == "own" and "failed on another rank" in results[0][3]
 
@@ -160,8 +170,9 @@ def test_explicit_variables_win_and_bad_ones_fail() -> None:
     )
     with pytest.raises(ValueError, match="rank 4 outside world of size 4"):
         job_from_env({**torchrun, "RANK": "4"})
-    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT"):
-        job_from_env({"RANK": "0", "WORLD_SIZE": "2"})
+    no_rendezvous = process_group(job_from_env({"RANK": "0", "WORLD_SIZE": "2"}))
+    with pytest.raises(ValueError, match="set MASTER_ADDR and MASTER_PORT"), no_rendezvous:
+        pass
     with pytest.raises(ValueError, match="SLURM_PROCID='x'"):
         job_from_env({**env, "SLURM_PROCID": "x"})
 
@@ -239,7 +250,7 @@ def test_spawn_local_forms_one_job_and_a_failure_stops_every_rank(tmp_path: Path
     assert not any(_alive(p) for p in pids)
 
 
-def test_sigterm_to_the_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
+def test_killing_the_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
     import signal
     import subprocess
     import sys
@@ -261,8 +272,8 @@ def test_sigterm_to_the_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
         time.sleep(0.1)
     pids = [int(p.read_text()) for p in tmp_path.glob("pid*")]
     assert len(pids) == 2
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    proc.send_signal(signal.SIGKILL)  # no handler, no finally: the kernel tells the ranks
+    assert proc.wait(timeout=30) == -signal.SIGKILL
     deadline = time.time() + 10
     while time.time() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)

@@ -300,3 +300,41 @@ def test_resume_with_nothing_starts_fresh(data: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no checkpoint" in r.stderr and "starting fresh" in r.stderr
     assert (tmp_path / "fresh/checkpoints/latest").read_text() == "step00000004"
+
+
+def test_nonfinite_validation_scores_are_nan_never_best(data: Path, tmp_path: Path) -> None:
+    """Validation of a model whose scores are not finite records val_rsum NaN (whatever the
+    metrics would make of such a matrix) and never writes the `best` checkpoint."""
+    run = tmp_path / "nanval"
+    code = (
+        "import sys, numpy as np\n"
+        "from setdiv.train import trainer\n"
+        "orig = trainer.gather_and_score\n"
+        "def nan_scores(*args, **kwargs):\n"
+        "    result = orig(*args, **kwargs)\n"
+        "    if result is not None:\n"
+        "        result.sims[:, ::7] = np.nan\n"
+        "    return result\n"
+        "trainer.gather_and_score = nan_scores\n"
+        "from setdiv import cli\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    args = base_args(
+        data,
+        "train.epochs=1",
+        "data.batch_size=64",
+        "data.num_workers=1",
+        f"data.val_shards={data}/val-*.tar",
+        "data.eval_batch_size=32",
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, "train", *args, "--run-dir", str(run)],
+        capture_output=True, text=True, timeout=400, cwd=ROOT, env=CLEAN_ENV,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "scores are not finite; val_rsum recorded as NaN" in r.stderr
+    val = [
+        json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_rsum" in x
+    ]
+    assert len(val) == 1 and np.isnan(val[0]["val_rsum"])
+    assert not (run / "checkpoints" / "best").exists()

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from setdiv.config import DataConfig
 from setdiv.data.shards import CAPTIONS_PER_IMAGE, ShardIndex, ShardInfo, index_path, sha256_file
 from setdiv.data.text import Tokenizer, word_dropout
+from setdiv.distributed import die_with_parent
 
 __all__ = [
     "Batch",
@@ -374,7 +375,9 @@ def _worker_signals(_worker_id: int) -> None:
     launcher's requeue handler on USR1/USR2, a SIGTERM that is only logged): a requeue signal
     sent to the whole job step is the rank's business, and SIGTERM must end a worker. The
     rank forks with these signals blocked (`_start_workers`); one that arrived in between is
-    discarded here."""
+    discarded here. A worker never outlives its rank (an orphan would block for ever on its
+    full result pipe)."""
+    die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
