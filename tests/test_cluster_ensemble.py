@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster_helpers import (
+from run_helpers import (
     RAY_ENV,
     ROOT,
     launches,

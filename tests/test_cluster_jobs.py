@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import (
+from run_helpers import (
     CLEAN_ENV,
     ROOT,
     group_alive,

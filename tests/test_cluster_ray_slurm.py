@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster_helpers import CLEAN_ENV, ROOT
+from run_helpers import CLEAN_ENV, ROOT
 
 SCRIPT = ROOT / "cluster" / "ray_slurm.sbatch"
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import (
+from run_helpers import (
     RAY_ENV,
     ROOT,
     launches,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import last_step, losses
 
 from setdiv import cli
 from setdiv.data.convert import synthetic_samples
@@ -74,23 +75,6 @@ def setdiv(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
         cwd=ROOT,
         env=CLEAN_ENV,
     )
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
-
-
-def last_step(run_dir: Path) -> int:
-    """Newest logged step of a run still being written (a torn last line is ignored)."""
-    try:
-        return max(losses(run_dir), default=0)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
 
 
 def test_two_ranks_batch_b_equal_one_rank_batch_2b(data: Path, tmp_path: Path) -> None:

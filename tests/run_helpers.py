@@ -1,4 +1,5 @@
-"""Shared by the cluster tests: tiny synthetic data, a clean job environment, process checks."""
+"""Shared by tests that run `setdiv train` as a process: tiny synthetic data, a clean job
+environment, metrics.jsonl readers, process checks."""
 
 from __future__ import annotations
 
@@ -46,6 +47,24 @@ def tiny_overrides(data: Path, epochs: int, val: bool = False) -> list[str]:
         f"train.epochs={epochs}",
         "train.log_every=1",
     ]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step from a run's metrics.jsonl."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def last_step(run_dir: Path) -> int:
+    """Newest logged step of a run still being written (a torn last line is ignored)."""
+    try:
+        return max(losses(run_dir), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
 
 
 def launches(run_dir: Path) -> list[dict]:
