@@ -24,7 +24,7 @@ from pathlib import Path
 from cluster.jobs import child_env, run_child, setdiv_command
 from cluster.ray_cluster import add_arguments as add_ray_arguments
 from cluster.ray_cluster import ray_session
-from cluster.trials import NonFiniteTrialError, TrialSpec, run_dir_for, run_training, run_trial
+from cluster.trials import NonFiniteTrialError, TrialSpec, run_dir_for, run_training, trial_tuner
 from setdiv import config as config_lib
 from setdiv.eval.ensemble import ensemble
 from setdiv.eval.evaluator import format_table, write_result
@@ -102,26 +102,15 @@ def _train_local(spec: TrialSpec, seeds: Sequence[int], max_failures: int) -> No
 def _train_ray(spec: TrialSpec, seeds: Sequence[int], args: argparse.Namespace, exp: Path) -> None:
     from ray import tune
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec),
+    tuner = trial_tuner(
+        spec,
+        exp,
         {"cpu": args.cpus_per_run, "gpu": args.gpus_per_run},
+        args.max_failures,
+        param_space={"train.seed": tune.grid_search(list(seeds))},
+        tune_config=tune.TuneConfig(reuse_actors=False),  # FIFO: no early stopping
+        what="ensemble's training",
     )
-    if tune.Tuner.can_restore(str(exp)):
-        print(f"resuming the ensemble's training in {exp}")
-        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"train.seed": tune.grid_search(list(seeds))},
-            tune_config=tune.TuneConfig(reuse_actors=False),  # FIFO: no early stopping
-            run_config=tune.RunConfig(
-                name=exp.name,
-                storage_path=str(exp.parent),
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=1,
-            ),
-        )
     tuner.fit()
     states = {t.config["train.seed"]: t.status for t in tune.ExperimentAnalysis(str(exp)).trials}
     failed = [s for s, status in states.items() if status == "ERROR"]

@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 from cluster.ray_cluster import add_arguments as add_ray_arguments
 from cluster.ray_cluster import ray_session
-from cluster.trials import NONFINITE_MARK, TrialSpec, overrides_for, run_trial, val_records
+from cluster.trials import NONFINITE_MARK, TrialSpec, overrides_for, trial_tuner, val_records
 from setdiv import config as config_lib
 
 __all__ = ["Row", "build_parser", "main", "parse_space", "results_table", "write_best"]
@@ -238,13 +238,6 @@ def _tuner(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec),
-        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
-    )
-    if tune.Tuner.can_restore(str(exp_dir)):
-        print(f"resuming the sweep in {exp_dir}")
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     scheduler = None
     if args.scheduler == "asha":
         scheduler = ASHAScheduler(
@@ -253,8 +246,11 @@ def _tuner(
             grace_period=args.grace_epochs,
             reduction_factor=args.reduction_factor,
         )
-    return tune.Tuner(
-        trainable,
+    return trial_tuner(
+        spec,
+        exp_dir,
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+        args.max_failures,
         param_space={d.key: d.domain() for d in dims},
         tune_config=tune.TuneConfig(
             metric="val_rsum",
@@ -264,13 +260,7 @@ def _tuner(
             search_alg=BasicVariantGenerator(random_state=args.seed),
             reuse_actors=False,
         ),
-        run_config=tune.RunConfig(
-            name=exp_dir.name,
-            storage_path=str(exp_dir.parent),
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=1,
-        ),
+        what="sweep",
     )
 
 

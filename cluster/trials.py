@@ -31,6 +31,7 @@ __all__ = [
     "run_dir_for",
     "run_trial",
     "run_training",
+    "trial_tuner",
     "val_records",
 ]
 
@@ -203,3 +204,35 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     reporter = _Reporter(run_dir, _reported_epochs(), spec.epochs)
     run_training(spec, values, run_dir, reporter.poll)
     reporter.poll(ended=True)
+
+
+def trial_tuner(
+    spec: TrialSpec,
+    exp_dir: Path,
+    resources: dict[str, int],
+    max_failures: int,
+    param_space: dict[str, Any],
+    tune_config: Any,
+    what: str,
+) -> Any:
+    """A Ray Tune `Tuner` of `run_trial` (each trial with `resources`, retried `max_failures`
+    times) writing to `exp_dir`; if `exp_dir` holds an interrupted one, that one, resumed
+    (errored trials included) and said so, naming `what` it runs."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
+    if tune.Tuner.can_restore(str(exp_dir)):
+        print(f"resuming the {what} in {exp_dir}")
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=exp_dir.name,
+            storage_path=str(exp_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )

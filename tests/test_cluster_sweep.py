@@ -26,7 +26,6 @@ from run_helpers import (
 )
 
 from cluster.sweep import parse_space
-from cluster.trials import val_records
 from setdiv import config as config_lib
 
 SWEEP = [sys.executable, str(ROOT / "cluster" / "sweep.py")]
@@ -108,15 +107,14 @@ def test_sweep_retries_a_crash_fails_divergence_and_resumes(tmp_path: Path) -> N
     )  # fmt: skip
     try:
         # 1. Crash one healthy trial once, after its first validation: SIGKILL its training.
-        def healthy_with_epoch() -> str | None:
+        def healthy_with_checkpoint() -> str | None:
             for name, values in trial_runs(exp).items():
-                if values["optim.lr"] == 2e-3 and val_records(
-                    exp / "runs" / name / "metrics.jsonl"
-                ):
+                run = exp / "runs" / name
+                if values["optim.lr"] == 2e-3 and (run / "checkpoints" / "latest").is_file():
                     return name
             return None
 
-        victim = exp / "runs" / wait_for("a validated epoch", healthy_with_epoch)
+        victim = exp / "runs" / wait_for("an epoch-end checkpoint", healthy_with_checkpoint)
         os.killpg(launches(victim)[0]["pgid"], signal.SIGKILL)
         # 2. Ray retries it; once it trains again, interrupt the whole sweep.
         wait_for("the retry", lambda: sum(x["event"] == "start" for x in launches(victim)) >= 2)

@@ -273,9 +273,15 @@ def test_clear_errors_before_any_work(data: Path, tmp_path: Path) -> None:
 
 
 def test_resume_with_nothing_starts_fresh(data: Path, tmp_path: Path) -> None:
+    # What an attempt that crashed before its first checkpoint leaves behind: its records go.
+    (tmp_path / "fresh").mkdir()
+    stale = [{"step": s, "epoch": 0, "loss": 9.0} for s in (1, 2, 3)]
+    (tmp_path / "fresh/metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in stale))
     r = setdiv(
         "train",
-        *base_args(data, "train.epochs=1", "data.batch_size=64", "data.num_workers=1"),
+        *base_args(
+            data, "train.epochs=1", "data.batch_size=64", "data.num_workers=1", "train.log_every=1"
+        ),
         "--run-dir",
         str(tmp_path / "fresh"),
         "--resume",
@@ -284,6 +290,8 @@ def test_resume_with_nothing_starts_fresh(data: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no checkpoint" in r.stderr and "starting fresh" in r.stderr
     assert (tmp_path / "fresh/checkpoints/latest").read_text() == "step00000004"
+    records = [json.loads(x) for x in (tmp_path / "fresh/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "loss" in x] == [1, 2, 3, 4]  # no stale record kept
 
 
 def test_nonfinite_validation_scores_are_nan_never_best(data: Path, tmp_path: Path) -> None:

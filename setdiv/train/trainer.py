@@ -113,13 +113,16 @@ class Trainer:
         state = checkpoint.load(self.engine, self.run_dir, which)
         if state is None:
             log.info("--resume %s: no checkpoint in %s, starting fresh", which, self.run_dir)
-            return
-        self.state = state
-        log.info(
-            "resumed at epoch %d, batch %d (step %d)", state.epoch, state.batch_in_epoch, state.step
-        )
-        if self.rank == 0:
-            self._truncate_metrics(state.step)
+        else:
+            self.state = state
+            log.info(
+                "resumed at epoch %d, batch %d (step %d)",
+                state.epoch,
+                state.batch_in_epoch,
+                state.step,
+            )
+        if self.rank == 0:  # records past the restart point (all, when fresh) are redone
+            self._truncate_metrics(self.state.step)
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
