@@ -17,6 +17,7 @@ tars are skipped, counted (`Batch.skipped`) and warned about at most every 10 s.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -473,25 +474,37 @@ class TrainReader:
                 prefetch_factor=4 if self.num_workers else None,
                 worker_init_fn=_worker_signals,
             )
-            for chunk in _start_workers(loader):
-                yield from chunk
+            workers = _start_workers(loader)
+            try:
+                for chunk in workers:
+                    yield from chunk
+            finally:
+                # Shut the workers down here (an epoch usually ends before the stream does),
+                # not in the iterator's __del__, where an exception raised meanwhile -- a
+                # requeue signal handler's SystemExit -- would be swallowed.
+                shutdown = getattr(workers, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
         raise RuntimeError("training reader could not fill an epoch: the shards are mostly corrupt")
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Exactly `batches_per_epoch - start_batch` batches of epoch `epoch` (deterministic)."""
         produced, pending, skipped = 0, [], 0
-        for sample, skip in self._samples(epoch):
-            skipped += skip
-            if sample is None:
-                continue
-            pending.append(sample)
-            if len(pending) < self.batch_size:
-                continue
-            if produced >= start_batch:
-                yield collate(pending, self.opts.tokenizer.pad_id, skipped)
-            produced, pending, skipped = produced + 1, [], 0
-            if produced == self.batches_per_epoch:
-                return
+        # The sample stream is closed here once the epoch is full, not by the garbage
+        # collector, which would swallow an exception raised while its workers shut down.
+        with contextlib.closing(self._samples(epoch)) as samples:
+            for sample, skip in samples:
+                skipped += skip
+                if sample is None:
+                    continue
+                pending.append(sample)
+                if len(pending) < self.batch_size:
+                    continue
+                if produced >= start_batch:
+                    yield collate(pending, self.opts.tokenizer.pad_id, skipped)
+                produced, pending, skipped = produced + 1, [], 0
+                if produced == self.batches_per_epoch:
+                    return
 
 
 class EvalReader:
