@@ -11,7 +11,7 @@ from torch import nn
 
 from setdiv import config as config_lib
 
-__all__ = ["main", "model_summary"]
+__all__ = ["group_summary", "main", "model_summary", "parse_args"]
 
 COCO_BUTD_VOCAB_SIZE = 11354
 """Words in the official coco_butd_vocab.pkl (11353) plus <mask>: `info --random-init` default."""
@@ -66,13 +66,45 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"T={m.image_set.num_iters} | D={m.embed_dim} | similarity: {s.name}"
     )
     print(model_summary(model, depth=args.depth))
+    print()
+    print(group_summary(model, cfg.optim))
     return 0
+
+
+def group_summary(model: nn.Module, cfg: config_lib.OptimConfig) -> str:
+    """The optimizer's parameter groups: multiplier, base LR, parameter counts, and which are
+    frozen for the first `freeze_epochs`."""
+    from setdiv.train.optim import param_groups
+
+    lines = [f"{'param group':<18}{'lr_mult':>9}{'lr':>12}{'params':>14}{'trainable':>14}  frozen"]
+    for g in param_groups(model, cfg):  # type: ignore[arg-type]
+        total = sum(p.numel() for p in g["params"])
+        trainable = sum(p.numel() for p in g["params"] if p.requires_grad)
+        frozen = (
+            f"first {cfg.freeze_epochs} epoch(s)"
+            if cfg.freeze_epochs and g["name"] in cfg.freeze_groups
+            else "-"
+        )
+        lines.append(
+            f"{g['name']:<18}{g['lr_mult']:>9g}{g['lr']:>12.3g}{total:>14,}{trainable:>14,}"
+            f"  {frozen}"
+        )
+    return "\n".join(lines)
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
     from setdiv.data import make_shards
 
     make_shards.run(args)
+    return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from setdiv.data.vocab import build_from_shards
+
+    vocab = build_from_shards(args.shards, args.min_count, args.tokenizer)
+    vocab.save(args.out)
+    print(f"vocabulary: {len(vocab)} entries ({args.tokenizer} tokenizer) -> {args.out}")
     return 0
 
 
@@ -109,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     make_shards.add_arguments(shards)
     shards.set_defaults(func=cmd_shards)
 
+    vc = sub.add_parser("vocab", help="build the bi-GRU vocabulary of training shards' captions")
+    vc.add_argument("--shards", required=True, help="training shards, e.g. 'train-*.tar'")
+    vc.add_argument("--out", required=True, help="vocabulary JSON to write")
+    vc.add_argument("--min-count", type=int, default=1, help="drop words seen fewer times")
+    vc.add_argument(
+        "--tokenizer",
+        choices=("nltk", "regex"),
+        default="nltk",
+        help="caption tokenisation; must match model.text.tokenizer when training",
+    )
+    vc.set_defaults(func=cmd_vocab)
+
     from setdiv.eval import run as eval_run
 
     ev = sub.add_parser("eval", help="evaluate an exported model on test shards")
@@ -132,9 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERMIXED = ("train", "info", "eval", "demo")
+"""Subcommands whose dotted overrides may stand anywhere among their options."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The top-level parser picks the subcommand; the subcommands that take dotted overrides
+    parse the rest intermixed (`train CONFIG --run-dir D key=value` and `train CONFIG key=value
+    --run-dir D` are the same), which argparse cannot do through subparsers."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in INTERMIXED:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as exc:

@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ImageEncoderConfig",
+    "LR_GROUPS",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -30,6 +31,7 @@ __all__ = [
     "TextEncoderConfig",
     "PATH_KEYS",
     "load",
+    "override",
     "paths",
     "save",
     "to_yaml",
@@ -72,6 +74,10 @@ class SetModuleConfig:
     """Dropout inside the slot MLP (pienet: on the attention-pooled residual)."""
     compat_mask: bool = False
     """Reproduce the official masking (before the slot softmax): padded inputs keep 1/K weight."""
+    pie_hidden: int | None = None
+    """pienet: hidden width of the attention MLP; null = input width // 2 (official for image
+    and bi-GRU text; the official BERT text PIE-Net uses model.text.word_dim // 2, which
+    `build_model` fills in)."""
 
 
 @dataclass
@@ -94,6 +100,9 @@ class TextEncoderConfig:
     """Registry name in `setdiv.model.encoders`: bigru | bert."""
     vocab_path: str | None = None
     """bigru: vocabulary file (.json written by setdiv, or an official vocab .pkl)."""
+    tokenizer: str = "nltk"
+    """bigru: caption tokenisation, nltk (Treebank-style, as the official vocabularies were
+    built) | regex."""
     vocab_size: int | None = None
     """bigru: vocabulary size when vocab_path is null (random-init models, tests, `info`)."""
     glove_path: str | None = None
@@ -139,6 +148,19 @@ class LossConfig:
     """Weight of the diversity regulariser on the pre-fusion slots."""
 
 
+LR_GROUPS = {
+    "image_backbone": 1.0,
+    "image_head": 0.1,
+    "image_set": 0.1,
+    "text_backbone": 1.0,
+    "text_encoder": 1.0,
+    "text_set": 0.1,
+}
+"""Parameter groups and their LR multipliers in the official train.py: the image encoder's
+non-CNN part shares `img_pie_lr_scale` with the image set module, the text set module has
+`txt_pie_lr_scale`, the text encoder (BERT included) `txt_lr_scale`, the CNN x1."""
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
@@ -147,10 +169,11 @@ class OptimConfig:
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    set_module_lr_mult: float = 0.1
-    """LR multiplier of both set prediction modules."""
-    backbone_lr_mult: float = 1.0
-    """LR multiplier of the pretrained backbones (CNN, BERT)."""
+    lr_mult: dict[str, float] = field(default_factory=lambda: dict(LR_GROUPS))
+    """LR multiplier per parameter group (`setdiv info` lists the groups with their sizes):
+    image_backbone (CNN), image_head (projection + residual MLP of the image encoder),
+    image_set, text_backbone (BERT), text_encoder (word vectors + bi-GRU, or BERT's projection),
+    text_set. Keys left out keep their defaults, the official script's values."""
     schedule: str = "cosine"
     """cosine (annealed per iteration over all epochs) | step (x step_gamma every step_epochs)."""
     step_epochs: int = 10
@@ -159,8 +182,11 @@ class OptimConfig:
     """step: decay factor."""
     warmup_iters: int = 0
     """Linear LR warm-up iterations before the schedule."""
-    backbone_freeze_epochs: int = 0
-    """The pretrained backbone gets no updates for the first E epochs."""
+    freeze_epochs: int = 0
+    """The groups in `freeze_groups` get no gradient and no optimizer update during the first
+    E epochs; their optimizer state starts fresh when they unfreeze."""
+    freeze_groups: list[str] = field(default_factory=lambda: ["image_backbone"])
+    """Parameter groups frozen during the first `freeze_epochs` (official: the CNN only)."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
 
@@ -176,7 +202,12 @@ class DataConfig:
     num_workers: int = 2
     """Loader worker processes per rank."""
     image_size: int = 224
-    """cnn: training crop / test resize."""
+    """cnn: side of the training crop and of the test image."""
+    image_transform: str = "crop"
+    """cnn: crop (RandomResizedCrop; test Resize(size/0.875) + CenterCrop) | gpo512
+    (RandomResizedCrop with scale 0.36-1; test Resize((size, size))), as the official code."""
+    hflip: bool = True
+    """cnn: random horizontal flip in training (official, though captions mention left/right)."""
     region_dropout: float = 0.2
     """Fraction of regions dropped per training image."""
     word_dropout: float = 0.2
@@ -200,7 +231,11 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init, data order and dropout."""
     precision: str = "bf16"
-    """fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)."""
+    """fp32 | bf16 | fp16: autocast with fp32 weights and optimizer state, as the official code
+    (fp16 adds dynamic loss scaling); similarities, the loss and LayerNorms run in fp32."""
+    half_weights: bool = False
+    """Keep the parameters themselves in bf16 / fp16 (DeepSpeed's bf16 / fp16 modes, fp32
+    master copies in the optimizer): less memory for memory-bound models, not the recipe."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
     log_every: int = 20
@@ -254,6 +289,15 @@ def load(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Con
         if delta is None or not isinstance(delta, DictConfig):
             raise ConfigError(f"{path}: top level must be a mapping")
         cfg = _merge(cfg, delta, str(path))
+    return _overridden(cfg, overrides)
+
+
+def override(cfg: Config, overrides: Sequence[str]) -> Config:
+    """`cfg` with dotted `key=value` overrides applied and validated (as `load` does)."""
+    return _overridden(OmegaConf.structured(cfg), overrides)
+
+
+def _overridden(cfg: DictConfig, overrides: Sequence[str]) -> Config:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
@@ -268,7 +312,9 @@ _CHOICES = {
     "optim.schedule": ("cosine", "step"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "model.text.bert_global": ("cls", "max"),
+    "model.text.tokenizer": ("nltk", "regex"),
     "data.val_protocol": ("coco", "f30k"),
+    "data.image_transform": ("crop", "gpo512"),
 }
 
 
@@ -303,7 +349,7 @@ def validate(cfg: DictConfig) -> None:
     for key in (
         "data.num_workers",
         "optim.warmup_iters",
-        "optim.backbone_freeze_epochs",
+        "optim.freeze_epochs",
         "loss.mean_negative_epochs",
         "loss.margin",
         "optim.grad_clip",
@@ -327,6 +373,20 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"bad config key 'model.{side}.name': {name!r} is not slot, transformer or pienet"
             )
+    for key, group_names in (
+        ("optim.lr_mult", cfg.optim.lr_mult.keys()),
+        ("optim.freeze_groups", cfg.optim.freeze_groups),
+    ):
+        unknown = sorted(set(group_names) - set(LR_GROUPS))
+        if unknown:
+            raise ConfigError(
+                f"bad config key '{key}': unknown parameter group(s) {unknown}; "
+                f"groups: {sorted(LR_GROUPS)}"
+            )
+    if any(v < 0 for v in cfg.optim.lr_mult.values()):
+        raise ConfigError("bad config key 'optim.lr_mult': multipliers must be >= 0")
+    if cfg.train.half_weights and cfg.train.precision == "fp32":
+        raise ConfigError("train.half_weights needs train.precision bf16 or fp16")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError("bad config key 'train.zero_stage': must be 0, 1, 2 or 3")
     text = cfg.model.text

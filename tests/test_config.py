@@ -26,13 +26,17 @@ def test_paper_recipes() -> None:
     root = Path(__file__).parents[1] / "configs"
     roi = config_lib.load([root / "roi_bigru.yaml"])
     assert (roi.data.batch_size, roi.train.epochs, roi.loss.margin) == (200, 80, 0.2)
-    assert (roi.optim.lr, roi.optim.schedule, roi.optim.set_module_lr_mult) == (1e-3, "cosine", 0.1)
+    assert (roi.optim.lr, roi.optim.schedule, roi.optim.lr_mult["image_set"]) == (
+        1e-3,
+        "cosine",
+        0.1,
+    )
     assert (roi.model.image_set.num_embeds, roi.model.image_set.num_iters) == (4, 4)
     bert = config_lib.load([root / "resnext_bert.yaml"])
     assert (bert.data.batch_size, bert.train.epochs, bert.optim.lr) == (128, 50, 1e-4)
     assert bert.model.image.freeze_bn and bert.loss.mean_negative_epochs == 1
     resnet = config_lib.load([root / "resnet_bigru.yaml"])
-    assert (resnet.optim.backbone_freeze_epochs, resnet.train.epochs) == (50, 120)
+    assert (resnet.optim.freeze_epochs, resnet.train.epochs) == (50, 120)
 
 
 def test_defaults_yaml_deltas_and_overrides_merge_in_order(tmp_path: Path) -> None:

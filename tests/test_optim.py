@@ -15,19 +15,25 @@ from setdiv.train.optim import build_optimizer, group_lr_lambdas, lr_lambda, par
 
 def test_param_groups_and_lr_multipliers() -> None:
     model = build_model(tiny_config("model.image.name=resnet152").model)
-    cfg = OptimConfig(lr=1e-3, set_module_lr_mult=0.1, backbone_lr_mult=0.5)
+    cfg = OptimConfig(lr=1e-3, lr_mult={"image_backbone": 0.5, "text_set": 0.2})
     groups = {g["name"]: g for g in param_groups(model, cfg)}
-    assert groups["set_modules"]["lr"] == pytest.approx(1e-4)
-    assert groups["backbones"]["lr"] == pytest.approx(5e-4)
-    assert groups["rest"]["lr"] == pytest.approx(1e-3)
-    n = {k: sum(p.numel() for p in g["params"]) for k, g in groups.items()}
-    assert n["set_modules"] == sum(
-        p.numel() for m in (model.image_set, model.text_set) for p in m.parameters()
+    lrs = {k: g["lr"] for k, g in groups.items()}  # unnamed groups keep the official multiplier
+    assert lrs == pytest.approx(
+        {"image_backbone": 5e-4, "image_head": 1e-4, "image_set": 1e-4, "text_encoder": 1e-3}
+        | {"text_set": 2e-4}
     )
-    assert n["backbones"] == sum(p.numel() for p in model.image_encoder.backbone.parameters())
+    n = {k: sum(p.numel() for p in g["params"]) for k, g in groups.items()}
+    assert n["image_backbone"] == sum(p.numel() for p in model.image_encoder.backbone.parameters())
+    assert n["image_head"] == sum(p.numel() for p in model.image_encoder.head.parameters())
+    assert n["text_set"] == sum(p.numel() for p in model.text_set.parameters())
     assert sum(n.values()) == sum(p.numel() for p in model.parameters())
     region = build_model(tiny_config().model)  # no backbone: no empty group
-    assert [g["name"] for g in param_groups(region, cfg)] == ["set_modules", "rest"]
+    assert [g["name"] for g in param_groups(region, cfg)] == [
+        "image_head",
+        "image_set",
+        "text_encoder",
+        "text_set",
+    ]
 
 
 def test_cosine_per_iteration_and_warmup() -> None:
@@ -51,7 +57,7 @@ def test_step_schedule() -> None:
 
 def test_backbone_frozen_for_first_epochs_through_the_optimizer() -> None:
     model = build_model(tiny_config("model.image.name=resnet152").model)
-    cfg = OptimConfig(lr=1e-2, backbone_freeze_epochs=1, schedule="step", step_epochs=100)
+    cfg = OptimConfig(lr=1e-2, freeze_epochs=1, schedule="step", step_epochs=100)
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, group_lr_lambdas(cfg, opt.param_groups, 2, 3))
     conv = model.image_encoder.backbone[0].weight

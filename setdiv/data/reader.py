@@ -186,17 +186,31 @@ def _decode_regions(files: dict[str, bytes]) -> np.ndarray:
     return arr
 
 
-def _image_transform(size: int, train: bool) -> Callable[[Image.Image], np.ndarray]:
-    """PIL image -> (3,size,size) uint8; normalisation happens batched in `collate`."""
+def _image_transform(
+    size: int, train: bool, style: str = "crop", hflip: bool = True
+) -> Callable[[Image.Image], np.ndarray]:
+    """PIL image -> (3,size,size) uint8 as the official DivE code; normalisation happens
+    batched in `collate`.
+
+    crop:   train RandomResizedCrop(size) (default scale 0.08-1), test Resize(size / 0.875) +
+            CenterCrop(size) (224 -> 256 -> 224).
+    gpo512: train RandomResizedCrop(size, scale=(0.36, 1)), test Resize((size, size)) (the
+            official `gpo_aug` 512-pixel setting).
+    Training adds a horizontal flip when `hflip` (official, though captions say left/right).
+    """
     from torchvision.transforms import v2
 
-    resize = (
-        [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True)]
-        if train
-        else [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-    )
-    # No horizontal flip: it would contradict captions such as "left of".
-    pipeline = v2.Compose([v2.ToImage(), *resize])
+    if style not in ("crop", "gpo512"):
+        raise ValueError(f"data.image_transform must be crop or gpo512, got {style!r}")
+    if train:
+        scale = (0.36, 1.0) if style == "gpo512" else (0.08, 1.0)
+        steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
+        steps += [v2.RandomHorizontalFlip()] if hflip else []
+    elif style == "gpo512":
+        steps = [v2.Resize((size, size), antialias=True)]
+    else:
+        steps = [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
+    pipeline = v2.Compose([v2.ToImage(), *steps])
     return lambda im: pipeline(im).numpy()
 
 
@@ -212,6 +226,8 @@ class SampleOptions:
     tokenizer: Tokenizer
     train: bool
     image_size: int = 224
+    image_transform: str = "crop"
+    hflip: bool = True
     region_dropout: float = 0.0
     word_dropout: float = 0.0
 
@@ -245,7 +261,9 @@ class _SampleStream(IterableDataset):
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         rng = _rng(*self.seed_key, wid)
         transform = (
-            _image_transform(self.opts.image_size, self.opts.train)
+            _image_transform(
+                self.opts.image_size, self.opts.train, self.opts.image_transform, self.opts.hflip
+            )
             if self.opts.kind == "image"
             else None
         )
@@ -573,7 +591,14 @@ def build_train_reader(
     if cfg.batch_size % world:
         raise ValueError(f"'data.batch_size'={cfg.batch_size} does not split over {world} ranks")
     opts = SampleOptions(
-        kind, tokenizer, True, cfg.image_size, cfg.region_dropout, cfg.word_dropout
+        kind,
+        tokenizer,
+        True,
+        cfg.image_size,
+        cfg.image_transform,
+        cfg.hflip,
+        cfg.region_dropout,
+        cfg.word_dropout,
     )
     return TrainReader(
         cfg.train_shards,
@@ -593,5 +618,5 @@ def build_eval_reader(
     cfg: DataConfig, pattern: str, kind: str, tokenizer: Tokenizer, rank: int = 0, world: int = 1
 ) -> EvalReader:
     """An evaluation reader over `pattern` (no augmentation, index order, rank's slice)."""
-    opts = SampleOptions(kind, tokenizer, False, cfg.image_size)
+    opts = SampleOptions(kind, tokenizer, False, cfg.image_size, cfg.image_transform)
     return EvalReader(pattern, opts, cfg.eval_batch_size, rank, world, align=cfg.eval_batch_size)

@@ -1,7 +1,8 @@
 """Caption tokenisation for both text encoders, and word dropout (SPEC §5).
 
 `Tokenizer` is what the readers use: `encode(caption) -> ids` wrapped in start/end (or
-[CLS]/[SEP]) ids, plus the ids word dropout needs.
+[CLS]/[SEP]) ids, plus what word dropout needs: the special ids, and for BERT which word
+pieces continue the previous word (`##...`), since dropout decides per whole word.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class Tokenizer:
     first_word_id: int
     """Random-word replacement draws ids from [first_word_id, vocab_size)."""
     vocab_size: int
+    continues_word: np.ndarray | None = None
+    """(ids,) bool: the id is a word piece continuing the previous word (BERT `##...`);
+    None: every id is a word of its own (bi-GRU)."""
 
     def encode(self, caption: str) -> list[int]:
         if self.vocab is not None:
@@ -37,7 +41,11 @@ class Tokenizer:
 
 def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Tokenizer:
     """The tokenizer matching the text encoder config: a `Vocab` (given, or read from
-    `model.text.vocab_path`) for bigru; the BERT tokenizer in `model.text.bert_path` for bert."""
+    `model.text.vocab_path`) for bigru; the BERT tokenizer in `model.text.bert_path` for bert.
+
+    A bigru vocabulary records the tokenizer that built it (official pickles: nltk); one that
+    differs from `model.text.tokenizer` raises `ValueError` rather than silently splitting
+    captions into words the vocabulary was not built from."""
     if cfg.name == "bert":
         from transformers import AutoTokenizer
 
@@ -47,7 +55,11 @@ def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Token
             )
         tok = AutoTokenizer.from_pretrained(cfg.bert_path, local_files_only=True)
         first_word = max(tok.all_special_ids) + 1
-        return Tokenizer(None, tok, tok.pad_token_id, tok.mask_token_id, first_word, tok.vocab_size)
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        continues = np.array([p.startswith("##") for p in pieces], dtype=bool)
+        return Tokenizer(
+            None, tok, tok.pad_token_id, tok.mask_token_id, first_word, tok.vocab_size, continues
+        )
     if vocab is None:
         if cfg.vocab_path is None:
             raise ValueError(
@@ -58,24 +70,49 @@ def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Token
                 f"config key 'model.text.vocab_path': not found: {cfg.vocab_path}"
             )
         vocab = Vocab.load(cfg.vocab_path)
+    if vocab.tokenizer != cfg.tokenizer:
+        source = cfg.vocab_path or "the given vocabulary"
+        raise ValueError(
+            f"{source} was built with the {vocab.tokenizer!r} tokenizer but "
+            f"'model.text.tokenizer' is {cfg.tokenizer!r}: set model.text.tokenizer="
+            f"{vocab.tokenizer} or rebuild the vocabulary (`setdiv vocab --tokenizer "
+            f"{cfg.tokenizer}`)"
+        )
     return Tokenizer(vocab, None, vocab.pad, vocab.mask, len(SPECIALS), len(vocab))
 
 
 def word_dropout(ids: list[int], tok: Tokenizer, p: float, rng: np.random.Generator) -> list[int]:
-    """VSE-infinity word dropout: each inner token is chosen with probability p; of those 50%
-    become the mask token, 10% a random word and 40% are deleted. First/last ids are kept."""
+    """VSE-infinity word dropout, one decision per word: each inner word is chosen with
+    probability p; of those 50% have every piece replaced by the mask token, 10% every piece by
+    a random word (drawn per piece) and 40% are deleted. First/last ids are kept.
+
+    A BERT word is its first piece and the `##` pieces that follow (`tok.continues_word`), as
+    the official code drops BERT caption words before splitting them into pieces."""
     if p <= 0 or len(ids) <= 2:
         return ids
     out = [ids[0]]
-    for t in ids[1:-1]:
+    for word in _words(ids[1:-1], tok.continues_word):
         if rng.random() >= p:
-            out.append(t)
+            out += word
             continue
         r = rng.random()
         if r < 0.5:
-            out.append(tok.mask_id)
+            out += [tok.mask_id] * len(word)
         elif r < 0.6:
-            out.append(int(rng.integers(tok.first_word_id, tok.vocab_size)))
+            out += [int(i) for i in rng.integers(tok.first_word_id, tok.vocab_size, len(word))]
         # else: deleted
     out.append(ids[-1])
     return out
+
+
+def _words(ids: list[int], continues_word: np.ndarray | None) -> list[list[int]]:
+    """`ids` grouped into words: a continuing piece joins the word before it."""
+    if continues_word is None:
+        return [[t] for t in ids]
+    words: list[list[int]] = []
+    for t in ids:
+        if words and t < len(continues_word) and continues_word[t]:
+            words[-1].append(t)
+        else:
+            words.append([t])
+    return words

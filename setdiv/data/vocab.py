@@ -1,52 +1,97 @@
 """Word vocabulary for the bi-GRU text encoder, GloVe vectors, and caption tokenisation.
 
-Vocabularies are exchanged as JSON (`Vocab.save` / `Vocab.load`). The official DivE / VSE
-vocabulary pickles are read through a restricted unpickler that only accepts their
-`Vocabulary` class and plain containers, so loading one never executes code.
+Vocabularies are exchanged as JSON (`Vocab.save` / `Vocab.load`), recording the tokenizer that
+built them. The official DivE / VSE vocabulary pickles are read through a restricted unpickler
+that only accepts their `Vocabulary` class and plain containers, so loading one never executes
+code; they were built with NLTK's `word_tokenize` on lower-cased captions.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from nltk.tokenize import NLTKWordTokenizer
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from torch import Tensor
 
-__all__ = ["SPECIALS", "Vocab", "load_glove", "tokenize"]
+__all__ = [
+    "SPECIALS",
+    "TOKENIZERS",
+    "Vocab",
+    "build_from_shards",
+    "glove_fallback",
+    "load_glove",
+    "shard_captions",
+    "tokenize",
+]
+
+log = logging.getLogger(__name__)
 
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>", "<mask>")
-"""Fixed ids 0..4; the first four match the official vocab pickles."""
+"""Fixed ids 0..4 in vocabularies built here; official pickles hold the first four at 0..3."""
+
+TOKENIZERS = ("nltk", "regex")
+"""Caption tokenisers: `nltk` as the official vocabularies were built, `regex` a simple one."""
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+_WORDS = NLTKWordTokenizer()
+# `nltk.word_tokenize` splits sentences with the trained English Punkt model (a data download)
+# before the Treebank-style word tokenizer, so a period ending an inner sentence is its own
+# token ("dogs. and" -> dogs . and). Punkt without training data splits the same way except
+# after known abbreviations; these are the ones the official vocabularies keep whole.
+_ABBREVIATIONS = PunktParameters()
+_ABBREVIATIONS.abbrev_types = {"mr", "mrs", "dr", "st", "ave", "u.s", "d.c", "j.p"}
+_SENTENCES = PunktSentenceTokenizer(_ABBREVIATIONS)
 
 
-def tokenize(caption: str) -> list[str]:
-    """Lower-cased word tokens: runs of letters/digits (with a trailing 's-style clitic) and
-    single punctuation marks."""
-    return _TOKEN.findall(caption.lower())
+def tokenize(caption: str, kind: str = "nltk") -> list[str]:
+    """Word tokens of a lower-cased caption.
+
+    `nltk`: NLTK's Treebank-style tokenizer per sentence, as `nltk.word_tokenize` (which built
+    the official vocabularies): "isn't" -> is n't, "man's" -> man 's, "t-shirt" stays whole.
+    `regex`: runs of letters/digits (with a trailing 's-style clitic) and single punctuation.
+    """
+    text = caption.lower()
+    if kind == "nltk":
+        return [w for s in _SENTENCES.tokenize(text) for w in _WORDS.tokenize(s)]
+    if kind == "regex":
+        return _TOKEN.findall(text)
+    raise ValueError(f"unknown tokenizer {kind!r}, expected one of {TOKENIZERS}")
 
 
 class Vocab:
-    """Word <-> id mapping with `<pad>=0, <start>=1, <end>=2, <unk>=3, <mask>=4`."""
+    """Word <-> id mapping with `<pad>=0, <start>=1, <end>=2, <unk>=3, <mask>=4`, and the
+    tokenizer (`TOKENIZERS`) that splits captions into its words."""
 
-    def __init__(self, words: Sequence[str]) -> None:
+    def __init__(
+        self,
+        words: Sequence[str],
+        tokenizer: str = "nltk",
+        counts: dict[str, int] | None = None,
+    ) -> None:
         words = list(words)
         if tuple(words[: len(SPECIALS)]) != SPECIALS:
-            # Official pickles lack <mask>; append it rather than renumbering their words.
+            # Some official pickles lack <mask>; append it rather than renumbering their words.
             if tuple(words[:4]) != SPECIALS[:4]:
                 raise ValueError(f"vocabulary must start with {SPECIALS[:4]}, got {words[:4]}")
             if "<mask>" not in words:
                 words.append("<mask>")
         if len(set(words)) != len(words):
             raise ValueError("vocabulary has duplicate words")
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {tokenizer!r}, expected one of {TOKENIZERS}")
         self.itos = words
         self.stoi = {w: i for i, w in enumerate(words)}
+        self.tokenizer = tokenizer
+        self.counts = counts  # word -> count in the captions it was built from (None: unknown)
 
     pad, start, end, unk = 0, 1, 2, 3
 
@@ -59,24 +104,35 @@ class Vocab:
 
     def encode(self, caption: str) -> list[int]:
         """Token ids of a caption wrapped in <start> ... <end>."""
-        ids = [self.stoi.get(w, self.unk) for w in tokenize(caption)]
+        ids = [self.stoi.get(w, self.unk) for w in tokenize(caption, self.tokenizer)]
         return [self.start, *ids, self.end]
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 1) -> Vocab:
-        """Vocabulary of the words seen at least `min_count` times, most frequent first."""
-        counts = Counter(w for c in captions for w in tokenize(c))
+    def build(cls, captions: Iterable[str], min_count: int = 1, tokenizer: str = "nltk") -> Vocab:
+        """Vocabulary of the words seen at least `min_count` times, most frequent first (ties
+        alphabetical), after the special tokens."""
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {tokenizer!r}, expected one of {TOKENIZERS}")
+        counts = Counter(w for c in captions for w in tokenize(c, tokenizer))
         words = sorted(
-            (w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w)
+            (w for w, n in counts.items() if n >= min_count and w not in SPECIALS),
+            key=lambda w: (-counts[w], w),
         )
-        return cls([*SPECIALS, *(w for w in words if w not in SPECIALS)])
+        return cls([*SPECIALS, *words], tokenizer, {w: counts[w] for w in words})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"words": self.itos}))
+        data: dict = {"tokenizer": self.tokenizer, "words": self.itos}
+        if self.counts is not None:
+            data["counts"] = self.counts
+        Path(path).write_text(json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
-        """Read a setdiv `.json` vocabulary or an official `.pkl` (restricted unpickling)."""
+        """Read a setdiv `.json` vocabulary or an official `.pkl` (restricted unpickling).
+
+        Official pickles were built with NLTK (`tokenizer="nltk"`); a setdiv JSON without a
+        `tokenizer` entry predates NLTK support here and was built with `regex`.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary file not found: {path}")
@@ -85,7 +141,7 @@ class Vocab:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
             raise ValueError(f"{path}: expected a JSON object with a 'words' list")
-        return cls(data["words"])
+        return cls(data["words"], data.get("tokenizer", "regex"), data.get("counts"))
 
     @classmethod
     def _from_official_pickle(cls, blob: bytes, source: str) -> Vocab:
@@ -101,7 +157,31 @@ class Vocab:
         ordered = sorted(((int(i), w) for i, w in idx2word.items()), key=lambda t: t[0])
         if [i for i, _ in ordered] != list(range(len(ordered))):
             raise ValueError(f"{source}: idx2word ids are not 0..n-1")
-        return cls([_py2_text(w) for _, w in ordered])
+        return cls([_py2_text(w) for _, w in ordered], tokenizer="nltk")
+
+
+def shard_captions(pattern: str) -> Iterator[str]:
+    """Every caption of the shards matching `pattern` (braces and globs expanded, and shards
+    checked against their index, as the training reader does); corrupt samples are skipped."""
+    from setdiv.data.reader import ShardSet, _decode_meta, _tar_samples  # reader imports us
+
+    shards = ShardSet.resolve(pattern)
+    skipped = 0
+    for path in shards.paths:
+        for _, files in _tar_samples(path):
+            try:
+                captions = _decode_meta(files)["captions"]
+            except (KeyError, ValueError, TypeError):
+                skipped += 1
+                continue
+            yield from (str(c) for c in captions)
+    if skipped:
+        log.warning("%s: skipped %d samples without readable captions", pattern, skipped)
+
+
+def build_from_shards(pattern: str, min_count: int = 1, tokenizer: str = "nltk") -> Vocab:
+    """`Vocab.build` over the captions of the training shards matching `pattern`."""
+    return Vocab.build(shard_captions(pattern), min_count, tokenizer)
 
 
 def _py2_text(word: object) -> str:
@@ -126,26 +206,49 @@ class _VocabUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a vocabulary pickle")
 
 
-def load_glove(path: str | Path, vocab: Vocab, dim: int) -> tuple[Tensor, int]:
-    """Word vectors for `vocab` from a GloVe text file -> ((len(vocab), dim), words found).
+def glove_fallback(word: str) -> str:
+    """The GloVe entry tried for a word GloVe lacks, as the official word-vector init does:
+    drop every `-`, `.` and `'`, then keep what precedes the first `/` ("t-shirt" -> tshirt,
+    "n't" -> nt, "red/white" -> red)."""
+    word = word.replace("-", "").replace(".", "").replace("'", "")
+    return word.split("/")[0]
 
-    Words absent from the file keep a small random init (N(0, 0.1)); the special tokens too.
+
+def load_glove(path: str | Path, vocab: Vocab, dim: int) -> tuple[Tensor, int]:
+    """Word vectors for `vocab` from a GloVe text file -> ((len(vocab), dim), rows found).
+
+    A word takes its own GloVe vector, else that of `glove_fallback(word)`. Rows left without
+    one (and the special tokens) keep N(0, 1) init, `nn.Embedding`'s, as in the official code.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GloVe file not found: {path}")
-    weights = torch.randn(len(vocab), dim) * 0.1
+    rows = [(i, w) for i, w in enumerate(vocab.itos) if w not in SPECIALS]
+    wanted = {w for _, w in rows} | {glove_fallback(w) for _, w in rows}
+    vectors = dict(_read_glove(path, wanted - {""}, dim))
+    weights = torch.randn(len(vocab), dim)
     found = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            word, *values = line.rstrip("\n").split(" ")
-            idx = vocab.stoi.get(word)
-            if idx is None or idx < len(SPECIALS):
-                continue
-            if len(values) != dim:
-                raise ValueError(
-                    f"{path}:{lineno}: '{word}' has {len(values)} values, expected {dim}"
-                )
-            weights[idx] = torch.tensor([float(v) for v in values])
+    for idx, word in rows:
+        vec = vectors.get(word)
+        if vec is None:
+            vec = vectors.get(glove_fallback(word))
+        if vec is not None:
+            weights[idx] = vec
             found += 1
+    log.info("GloVe: %d of %d vocabulary words initialised from %s", found, len(rows), path)
     return weights, found
+
+
+def _read_glove(path: Path, wanted: set[str], dim: int) -> Iterator[tuple[str, Tensor]]:
+    """(word, (dim,) vector) for the lines of `wanted` words; a later duplicate line wins."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip("\n").rstrip(" ").split(" ")
+            # A few lines of the 840B file hold words with spaces: the vector is the last `dim`.
+            if len(parts) < dim + 1 or (lineno == 1 and len(parts) != dim + 1):
+                raise ValueError(
+                    f"{path}:{lineno}: '{parts[0]}' has {len(parts) - 1} values, expected {dim}"
+                )
+            word = " ".join(parts[:-dim])
+            if word in wanted:
+                yield word, torch.tensor([float(v) for v in parts[-dim:]])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from setdiv import config as config_lib
 from setdiv.data.reader import ShardSet, build_eval_reader
 from setdiv.distributed import pick_device, process_group, rank_and_world, spawn_local
 from setdiv.eval.evaluator import EvalResult, encode, format_table, gather_and_score, write_result
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="export directory, its model.safetensors, or a run directory")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides of the export's similarity.* / data.* keys, e.g. similarity.alpha=8",
+    )
     p.add_argument("--data", required=True, help="test shards (brace pattern or glob)")
     p.add_argument("--protocol", choices=("coco", "f30k"), required=True)
     p.add_argument("--nproc", type=int, default=1, help="local processes sharing the image rows")
@@ -80,7 +86,7 @@ def _worker(args: argparse.Namespace) -> None:
             force=True,
         )
         exported = load_exported(args.checkpoint)
-        cfg = exported.cfg
+        cfg = config_lib.override(exported.cfg, args.overrides)
         if args.block_size:
             cfg = replace(cfg, similarity=replace(cfg.similarity, block_size=args.block_size))
         if args.batch_size:
@@ -96,9 +102,19 @@ def _worker(args: argparse.Namespace) -> None:
             print(f"wrote {out}/sims.npy, sims_meta.json, metrics.json")
 
 
+EVAL_OVERRIDABLE = ("similarity.", "data.")
+"""Evaluation may change how sets are compared and read, never the exported model."""
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError("--nproc must be >= 1")
+    for item in args.overrides:
+        if not item.startswith(EVAL_OVERRIDABLE):
+            raise config_lib.ConfigError(
+                f"eval override '{item}': only similarity.* and data.* keys can be changed "
+                "(the model is the exported one)"
+            )
     find_export(args.checkpoint)  # fail here, not in N child processes
     ShardSet.resolve(args.data)
     if args.nproc == 1:  # a lone process, or one rank of a job torchrun / srun started

@@ -5,6 +5,8 @@ Shape legend: B batch, R inputs, K / L set sizes, D embedding width.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import Tensor, nn
 
 from setdiv.config import ModelConfig
@@ -60,9 +62,12 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> SetRetrievalModel:
     """
     image_encoder = build_image_encoder(cfg.image, cfg.embed_dim, pretrained)
     text_encoder = build_text_encoder(cfg.text, cfg.embed_dim, pretrained)
+    text_set = cfg.text_set
+    if text_set.name == "pienet" and cfg.text.name == "bert" and text_set.pie_hidden is None:
+        text_set = replace(text_set, pie_hidden=cfg.text.word_dim // 2)  # official: 300 // 2
     return SetRetrievalModel(
         image_encoder,
         text_encoder,
         build_set_module(cfg.image_set, image_encoder.local_dim, cfg.embed_dim),
-        build_set_module(cfg.text_set, text_encoder.local_dim, cfg.embed_dim),
+        build_set_module(text_set, text_encoder.local_dim, cfg.embed_dim),
     )

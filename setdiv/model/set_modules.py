@@ -149,11 +149,12 @@ class PIENet(nn.Module):
 
     def __init__(self, cfg: SetModuleConfig, dim_in: int, dim: int) -> None:
         super().__init__()
-        hidden = max(dim_in // 2, 1)
+        hidden = cfg.pie_hidden or max(dim_in // 2, 1)
         self.w1 = nn.Linear(dim_in, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.num_embeds, bias=False)
         self.fc = nn.Linear(dim_in, dim)
-        nn.init.xavier_uniform_(self.fc.weight)
+        for linear in (self.w1, self.w2, self.fc):  # official init of all three
+            nn.init.xavier_uniform_(linear.weight)
         nn.init.zeros_(self.fc.bias)
         self.dropout = nn.Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(dim)

@@ -1,9 +1,10 @@
 """DeepSpeed glue: the only module that imports deepspeed.
 
-Builds the DeepSpeed config from our typed config (ZeRO stage, bf16 / fp16 with dynamic loss
-scaling, gradient clipping), wraps model + torch optimizer + LR schedule into an engine on the
-process group `setdiv.distributed.process_group` joined, and reads consolidated fp32 weights
-back out of a checkpoint.
+Builds the DeepSpeed config from our typed config (ZeRO stage; bf16 / fp16 as autocast over
+fp32 weights, or as half-precision weights; gradient clipping), wraps model + torch optimizer +
+LR schedule into an engine on the process group `setdiv.distributed.process_group` joined,
+resets a param group's optimizer state, and reads consolidated fp32 weights back out of a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "consolidated_state_dict",
     "deepspeed_config",
     "initialize",
+    "reset_optimizer_state",
 ]
 
 _REPO_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
@@ -45,7 +47,16 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
-    if train.precision == "bf16":
+    if train.precision != "fp32" and not train.half_weights:
+        # The official recipe: autocast over fp32 weights, gradients and optimizer state (fp16
+        # adds a GradScaler). No module is marked lower-precision-safe, so gradients are also
+        # reduced in fp32, as the official DDP did.
+        cfg["torch_autocast"] = {
+            "enabled": True,
+            "dtype": {"bf16": "bfloat16", "fp16": "float16"}[train.precision],
+            "lower_precision_safe_modules": [],
+        }
+    elif train.precision == "bf16":  # half_weights: bf16 parameters, fp32 master copies
         cfg["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
         cfg["fp16"] = {
@@ -72,6 +83,26 @@ def initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine
+
+
+def reset_optimizer_state(engine: Any, group_index: int) -> int:
+    """Drop the optimizer state (AdamW moments and step) of param group `group_index`, so it
+    starts fresh at its next update. Works for the plain torch optimizer (ZeRO 0) and for the
+    DeepSpeed wrappers (ZeRO 1-3, bf16 / fp16 weights), whose inner torch optimizer holds one
+    flat fp32 partition per param group. Returns how many state entries were dropped."""
+    wrapper = engine.optimizer
+    inner = getattr(wrapper, "optimizer", wrapper)
+    if hasattr(wrapper, "fp32_partitioned_groups_flat"):
+        # ZeRO-3 hands the inner optimizer one sub-group partition at a time (its param
+        # groups are empty in between): the state is keyed by those partitions.
+        held = [
+            flat
+            for sub, flat in enumerate(wrapper.fp32_partitioned_groups_flat)
+            if wrapper.sub_group_to_group_id[sub] == group_index
+        ]
+    else:
+        held = list(inner.param_groups[group_index]["params"])
+    return sum(inner.state.pop(p, None) is not None for p in held)
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:

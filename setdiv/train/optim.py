@@ -1,4 +1,9 @@
-"""Parameter groups with LR multipliers, the LR schedule, and backbone freezing (SPEC §5)."""
+"""Parameter groups with LR multipliers, the LR schedule, and backbone freezing (SPEC §5).
+
+The groups follow the official train.py: the CNN, the image head (the image encoder without
+its CNN), the image set module, BERT, the rest of the text encoder, the text set module. Each
+has its own multiplier (`optim.lr_mult`); `setdiv info` lists them with their sizes.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +13,53 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from setdiv.config import OptimConfig
+from setdiv.config import LR_GROUPS, OptimConfig
 from setdiv.model import SetRetrievalModel
 
-__all__ = ["build_optimizer", "group_lr_lambdas", "lr_lambda", "param_groups"]
+__all__ = [
+    "build_optimizer",
+    "group_lr_lambdas",
+    "group_parameters",
+    "lr_lambda",
+    "param_groups",
+]
+
+
+def _params(module: nn.Module | None) -> list[nn.Parameter]:
+    return list(module.parameters()) if module is not None else []
+
+
+def _minus(module: nn.Module, part: nn.Module | None) -> list[nn.Parameter]:
+    skip = {id(p) for p in _params(part)}
+    return [p for p in module.parameters() if id(p) not in skip]
+
+
+def group_parameters(model: SetRetrievalModel) -> dict[str, list[nn.Parameter]]:
+    """Every parameter of `model` in exactly one named group (names as `LR_GROUPS`); groups
+    the architecture lacks (no CNN, no BERT) are empty."""
+    image_backbone = model.image_encoder.backbone
+    text_backbone = model.text_encoder.backbone
+    groups = {
+        "image_backbone": _params(image_backbone),
+        "image_head": _minus(model.image_encoder, image_backbone),
+        "image_set": _params(model.image_set),
+        "text_backbone": _params(text_backbone),
+        "text_encoder": _minus(model.text_encoder, text_backbone),
+        "text_set": _params(model.text_set),
+    }
+    assert list(groups) == list(LR_GROUPS)
+    counted = sum(len(ps) for ps in groups.values())
+    if counted != len(list(model.parameters())):
+        raise AssertionError("a parameter is in no group or in two: update group_parameters")
+    return groups
 
 
 def param_groups(model: SetRetrievalModel, cfg: OptimConfig) -> list[dict]:
-    """Three groups: set modules (x set_module_lr_mult), pretrained backbones
-    (x backbone_lr_mult), everything else (x1). Empty groups are dropped."""
-    set_ids = {id(p) for m in (model.image_set, model.text_set) for p in m.parameters()}
-    backbone_ids = {id(p) for b in model.backbones() for p in b.parameters()}
-    groups: dict[str, list[nn.Parameter]] = {"set_modules": [], "backbones": [], "rest": []}
-    for p in model.parameters():
-        key = (
-            "set_modules" if id(p) in set_ids else "backbones" if id(p) in backbone_ids else "rest"
-        )
-        groups[key].append(p)
-    mult = {"set_modules": cfg.set_module_lr_mult, "backbones": cfg.backbone_lr_mult, "rest": 1.0}
+    """Optimizer param groups: one per non-empty named group, `lr = optim.lr x lr_mult[name]`."""
+    mult = {**LR_GROUPS, **cfg.lr_mult}
     return [
-        {"params": ps, "name": k, "lr": cfg.lr * mult[k], "lr_mult": mult[k]}
-        for k, ps in groups.items()
+        {"params": ps, "name": name, "lr": cfg.lr * mult[name], "lr_mult": mult[name]}
+        for name, ps in group_parameters(model).items()
         if ps
     ]
 
@@ -57,13 +88,13 @@ def lr_lambda(cfg: OptimConfig, iters_per_epoch: int, epochs: int) -> Callable[[
 def group_lr_lambdas(
     cfg: OptimConfig, groups: list[dict], iters_per_epoch: int, epochs: int
 ) -> list[Callable[[int], float]]:
-    """One multiplier per param group: `lr_lambda`, and 0 for the backbones during the first
-    `backbone_freeze_epochs` epochs (an LR of 0 freezes them without changing which
-    parameters the (ZeRO-partitioned) optimizer holds)."""
+    """One multiplier per param group: `lr_lambda`, and 0 for the `freeze_groups` during the
+    first `freeze_epochs` epochs. (The trainer also takes their gradients away then; the LR
+    of 0 keeps AdamW's decoupled weight decay off them too.)"""
     base = lr_lambda(cfg, iters_per_epoch, epochs)
-    frozen_iters = cfg.backbone_freeze_epochs * iters_per_epoch
+    frozen_iters = cfg.freeze_epochs * iters_per_epoch
 
-    def backbone(it: int) -> float:
+    def frozen(it: int) -> float:
         return 0.0 if it < frozen_iters else base(it)
 
-    return [backbone if g["name"] == "backbones" else base for g in groups]
+    return [frozen if g["name"] in cfg.freeze_groups else base for g in groups]

@@ -68,14 +68,23 @@ class Trainer:
             cfg.optim, optimizer.param_groups, self.reader.batches_per_epoch, cfg.train.epochs
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        # Parameters the freeze switches off and on: those trainable when the engine is built
+        # (ZeRO partitions exactly these), so not a frozen-BN CNN's BatchNorm. Read before
+        # DeepSpeed swaps the groups' parameters for flat partitions.
+        frozen = set(cfg.optim.freeze_groups) if cfg.optim.freeze_epochs > 0 else set()
+        self._freezable = [
+            (i, g["name"], [p for p in g["params"] if p.requires_grad])
+            for i, g in enumerate(optimizer.param_groups)
+            if g["name"] in frozen
+        ]
         micro = cfg.data.batch_size // self.world
         self.engine = ds.initialize(
             model, optimizer, scheduler, ds.deepspeed_config(cfg.train, cfg.optim, micro)
         )
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # independent dropout per rank
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            cfg.train.precision, torch.float32
-        )
+        # Inputs in the weights' dtype: fp32 under autocast, bf16/fp16 with half weights.
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        self.dtype = half if cfg.train.half_weights and half is not None else torch.float32
         self.state = TrainState(world_size=self.world)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +189,7 @@ class Trainer:
         )
         consecutive_bad = 0
         while st.epoch < cfg.train.epochs:
+            self._apply_freeze()
             t_last, n_last = time.perf_counter(), 0
             for batch in self.reader.epoch(st.epoch, start_batch=st.batch_in_epoch):
                 st.skipped_samples += int(all_reduce_sum(torch.tensor([batch.skipped]))[0])
@@ -223,9 +233,32 @@ class Trainer:
             self.writer.close()
         return st
 
+    def _apply_freeze(self) -> None:
+        """At an epoch start: during the first `optim.freeze_epochs` the `freeze_groups` do not
+        require grad (no gradient, so none in the clip norm; their LR is 0 as well). At the
+        first unfrozen epoch's start their optimizer state is dropped: ZeRO 1-3 keep stepping
+        a flat partition with zero gradients while it is frozen, so Adam's step count (and its
+        bias correction) must start again. Decided by (epoch, batch) alone, so a resumed run
+        does exactly what an uninterrupted one did."""
+        if not self._freezable:
+            return
+        st, epochs = self.state, self.cfg.optim.freeze_epochs
+        frozen = st.epoch < epochs
+        for _, _, params in self._freezable:
+            for p in params:
+                p.requires_grad_(not frozen)
+        if st.epoch == epochs and st.batch_in_epoch == 0:
+            for index, _, _ in self._freezable:
+                ds.reset_optimizer_state(self.engine, index)
+        names = [name for _, name, _ in self._freezable]
+        if frozen or st.epoch == epochs:
+            log.info("epoch %d: %s %s", st.epoch, names, "frozen" if frozen else "unfrozen")
+
     def _lr(self) -> float:
         groups = self.engine.optimizer.param_groups
-        return float(next((g["lr"] for g in groups if g.get("name") == "rest"), groups[0]["lr"]))
+        return float(
+            next((g["lr"] for g in groups if g.get("name") == "text_encoder"), groups[0]["lr"])
+        )
 
     def _log(self, result: dict[str, float], samples_per_s: float) -> None:
         if self.rank != 0:

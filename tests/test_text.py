@@ -1,0 +1,103 @@
+"""Tokenizers of both text encoders and word dropout: BERT words drop as a whole, as in the
+official `process_caption_bert`, and a vocabulary's tokenizer must match the config."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from setdiv import config as config_lib
+from setdiv.config import TextEncoderConfig
+from setdiv.data.text import Tokenizer, build_tokenizer, word_dropout
+from setdiv.data.vocab import SPECIALS, Vocab
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "sur", "##f", "##board"]
+BERT_WORDS += ["##s", *(f"w{i}" for i in range(30))]
+
+
+@pytest.fixture(scope="module")
+def bert_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    from transformers import BertTokenizer
+
+    root = tmp_path_factory.mktemp("bert")
+    (root / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+    BertTokenizer(str(root / "vocab.txt")).save_pretrained(root / "bert")
+    return build_tokenizer(TextEncoderConfig(name="bert", bert_path=str(root / "bert")))
+
+
+def test_bert_pieces_know_their_word(bert_tok: Tokenizer) -> None:
+    ids = bert_tok.encode("A red surfboards")
+    pieces = ["[CLS]", "a", "red", "sur", "##f", "##board", "##s", "[SEP]"]
+    assert ids == [BERT_WORDS.index(t) for t in pieces]
+    assert bert_tok.continues_word is not None
+    assert [bool(bert_tok.continues_word[i]) for i in ids] == [0, 0, 0, 0, 1, 1, 1, 0]
+
+
+def test_bert_word_dropout_treats_a_word_as_a_whole(bert_tok: Tokenizer) -> None:
+    ids = bert_tok.encode("surfboards")  # [CLS] sur ##f ##board ##s [SEP]
+    word = ids[1:-1]
+    outcomes: Counter[str] = Counter()
+    random_words = []
+    for seed in range(3000):
+        out = word_dropout(ids, bert_tok, 1.0, np.random.default_rng(seed))
+        assert out[0] == ids[0] and out[-1] == ids[-1]
+        inner = out[1:-1]
+        if not inner:
+            outcomes["deleted"] += 1
+        elif inner == [bert_tok.mask_id] * len(word):
+            outcomes["masked"] += 1
+        else:
+            # Neither kept (p = 1) nor partly masked: every piece replaced by a random word.
+            assert len(inner) == len(word) and bert_tok.mask_id not in inner, inner
+            assert all(bert_tok.first_word_id <= i < bert_tok.vocab_size for i in inner)
+            random_words.append(inner)
+    assert abs(outcomes["masked"] / 3000 - 0.5) < 0.03
+    assert abs(outcomes["deleted"] / 3000 - 0.4) < 0.03
+    assert abs(len(random_words) / 3000 - 0.1) < 0.02
+    # The official code draws a random token per piece.
+    assert any(len(set(r)) > 1 for r in random_words)
+
+
+def test_bert_word_dropout_keeps_or_drops_all_pieces(bert_tok: Tokenizer) -> None:
+    ids = bert_tok.encode("a surfboards red")  # [CLS] a sur ##f ##board ##s red [SEP]
+    lengths = Counter(
+        len(word_dropout(ids, bert_tok, 0.5, np.random.default_rng(s))) - 2 for s in range(2000)
+    )
+    # "a" and "red" give 0 or 1 ids each, the 4-piece word 0 or 4: never 3 ids in all.
+    assert set(lengths) == {0, 1, 2, 4, 5, 6}
+    # The word survives (kept, masked or random) with 1 - 0.5 * 0.4.
+    survives = sum(n for k, n in lengths.items() if k >= 4) / 2000
+    assert abs(survives - 0.8) < 0.03
+
+
+def test_bigru_word_dropout_decides_per_token() -> None:
+    vocab = Vocab([*SPECIALS, "a", "red", "dog"])
+    tok = build_tokenizer(TextEncoderConfig(), vocab)
+    assert tok.continues_word is None
+    ids = tok.encode("a red dog")
+    lengths = Counter(
+        len(word_dropout(ids, tok, 1.0, np.random.default_rng(s))) for s in range(2000)
+    )
+    assert set(lengths) == {2, 3, 4, 5}  # the three words are deleted independently
+
+
+def test_vocabulary_tokenizer_must_match_config(tmp_path: Path) -> None:
+    vocab = Vocab.build(["a man's hat"], tokenizer="regex")
+    vocab.save(tmp_path / "v.json")
+    cfg = TextEncoderConfig(vocab_path=str(tmp_path / "v.json"))
+    with pytest.raises(ValueError, match="built with the 'regex' tokenizer.*model.text.tokenizer"):
+        build_tokenizer(cfg)
+    tok = build_tokenizer(TextEncoderConfig(vocab_path=str(tmp_path / "v.json"), tokenizer="regex"))
+    assert tok.encode("A man's hat") == [1, *(vocab.stoi[w] for w in ("a", "man's", "hat")), 2]
+    with pytest.raises(ValueError, match="'nltk' tokenizer"):
+        build_tokenizer(TextEncoderConfig(tokenizer="regex"), Vocab.build(["a"]))
+
+
+def test_config_tokenizer_choices() -> None:
+    assert config_lib.load().model.text.tokenizer == "nltk"
+    assert config_lib.load([], ["model.text.tokenizer=regex"]).model.text.tokenizer == "regex"
+    with pytest.raises(config_lib.ConfigError, match="model.text.tokenizer"):
+        config_lib.load([], ["model.text.tokenizer=spacy"])
