@@ -48,3 +48,56 @@ def test_info_errors_name_the_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert "model.text.vocab_path" in capsys.readouterr().err
     assert cli.main(["info", str(ROOT / "configs/demo.yaml"), "model.image.nme=x"]) == 2
     assert "model.image.nme" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["train", "C.yaml", "--run-dir", "D", "a.b=1", "--resume", "latest", "c=2"],
+            {"config": "C.yaml", "run_dir": "D", "resume": "latest", "overrides": ["a.b=1", "c=2"]},
+        ),
+        (["train", "--run-dir", "D", "C.yaml", "a=1"], {"config": "C.yaml", "overrides": ["a=1"]}),
+        (["info", "C.yaml", "--depth", "1", "a=1"], {"depth": 1, "overrides": ["a=1"]}),
+        (
+            ["eval", "RUN", "--data", "t-*.tar", "similarity.alpha=8", "--protocol", "coco"],
+            {"checkpoint": "RUN", "protocol": "coco", "overrides": ["similarity.alpha=8"]},
+        ),
+        (
+            ["demo", "--out", "O", "a=1", "--quick", "b=2"],
+            {"out": "O", "overrides": ["a=1", "b=2"]},
+        ),
+    ],
+)
+def test_dotted_overrides_anywhere_on_the_command_line(argv: list[str], expected: dict) -> None:
+    args = cli.parse_args(argv)
+    assert args.command == argv[0] and callable(args.func)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_eval_overrides_cannot_change_the_model(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "RUN", "--data", "x.tar", "--protocol", "coco", "model.embed_dim=8"]
+    assert cli.main(argv) == 2
+    assert "only similarity.* and data.*" in capsys.readouterr().err
+
+
+def test_info_lists_param_groups_with_lr_and_freezing(capsys: pytest.CaptureFixture[str]) -> None:
+    tiny = ["model.embed_dim=16", "model.image_set.head_dim=4", "model.text_set.head_dim=4"]
+    argv = ["info", str(ROOT / "configs/resnet_bigru.yaml"), "--random-init", *tiny]
+    assert cli.main([*argv, "model.text.hidden_dim=16"]) == 0
+    out = capsys.readouterr().out
+    cfg = config_lib.load(
+        [ROOT / "configs/resnet_bigru.yaml"],
+        [
+            *tiny,
+            "model.text.hidden_dim=16",
+            *cli._random_init_overrides(
+                config_lib.load([ROOT / "configs/resnet_bigru.yaml"]), 11354
+            ),
+        ],
+    )
+    model = build_model(cfg.model)
+    cnn = sum(p.numel() for p in model.image_encoder.backbone.parameters())
+    head = sum(p.numel() for p in model.image_encoder.head.parameters())
+    assert re.search(rf"^image_backbone\s+1\s+0\.001\s+{cnn:,}\s+{cnn:,}\s+first 50 ep", out, re.M)
+    assert re.search(rf"^image_head\s+0\.1\s+0\.0001\s+{head:,}\s+{head:,}\s+-$", out, re.M)

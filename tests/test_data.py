@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from setdiv import cli
+from setdiv import config as config_lib
 from setdiv.data import convert, synthetic
 from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader, plan_epoch
 from setdiv.data.shards import ShardIndex, write_shards
@@ -453,3 +454,56 @@ def test_requeue_signals_reach_the_rank_never_its_data_workers(tmp_path: Path) -
     batches, rank_pid = r.stdout.split()
     assert int(batches) == 4 * 20  # every batch of 4 epochs, nothing lost to a signal
     assert set((tmp_path / "h").read_text().split()) == {rank_pid}  # the rank's handler only
+
+
+def _describe(steps: list) -> list[tuple]:
+    """(class name, size, scale, ratio, p) of v1 or v2 torchvision transforms."""
+    out = []
+    for t in steps:
+        size = getattr(t, "size", None)
+        size = [size] if isinstance(size, int) else list(size) if size else None
+        out.append((type(t).__name__, size, getattr(t, "scale", None), getattr(t, "p", None)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("style", "size", "official_train", "official_test"),
+    [
+        # official data.py get_image_transform: crop_size 224, and the gpo_aug 512 variant
+        (
+            "crop",
+            224,
+            lambda T: [T.RandomResizedCrop(224), T.RandomHorizontalFlip()],
+            lambda T: [T.Resize(int(224 / 0.875)), T.CenterCrop(224)],
+        ),
+        (
+            "gpo512",
+            512,
+            lambda T: [T.RandomResizedCrop(512, scale=(0.36, 1)), T.RandomHorizontalFlip()],
+            lambda T: [T.Resize((512, 512))],
+        ),
+    ],
+)
+def test_image_transforms_match_the_official_pipeline(
+    style: str, size: int, official_train: object, official_test: object
+) -> None:
+    import torchvision.transforms as T
+
+    from setdiv.data.reader import image_transform_steps
+
+    train = image_transform_steps(size, True, style)
+    test = image_transform_steps(size, False, style)
+    assert _describe(train) == _describe(official_train(T))  # type: ignore[operator]
+    assert _describe(test) == _describe(official_test(T))  # type: ignore[operator]
+    assert [t.ratio for t in train[:1]] == [T.RandomResizedCrop(size).ratio]
+    assert _describe(image_transform_steps(size, True, style, hflip=False)) == _describe(
+        official_train(T)[:1]  # type: ignore[operator]
+    )
+    assert _describe(test)[0][1] == ([256] if style == "crop" else [512, 512])
+
+
+def test_recipe_configs_pick_the_official_transforms() -> None:
+    root = Path(__file__).parents[1] / "configs"
+    bert = config_lib.load([root / "resnext_bert.yaml"]).data
+    assert (bert.image_transform, bert.image_size, bert.hflip) == ("gpo512", 512, True)
+    assert config_lib.load([root / "resnet_bigru.yaml"]).data.image_transform == "crop"

@@ -139,13 +139,14 @@ def test_sigkill_mid_epoch_and_resume_reproduces_the_run(data: Path, tmp_path: P
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # step for step, exactly
 
 
-def test_zero2_bf16_two_processes_train(data: Path, tmp_path: Path) -> None:
+def test_zero2_bf16_weights_two_processes_train(data: Path, tmp_path: Path) -> None:
     r = setdiv(
         "train",
         *base_args(
             data,
             "train.zero_stage=2",
             "train.precision=bf16",
+            "train.half_weights=true",  # bf16 parameters (autocast: tests/test_recipe.py)
             "train.epochs=2",
             "data.batch_size=32",
             "data.num_workers=1",
@@ -277,18 +278,23 @@ def test_resume_with_nothing_starts_fresh(data: Path, tmp_path: Path) -> None:
     (tmp_path / "fresh").mkdir()
     stale = [{"step": s, "epoch": 0, "loss": 9.0} for s in (1, 2, 3)]
     (tmp_path / "fresh/metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in stale))
+    config, *overrides = base_args(
+        data, "train.epochs=1", "data.batch_size=64", "data.num_workers=1", "train.log_every=1"
+    )
+    # Options and dotted overrides intermixed, as users type them.
     r = setdiv(
         "train",
-        *base_args(
-            data, "train.epochs=1", "data.batch_size=64", "data.num_workers=1", "train.log_every=1"
-        ),
+        config,
         "--run-dir",
         str(tmp_path / "fresh"),
+        "model.embed_dim=32",
         "--resume",
         "latest",
+        *overrides,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no checkpoint" in r.stderr and "starting fresh" in r.stderr
+    assert "embed_dim: 32" in (tmp_path / "fresh/config.yaml").read_text()
     assert (tmp_path / "fresh/checkpoints/latest").read_text() == "step00000004"
     records = [json.loads(x) for x in (tmp_path / "fresh/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if "loss" in x] == [1, 2, 3, 4]  # no stale record kept

@@ -51,6 +51,7 @@ __all__ = [
     "build_eval_reader",
     "build_train_reader",
     "collate",
+    "image_transform_steps",
 ]
 
 log = logging.getLogger(__name__)
@@ -186,11 +187,10 @@ def _decode_regions(files: dict[str, bytes]) -> np.ndarray:
     return arr
 
 
-def _image_transform(
+def image_transform_steps(
     size: int, train: bool, style: str = "crop", hflip: bool = True
-) -> Callable[[Image.Image], np.ndarray]:
-    """PIL image -> (3,size,size) uint8 as the official DivE code; normalisation happens
-    batched in `collate`.
+) -> list[Callable]:
+    """The torchvision v2 steps of the official DivE image pipeline (before normalisation).
 
     crop:   train RandomResizedCrop(size) (default scale 0.08-1), test Resize(size / 0.875) +
             CenterCrop(size) (224 -> 256 -> 224).
@@ -205,12 +205,19 @@ def _image_transform(
     if train:
         scale = (0.36, 1.0) if style == "gpo512" else (0.08, 1.0)
         steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
-        steps += [v2.RandomHorizontalFlip()] if hflip else []
-    elif style == "gpo512":
-        steps = [v2.Resize((size, size), antialias=True)]
-    else:
-        steps = [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
-    pipeline = v2.Compose([v2.ToImage(), *steps])
+        return steps + ([v2.RandomHorizontalFlip()] if hflip else [])
+    if style == "gpo512":
+        return [v2.Resize((size, size), antialias=True)]
+    return [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
+
+
+def _image_transform(
+    size: int, train: bool, style: str = "crop", hflip: bool = True
+) -> Callable[[Image.Image], np.ndarray]:
+    """PIL image -> (3,size,size) uint8; normalisation happens batched in `collate`."""
+    from torchvision.transforms import v2
+
+    pipeline = v2.Compose([v2.ToImage(), *image_transform_steps(size, train, style, hflip)])
     return lambda im: pipeline(im).numpy()
 
 
