@@ -232,3 +232,42 @@ def test_half_weights_is_a_separate_setting() -> None:
     assert deepspeed_config(half.train, half.optim, 8)["bf16"] == {"enabled": True}
     with pytest.raises(config_lib.ConfigError, match="half_weights"):
         config_lib.load([], ["train.precision=fp32", "train.half_weights=true"])
+
+
+def test_margin_stall_counts_whole_epochs_at_the_margin() -> None:
+    from setdiv.train.trainer import MarginStall
+
+    stall = MarginStall(margin=0.2, reduction="mean")
+    for i2t, t2i in ((0.21, 0.195), (0.2, 0.2), (0.219, 0.181)):  # all within 10% of 0.2
+        stall.update({"i2t_loss": i2t, "t2i_loss": t2i, "mmd_loss": 0.0})
+    assert stall.whole_epoch() and stall.mean("i2t_loss") == pytest.approx((0.21 + 0.2 + 0.219) / 3)
+    stall.update({"i2t_loss": 0.15, "t2i_loss": 0.2})  # one step that learned something
+    assert not stall.whole_epoch()
+    assert not MarginStall(0.2, "sum").enabled and not MarginStall(0.0, "mean").enabled
+
+
+def _check_margin_warning(cfg: config_lib.Config, run_dir: Path) -> None:
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("setdiv.train.trainer").addHandler(handler)
+    with process_group():
+        trainer = Trainer(cfg, run_dir)
+        loss_fn = trainer.loss_fn
+
+        def at_margin(img: object, txt: object, epoch: int = 0) -> dict:
+            terms = loss_fn(img, txt, epoch=epoch)  # keeps the graph; values pinned at 0.2
+            return {k: v - v.detach() + (0.2 if "2" in k else 0.0) for k, v in terms.items()}
+
+        trainer.loss_fn = at_margin
+        trainer.train()
+    warned = [r for r in records if "sat at the margin" in r]
+    assert len(warned) == 1 and "epoch 0" in warned[0] and "mean_negative_epochs" in warned[0]
+
+
+def test_trainer_warns_when_the_triplet_sits_at_the_margin_for_an_epoch(
+    data: Path, tmp_path: Path
+) -> None:
+    spawn_local(_check_margin_warning, 1, _config(data, "train.epochs=1"), tmp_path / "run")

@@ -39,7 +39,7 @@ from setdiv.train import engine as ds
 from setdiv.train.checkpoint import TrainState
 from setdiv.train.optim import build_optimizer, group_lr_lambdas
 
-__all__ = ["NonFiniteLossError", "Trainer"]
+__all__ = ["MarginStall", "NonFiniteLossError", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,32 @@ class NonFiniteLossError(ValueError):
 
     exit_code = 3
     """`setdiv train` exits with this code, so a scheduler can tell divergence from a crash."""
+
+
+class MarginStall:
+    """Counts the steps of an epoch whose triplet terms (mean reduction) both sit within 10% of
+    the margin: what a hardest-negative loss shows when every similarity is alike."""
+
+    def __init__(self, margin: float, reduction: str, tolerance: float = 0.1) -> None:
+        self.margin, self.tolerance = margin, tolerance
+        self.enabled = margin > 0 and reduction == "mean"
+        self.steps, self.at_margin = 0, 0
+        self.sums = {"i2t_loss": 0.0, "t2i_loss": 0.0}
+
+    def update(self, terms: dict[str, float]) -> None:
+        if not self.enabled or not all(k in terms for k in self.sums):
+            return
+        self.steps += 1
+        for k in self.sums:
+            self.sums[k] += terms[k]
+        if all(abs(terms[k] - self.margin) <= self.tolerance * self.margin for k in self.sums):
+            self.at_margin += 1
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.steps, 1)
+
+    def whole_epoch(self) -> bool:
+        return self.steps > 0 and self.at_margin == self.steps
 
 
 class Trainer:
@@ -191,6 +217,7 @@ class Trainer:
         while st.epoch < cfg.train.epochs:
             self._apply_freeze()
             t_last, n_last = time.perf_counter(), 0
+            stalled = MarginStall(cfg.loss.margin, cfg.loss.reduction)
             for batch in self.reader.epoch(st.epoch, start_batch=st.batch_in_epoch):
                 st.skipped_samples += int(all_reduce_sum(torch.tensor([batch.skipped]))[0])
                 result = self.train_step(batch)
@@ -213,6 +240,7 @@ class Trainer:
                         )
                 else:
                     consecutive_bad = 0
+                    stalled.update(result)
                     if st.step % cfg.train.log_every == 0:
                         now = time.perf_counter()
                         rate = n_last / max(now - t_last, 1e-9)
@@ -221,6 +249,20 @@ class Trainer:
                         t_last, n_last = now, 0
                 if st.step % cfg.train.ckpt_every == 0:
                     checkpoint.save(self.engine, self.run_dir, st, cfg.train.keep_last)
+            if stalled.whole_epoch() and self.rank == 0:
+                hardest = cfg.loss.hardest_negatives and st.epoch >= cfg.loss.mean_negative_epochs
+                log.warning(
+                    "epoch %d: the triplet terms sat at the margin %.3g for all %d steps "
+                    "(i2t %.4f, t2i %.4f): positives score no higher than the %s negatives, "
+                    "the embeddings are not separating (a collapse). Remedies: a mean-negative "
+                    "warm-up (loss.mean_negative_epochs=1), less dropout, a lower LR.",
+                    st.epoch,
+                    cfg.loss.margin,
+                    stalled.steps,
+                    stalled.mean("i2t_loss"),
+                    stalled.mean("t2i_loss"),
+                    "hardest" if hardest else "mean",
+                )
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             self._validate()
             # Epoch-end checkpoint, unless this step was just saved: `latest` must never point
