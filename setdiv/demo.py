@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = SIZES["quick" if args.quick else "full"]
     vocab_path = _make_data(out, sizes, seed=0)
     with process_group(Job.single()):  # whatever job this shell is in: the demo is one process
-        rows = _train_and_evaluate(args, out, vocab_path)
+        rows, specialisation = _train_and_evaluate(args, out, vocab_path)
     minutes = (time.perf_counter() - t0) / 60
     print(
         format_table(
@@ -105,8 +106,17 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"RSUM gain of the set model over the single embedding: {gain:+.1f}   ({minutes:.1f} min)"
     )
-    print(f"wrote {out}/attention.png, {out}/curves.png, runs in {out}/run_k4 and {out}/run_k1")
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "minutes": minutes}, indent=1))
+    print(
+        "slot specialisation (mean over test images of each slot's largest attention weight): "
+        + " ".join(f"{v:.3f}" for v in specialisation["slot_max_attention"])
+        + f"   uniform attention: {specialisation['uniform']:.3f}"
+    )
+    print(
+        f"wrote {out}/attention.png, {out}/specialisation.png, {out}/curves.png, "
+        f"runs in {out}/run_k4 and {out}/run_k1"
+    )
+    summary = {"rows": rows, "specialisation": specialisation, "minutes": minutes}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 
@@ -115,8 +125,9 @@ MODELS = {"set K=4 (smooth-Chamfer)": 4, "single K=1 (cosine)": 1}
 
 def _train_and_evaluate(
     args: argparse.Namespace, out: Path, vocab_path: Path
-) -> dict[str, dict[str, float]]:
-    """Train, export and evaluate both models; rows of the comparison table."""
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Train, export and evaluate both models: rows of the comparison table, and the set
+    model's slot specialisation (each slot's mean largest attention weight, and uniform's)."""
     from setdiv.distributed import pick_device
     from setdiv.eval.run import evaluate_export
     from setdiv.export import load_exported
@@ -146,9 +157,13 @@ def _train_and_evaluate(
         runs[name], results[name] = run_dir, result
         rows[name] = result.metrics[full_set_key("coco", len(result.image_ids))]
     set_name = next(iter(MODELS))
-    if "attention" in results[set_name].figures:
-        results[set_name].figures["attention"].savefig(
-            out / "attention.png", dpi=110, bbox_inches="tight"
-        )
+    for fig_name, fig in results[set_name].figures.items():  # attention, specialisation
+        fig.savefig(out / f"{fig_name}.png", dpi=110, bbox_inches="tight")
+    analysis = results[set_name].metrics.get("analysis", {})
+    k = MODELS[set_name]
+    specialisation = {
+        "slot_max_attention": [analysis[f"slot_max_attention_{i}"] for i in range(k)],
+        "uniform": analysis["slot_max_attention_uniform"],
+    }
     _curves(runs, out)
-    return rows
+    return rows, specialisation

@@ -26,3 +26,20 @@ def test_circular_variance_hand_cases() -> None:
 def test_circular_variance_rejects_bad_shape() -> None:
     with pytest.raises(ValueError, match=r"\(N,K,D\)"):
         circular_variance(torch.zeros(3, 4))
+
+
+def test_slot_specialisation_hand_worked() -> None:
+    from setdiv.eval.analysis import slot_specialisation
+
+    # Image 0: 4 valid inputs; slot 0 puts all weight on one, slot 1 is uniform.
+    # Image 1: 2 valid inputs of 4 (the last two padded); slot 0 0.75/0.25, slot 1 uniform.
+    attn = torch.tensor(
+        [
+            [[0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]],
+            [[0.75, 0.25, 0.9, 0.9], [0.5, 0.5, 0.0, 0.0]],  # padded entries ignored
+        ]
+    )
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    peaks, uniform = slot_specialisation(attn, mask)
+    assert peaks.tolist() == pytest.approx([(1.0 + 0.75) / 2, (0.25 + 0.5) / 2])
+    assert uniform == pytest.approx((1 / 4 + 1 / 2) / 2)

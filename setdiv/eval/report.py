@@ -19,12 +19,12 @@ from torch import Tensor  # noqa: E402
 
 from setdiv.data.reader import IMAGENET_MEAN, IMAGENET_STD, Batch  # noqa: E402
 from setdiv.distributed import all_gather_rows, is_initialized  # noqa: E402
-from setdiv.eval.analysis import circular_variance  # noqa: E402
+from setdiv.eval.analysis import circular_variance, slot_specialisation  # noqa: E402
 from setdiv.eval.evaluator import Encoded  # noqa: E402
 from setdiv.eval.metrics import recall_at_k  # noqa: E402
 from setdiv.model import SetRetrievalModel  # noqa: E402
 
-__all__ = ["analyse", "attention_figure", "element_rsums"]
+__all__ = ["analyse", "attention_figure", "element_rsums", "specialisation_figure"]
 
 
 def element_rsums(
@@ -123,4 +123,30 @@ def analyse(
         **element_rsums(similarity, images, captions),
     }
     first = next(iter(reader))
-    return numbers, {"attention": attention_figure(model, first, device)}
+    maps = _attention_maps(model, first, first.images.shape[0], device)  # last iteration:
+    peaks_K, uniform = slot_specialisation(torch.stack([m[-1] for m in maps]), first.image_mask)
+    numbers["slot_max_attention_uniform"] = uniform
+    for k, v in enumerate(peaks_K.tolist()):
+        numbers[f"slot_max_attention_{k}"] = v
+    figures = {
+        "attention": attention_figure(model, first, device),
+        "specialisation": specialisation_figure(peaks_K.tolist(), uniform, len(maps)),
+    }
+    return numbers, figures
+
+
+def specialisation_figure(peaks: list[float], uniform: float, num_images: int) -> Any:
+    """A bar per slot: its mean largest attention weight, against uniform attention."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(peaks), 2.8))
+    ax.bar(
+        [f"slot {k + 1}" for k in range(len(peaks))],
+        peaks,
+        color=[f"C{k}" for k in range(len(peaks))],
+    )
+    ax.axhline(uniform, color="grey", ls="--", lw=1, label=f"uniform 1/R = {uniform:.3f}")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean max attention")
+    ax.set_title(f"slot specialisation ({num_images} test images, last iteration)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
