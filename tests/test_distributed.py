@@ -278,3 +278,14 @@ def test_killing_the_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
     while time.time() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
+
+
+def test_cpu_threads_share_the_cores_between_ranks_and_data_workers() -> None:
+    from setdiv.distributed import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(0, {}) == cores
+    assert cpu_threads(1, {}) == max(1, cores - 1)
+    assert cpu_threads(1, {"LOCAL_WORLD_SIZE": str(2 * cores)}) == 1  # never below one
+    assert cpu_threads(0, {"SLURM_NTASKS_PER_NODE": "1"}) == cores
+    assert cpu_threads(2, {"OMP_NUM_THREADS": "3"}) is None  # the user decided

@@ -11,7 +11,13 @@ import torch
 
 from setdiv import config as config_lib
 from setdiv.data.reader import ShardSet, build_eval_reader
-from setdiv.distributed import pick_device, process_group, rank_and_world, spawn_local
+from setdiv.distributed import (
+    limit_cpu_threads,
+    pick_device,
+    process_group,
+    rank_and_world,
+    spawn_local,
+)
 from setdiv.eval.evaluator import EvalResult, encode, format_table, gather_and_score, write_result
 from setdiv.export import ExportedModel, find_export, load_exported
 from setdiv.model.encoders import IMAGE_INPUT_KIND
@@ -92,9 +98,9 @@ def _worker(args: argparse.Namespace) -> None:
         if args.batch_size:
             cfg = replace(cfg, data=replace(cfg.data, eval_batch_size=args.batch_size))
         exported.cfg = cfg
-        result = evaluate_export(
-            exported, args.data, args.protocol, pick_device(job), analysis=args.analysis
-        )
+        device = pick_device(job)
+        limit_cpu_threads(device, cfg.data.num_workers)
+        result = evaluate_export(exported, args.data, args.protocol, device, analysis=args.analysis)
         if result is not None:
             out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
             write_result(result, out)

@@ -24,6 +24,7 @@ from setdiv.data.vocab import Vocab
 from setdiv.distributed import (
     all_reduce_sum,
     broadcast_float,
+    limit_cpu_threads,
     on_all_ranks,
     pick_device,
     rank_and_world,
@@ -86,6 +87,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.rank, self.world = rank_and_world()
         self.device = pick_device()
+        limit_cpu_threads(self.device, cfg.data.num_workers)
         # User errors (shards, checksums, ranks x workers, weights paths) surface here, before
         # any training, and on every rank at once so none waits in a collective.
         model = on_all_ranks(lambda: self._build(cfg), "building data and model")
