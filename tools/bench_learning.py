@@ -443,6 +443,62 @@ def run_setdiv(
     }
 
 
+def similarity_spread(rd: Path, shards: Path) -> dict[str, dict[str, float]]:
+    """The collapse diagnostic of a finished setdiv run, on one evaluation batch of training
+    images (eval mode): for the model at initialisation (its config, its seed) and for the
+    exported final model, the mean and std of the image-caption similarities, the mean over
+    captions of (hardest negative image - positive image), and the share of captions whose
+    hardest negative outscores the positive. A collapsed model has a tiny std and a gap ~0."""
+    from setdiv.data.reader import build_eval_reader
+    from setdiv.export import load_exported
+    from setdiv.losses import positive_mask
+    from setdiv.model import build_model
+    from setdiv.similarity import build_similarity
+
+    final = load_exported(rd)
+    cfg = final.cfg
+    batch = next(
+        iter(build_eval_reader(cfg.data, f"{shards}/train-*.tar", "regions", final.tokenizer, 0, 1))
+    )
+    torch.manual_seed(cfg.train.seed)  # as the trainer does before building the model
+    init = build_model(cfg.model, pretrained=False).eval()
+    similarity = build_similarity(cfg.similarity)
+    out = {}
+    for name, model in (("init", init), ("final", final.model.eval())):
+        with torch.no_grad():
+            img = model.encode_image(batch.images, batch.image_mask).embeds
+            txt = model.encode_text(batch.tokens, batch.token_mask).embeds
+            sims_NM = similarity(img, txt).float()
+        pos_NM = positive_mask(*sims_NM.shape)
+        positive_M = sims_NM.masked_fill(~pos_NM, float("-inf")).amax(dim=0)
+        hardest_M = sims_NM.masked_fill(pos_NM, float("-inf")).amax(dim=0)
+        gap_M = hardest_M - positive_M
+        out[name] = {
+            "mean": float(sims_NM.mean()),
+            "std": float(sims_NM.std()),
+            "hardest_minus_positive": float(gap_M.mean()),
+            "hardest_wins": float((gap_M > 0).float().mean()),
+        }
+    return out
+
+
+def diagnose(run_dirs: list[Path], shards: Path) -> str:
+    """A markdown table of `similarity_spread` for finished setdiv runs."""
+    lines = [
+        "| run | S at init: mean ± std | S final: mean ± std | final hardest neg − pos "
+        "| captions whose hardest negative wins |",
+        "|---|---|---|---:|---:|",
+    ]
+    for rd in run_dirs:
+        d = similarity_spread(rd, shards)
+        i, f = d["init"], d["final"]
+        lines.append(
+            f"| {rd.name} | {i['mean']:.3f} ± {i['std']:.4f} | {f['mean']:.3f} ± {f['std']:.4f} "
+            f"| {f['hardest_minus_positive']:+.3f} | {100 * f['hardest_wins']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
 def _full_set(eval_dir: Path) -> dict[str, float]:
     """The whole-set recall group (`coco_<N>`) of a `setdiv eval` output directory."""
     from setdiv.eval.evaluator import full_set_key
@@ -864,6 +920,13 @@ def _arguments() -> argparse.Namespace:
         "oversubscribe the cores and run up to 10x slower; the data worker takes the other)",
     )
     p.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, k4 + ref_k4 (smoke)")
+    p.add_argument(
+        "--diagnose",
+        nargs="+",
+        default=None,
+        metavar="RUN_DIR",
+        help="instead of training: the similarity spread (collapse diagnostic) of finished runs",
+    )
     return p.parse_args()
 
 
@@ -883,8 +946,11 @@ def main() -> int:
             setattr(recipe, key, getattr(args, flag))
     if args.train_images:
         spec = replace(spec, train=args.train_images)
-    pairs, seeds = parse_runs(args), [int(s) for s in args.seeds.split(",")]
     work = Path(args.work)
+    if args.diagnose:
+        print(diagnose([Path(d) for d in args.diagnose], work / "data" / "shards"))
+        return 0
+    pairs, seeds = parse_runs(args), [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) if args.out else work / "report"
     out.mkdir(parents=True, exist_ok=True)
     raw, shards, vocab = prepare_data(spec, work)
