@@ -122,8 +122,24 @@ VARIANTS = {
     "k4_mil": Variant("setdiv", similarity="mil"),
     "k4_chamfer": Variant("setdiv", similarity="chamfer"),
     "k4_hardest": Variant("setdiv", warmup=0),
+    "k4_mean": Variant("setdiv", warmup=1000),  # mean negatives throughout
     "k1_hardest": Variant("setdiv", k=1, warmup=0),
     "k4_headlr": Variant("setdiv", lr_mult=(("image_head", 0.1),)),  # official train.py groups
+    # Which dropout stalls K=4: run `k4_no_set_dropout:on` (the data and encoder dropouts
+    # only) and `k4_set_dropout:off` (the set modules' dropout only).
+    "k4_no_set_dropout": Variant(
+        "setdiv", overrides=("model.image_set.dropout=0.0", "model.text_set.dropout=0.0")
+    ),
+    "k4_set_dropout": Variant(
+        "setdiv", overrides=("model.image_set.dropout=0.1", "model.text_set.dropout=0.1")
+    ),
+    # ... and of the rest, the data dropouts (regions, words) or the encoders' dropout:
+    "k4_data_dropout": Variant(
+        "setdiv", overrides=("data.region_dropout=0.2", "data.word_dropout=0.2")
+    ),
+    "k4_encoder_dropout": Variant(
+        "setdiv", overrides=("model.image.dropout=0.1", "model.text.dropout=0.1")
+    ),
     "ref_k4": Variant("ref"),
     "ref_k1": Variant("ref", k=1),
     "ref_k4_hardest": Variant("ref", warmup=0),
