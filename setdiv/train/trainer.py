@@ -256,8 +256,10 @@ class Trainer:
                 log.warning(
                     "epoch %d: the triplet terms sat at the margin %.3g for all %d steps "
                     "(i2t %.4f, t2i %.4f): positives score no higher than the %s negatives, "
-                    "the embeddings are not separating (a collapse). Remedies: a mean-negative "
-                    "warm-up (loss.mean_negative_epochs=1), less dropout, a lower LR.",
+                    "the similarities are collapsing to a constant. Remedies (BENCHMARKS.md): "
+                    "more mean-negative epochs (loss.mean_negative_epochs) or mean negatives "
+                    "throughout (loss.hardest_negatives=false), less input dropout "
+                    "(data.region_dropout, data.word_dropout), a lower LR.",
                     st.epoch,
                     cfg.loss.margin,
                     stalled.steps,
