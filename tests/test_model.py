@@ -298,3 +298,36 @@ def test_sync_masked_batchnorm_matches_batchnorm_in_one_process() -> None:
     torch.testing.assert_close(ours.running_var, ref.running_var)
     ours.eval(), ref.eval()
     torch.testing.assert_close(ours(x1), ref(x2))
+
+
+def test_pienet_official_init_and_bert_hidden_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Official PIE-Net: xavier-uniform w_1, w_2 (attention MLP) and fc; with BERT text the
+    attention MLP's hidden width is word_dim // 2 (model_spm.py), otherwise d_in // 2."""
+    import math
+
+    from setdiv.model import encoders
+    from setdiv.model.set_modules import PIENet
+
+    model = build_model(
+        tiny_config("model.image_set.name=pienet", "model.text_set.name=pienet").model
+    )
+    pie = model.image_set
+    assert isinstance(pie, PIENet) and pie.w1.out_features == pie.w1.in_features // 2
+    for linear in (pie.w1, pie.w2, pie.fc):
+        fan_out, fan_in = linear.weight.shape
+        xavier = math.sqrt(6 / (fan_in + fan_out))  # default nn.Linear: 1 / sqrt(fan_in)
+        top = float(linear.weight.abs().max())
+        assert 0.75 * xavier < top <= xavier, (linear, top, xavier)
+
+    class StandInBert(torch.nn.Module):  # BERT itself does not matter here: only its width
+        backbone = None
+
+        def __init__(self, cfg: object, dim: int, pretrained: bool = True) -> None:
+            super().__init__()
+            self.local_dim = dim
+
+    monkeypatch.setitem(encoders.TEXT_ENCODERS, "bert", StandInBert)
+    cfg = tiny_config(
+        "model.text.name=bert", "model.text_set.name=pienet", "model.text.word_dim=300"
+    )
+    assert build_model(cfg.model).text_set.w1.out_features == 150  # word_dim 300 // 2
