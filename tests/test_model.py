@@ -316,7 +316,7 @@ def test_pienet_official_init_and_bert_hidden_width(monkeypatch: pytest.MonkeyPa
     for linear in (pie.w1, pie.w2, pie.fc):
         fan_out, fan_in = linear.weight.shape
         xavier = math.sqrt(6 / (fan_in + fan_out))  # default nn.Linear: 1 / sqrt(fan_in)
-        top = float(linear.weight.abs().max())
+        top = float(linear.weight.detach().abs().max())
         assert 0.75 * xavier < top <= xavier, (linear, top, xavier)
 
     class StandInBert(torch.nn.Module):  # BERT itself does not matter here: only its width
