@@ -99,3 +99,23 @@ def test_coco_1k_averages_folds() -> None:
 def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="N x 5N"):
         recall_at_k(np.zeros((3, 14), dtype=np.float32))
+
+
+def test_nan_scores_rank_below_every_finite_score() -> None:
+    """A diverged model's NaN matrix used to rank every target first (RSUM 600)."""
+    nan = np.full((20, 100), np.nan, dtype=np.float32)
+    # All ties, broken by index: i2t finds image 0 (R@1, R@5: 5%) and 0-1 (R@10: 10%); t2i
+    # ranks caption c's image at c // 5 (R@1 5%, R@5 25%, R@10 50%): 100, not 600.
+    assert recall_at_k(nan)["rsum"] == pytest.approx(100.0)
+    perfect = np.full((20, 100), -1.0, dtype=np.float32)
+    for i in range(20):
+        perfect[i, 5 * i : 5 * i + 5] = 1.0
+    assert recall_at_k(perfect)["rsum"] == 600
+    broken = perfect.copy()
+    broken[3, :] = np.nan  # image 3 diverged: all its scores NaN
+    broken[:, 50] = np.inf  # caption 50 (image 10's) blew up too
+    ranks = i2t_ranks(broken)
+    assert ranks[3] == 5 * 3  # a row of NaN: all tied at the bottom, index order
+    assert t2i_ranks(broken)[15] == 19  # caption 15 (image 3): its own score is now the worst
+    assert t2i_ranks(broken)[50] == 10  # all of its column is -inf: ties by image index
+    assert recall_at_k(broken)["rsum"] < 600

@@ -2,6 +2,9 @@
 
 Shape legend: N images, M = 5N captions, image-major (caption c belongs to image c // 5).
 
+Non-finite scores (NaN, +-inf) rank below every finite score, so a diverged model scores
+near nothing, never RSUM 600; `recall_at_k` logs how many there were.
+
 Ranks are 0-based. Ties are broken deterministically by index: an item's rank is the number
 of items scored strictly higher plus the number scored equally that come earlier (lower
 caption index for i2t, lower image index for t2i). That is the position a stable descending
@@ -10,6 +13,7 @@ sort gives, so a constant matrix ranks the first candidate first.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +23,7 @@ from torch import Tensor
 __all__ = ["coco_1k", "i2t_ranks", "recall_at_k", "t2i_ranks"]
 
 _CHUNK = 256
+log = logging.getLogger(__name__)
 
 
 def _target_ranks(scores_QC: Tensor, targets_QT: Tensor) -> Tensor:
@@ -33,7 +38,13 @@ def _target_ranks(scores_QC: Tensor, targets_QT: Tensor) -> Tensor:
 
 
 def _as_tensor(sims: np.ndarray | Tensor) -> Tensor:
-    return torch.as_tensor(np.asarray(sims) if not isinstance(sims, Tensor) else sims)
+    """The matrix as a tensor with every non-finite score (NaN, +-inf) replaced by -inf: a
+    diverged model's scores rank below every finite score, never first (a NaN compares false
+    with everything, which would give it rank 0)."""
+    t = torch.as_tensor(np.asarray(sims) if not isinstance(sims, Tensor) else sims)
+    if t.is_floating_point():
+        t = torch.where(torch.isfinite(t), t, torch.full_like(t, float("-inf")))
+    return t
 
 
 def i2t_ranks(sims_NM: np.ndarray | Tensor, captions_per_image: int = 5) -> np.ndarray:
@@ -68,6 +79,14 @@ def recall_at_k(
 ) -> dict[str, float]:
     """R@K in percent for both directions, RSUM (sum of the recalls), median and mean rank
     (1-based), from an (N, captions_per_image*N) image-major similarity matrix."""
+    sims = _as_tensor(sims)
+    bad = int((~torch.isfinite(sims)).sum()) if sims.is_floating_point() else 0
+    if bad:
+        log.warning(
+            "%d of %d scores are not finite (NaN/inf): ranked below every finite score",
+            bad,
+            sims.numel(),
+        )
     i2t = i2t_ranks(sims, captions_per_image)
     t2i = t2i_ranks(sims, captions_per_image)
     out: dict[str, float] = {}
