@@ -10,12 +10,13 @@ This module is the only reader of YAML and of override strings in setdiv.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, TupleConfig
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
@@ -308,6 +309,8 @@ def _overridden(cfg: DictConfig, overrides: Sequence[str]) -> Config:
 
 _CHOICES = {
     "similarity.name": ("smooth_chamfer", "chamfer", "mil", "match_prob"),
+    "model.image.name": ("region", "resnet152", "resnext101_32x8d"),
+    "model.text.name": ("bigru", "bert"),
     "loss.reduction": ("mean", "sum"),
     "optim.schedule": ("cosine", "step"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -318,8 +321,21 @@ _CHOICES = {
 }
 
 
+def _float_leaves(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    if isinstance(node, DictConfig):
+        return [leaf for key in node for leaf in _float_leaves(node.get(key), f"{prefix}{key}.")]
+    if isinstance(node, ListConfig | TupleConfig):
+        return [
+            leaf for i, item in enumerate(node) for leaf in _float_leaves(item, f"{prefix}{i}.")
+        ]
+    return [(prefix[:-1], node)] if isinstance(node, float) else []
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks the type system cannot express; raises `ConfigError` naming the key."""
+    for key, value in _float_leaves(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"bad config key '{key}': {value} is not a finite number")
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

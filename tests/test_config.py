@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,26 @@ def test_resolved_config_round_trips(path: Path, tmp_path: Path) -> None:
 def test_bad_values_fail_at_load_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
         config_lib.load([], [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lr=nan", "optim.lr"),
+        ("similarity.alpha=inf", "similarity.alpha"),
+        ("optim.betas=[0.9,nan]", "optim.betas.1"),
+        ("optim.lr_mult.image_head=-inf", "optim.lr_mult.image_head"),
+        ("model.image.name=resnet50", "model.image.name"),
+        ("model.text.name=gpt2", "model.text.name"),
+    ],
+)
+def test_non_finite_numbers_and_unknown_encoders_fail_at_load(override: str, key: str) -> None:
+    with pytest.raises(config_lib.ConfigError, match=f"'{re.escape(key)}'"):
+        config_lib.load([], [override])
+
+
+def test_encoder_choices_are_the_registries() -> None:
+    from setdiv.model.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+
+    assert set(config_lib._CHOICES["model.image.name"]) == set(IMAGE_ENCODERS)
+    assert set(config_lib._CHOICES["model.text.name"]) == set(TEXT_ENCODERS)
