@@ -141,13 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     make_shards.add_arguments(shards)
     shards.set_defaults(func=cmd_shards)
 
+    from setdiv.data.vocab import TOKENIZERS
+
     vc = sub.add_parser("vocab", help="build the bi-GRU vocabulary of training shards' captions")
     vc.add_argument("--shards", required=True, help="training shards, e.g. 'train-*.tar'")
     vc.add_argument("--out", required=True, help="vocabulary JSON to write")
     vc.add_argument("--min-count", type=int, default=1, help="drop words seen fewer times")
     vc.add_argument(
         "--tokenizer",
-        choices=("nltk", "regex"),
+        choices=TOKENIZERS,
         default="nltk",
         help="caption tokenisation; must match model.text.tokenizer when training",
     )
@@ -176,19 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-INTERMIXED = ("train", "info", "eval", "demo")
-"""Subcommands whose dotted overrides may stand anywhere among their options."""
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The top-level parser picks the subcommand; the subcommands that take dotted overrides
-    parse the rest intermixed (`train CONFIG --run-dir D key=value` and `train CONFIG key=value
+    """The top-level parser picks the subcommand; a subcommand that takes dotted `overrides`
+    parses the rest intermixed (`train CONFIG --run-dir D key=value` and `train CONFIG key=value
     --run-dir D` are the same), which argparse cannot do through subparsers."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in INTERMIXED:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = sub.choices.get(argv[0]) if argv else None
+    if command is not None and any(a.dest == "overrides" for a in command._actions):
+        args = command.parse_intermixed_args(argv[1:])
         args.command = argv[0]
         return args
     return parser.parse_args(argv)

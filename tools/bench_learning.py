@@ -206,16 +206,7 @@ def setdiv_overrides(
 
 
 def _lr_overrides(mult: dict[str, float]) -> list[str]:
-    """`optim.lr_mult.<group>` where the schema has it, else the older `set_module_lr_mult`."""
-    from setdiv.config import OptimConfig
-
-    if "lr_mult" in OptimConfig.__dataclass_fields__:
-        return [f"optim.lr_mult.{g}={m}" for g, m in mult.items()]
-    if not (
-        mult["image_head"] == mult["text_encoder"] == 1 and mult["image_set"] == mult["text_set"]
-    ):
-        raise ValueError(f"this setdiv config has only set_module_lr_mult: cannot express {mult}")
-    return [f"optim.set_module_lr_mult={mult['image_set']}"]
+    return [f"optim.lr_mult.{g}={m}" for g, m in mult.items()]
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -405,25 +396,15 @@ def prepare_data(spec: DataSpec, work: Path) -> tuple[Path, Path, Path]:
     for split in ("train", "dev", "test", "trainsub"):
         cmd = [*setdiv_cmd(), "shards", "precomp", "--root", str(raw), "--split", split]
         run_cmd([*cmd, "--out", str(shards), "--shard-size", "500"], log)
-    build_vocab(raw / "train_caps.txt", shards, vocab, log)
+    build_vocab(shards, vocab, log)
     stamp.write_text(json.dumps(asdict(spec)))
     print(f"data: generated and converted in {(time.perf_counter() - t0) / 60:.1f} min -> {work}")
     return raw, shards, vocab
 
 
-def build_vocab(captions: Path, shards: Path, out: Path, log: Path) -> None:
-    """`setdiv vocab` where it exists, else `Vocab.build` over the train captions."""
-    help_rc = subprocess.call(
-        [*setdiv_cmd(), "vocab", "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    if help_rc == 0:
-        run_cmd(
-            [*setdiv_cmd(), "vocab", "--shards", f"{shards}/train-*.tar", "--out", str(out)], log
-        )
-        return
-    from setdiv.data.vocab import Vocab
-
-    Vocab.build(captions.read_text().splitlines()).save(out)
+def build_vocab(shards: Path, out: Path, log: Path) -> None:
+    """`setdiv vocab` over the training shards."""
+    run_cmd([*setdiv_cmd(), "vocab", "--shards", f"{shards}/train-*.tar", "--out", str(out)], log)
 
 
 # --- setdiv runs -----------------------------------------------------------------------------

@@ -38,18 +38,26 @@ def _target_ranks(scores_QC: Tensor, targets_QT: Tensor) -> Tensor:
 
 
 def _as_tensor(sims: np.ndarray | Tensor) -> Tensor:
-    """The matrix as a tensor with every non-finite score (NaN, +-inf) replaced by -inf: a
-    diverged model's scores rank below every finite score, never first (a NaN compares false
-    with everything, which would give it rank 0)."""
-    t = torch.as_tensor(np.asarray(sims) if not isinstance(sims, Tensor) else sims)
-    if t.is_floating_point():
-        t = torch.where(torch.isfinite(t), t, torch.full_like(t, float("-inf")))
-    return t
+    return torch.as_tensor(np.asarray(sims) if not isinstance(sims, Tensor) else sims)
+
+
+def _finite_or_worst(sims: Tensor) -> tuple[Tensor, int]:
+    """`sims` with every non-finite score (NaN, +-inf) replaced by -inf, and how many there
+    were: a diverged model's scores rank below every finite score, never first (a NaN compares
+    false with everything, which would give it rank 0). No copy when all are finite."""
+    if not sims.is_floating_point():
+        return sims, 0
+    bad = ~torch.isfinite(sims)
+    count = int(bad.sum())
+    return (sims.masked_fill(bad, float("-inf")) if count else sims), count
 
 
 def i2t_ranks(sims_NM: np.ndarray | Tensor, captions_per_image: int = 5) -> np.ndarray:
     """(N,) best (smallest) rank among each image's captions."""
-    sims = _as_tensor(sims_NM)
+    return _i2t_ranks(_finite_or_worst(_as_tensor(sims_NM))[0], captions_per_image)
+
+
+def _i2t_ranks(sims: Tensor, captions_per_image: int) -> np.ndarray:
     N, M = sims.shape
     if M != captions_per_image * N:
         raise ValueError(f"similarity matrix {N}x{M} is not N x {captions_per_image}N")
@@ -65,7 +73,11 @@ def i2t_ranks(sims_NM: np.ndarray | Tensor, captions_per_image: int = 5) -> np.n
 
 def t2i_ranks(sims_NM: np.ndarray | Tensor, captions_per_image: int = 5) -> np.ndarray:
     """(M,) rank of each caption's image among all images."""
-    sims_T = _as_tensor(sims_NM).T
+    return _t2i_ranks(_finite_or_worst(_as_tensor(sims_NM))[0], captions_per_image)
+
+
+def _t2i_ranks(sims: Tensor, captions_per_image: int) -> np.ndarray:
+    sims_T = sims.T
     M = sims_T.shape[0]
     out = []
     for c in range(0, M, _CHUNK):
@@ -79,16 +91,15 @@ def recall_at_k(
 ) -> dict[str, float]:
     """R@K in percent for both directions, RSUM (sum of the recalls), median and mean rank
     (1-based), from an (N, captions_per_image*N) image-major similarity matrix."""
-    sims = _as_tensor(sims)
-    bad = int((~torch.isfinite(sims)).sum()) if sims.is_floating_point() else 0
+    sims, bad = _finite_or_worst(_as_tensor(sims))
     if bad:
         log.warning(
             "%d of %d scores are not finite (NaN/inf): ranked below every finite score",
             bad,
             sims.numel(),
         )
-    i2t = i2t_ranks(sims, captions_per_image)
-    t2i = t2i_ranks(sims, captions_per_image)
+    i2t = _i2t_ranks(sims, captions_per_image)
+    t2i = _t2i_ranks(sims, captions_per_image)
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,11 +91,15 @@ def _worker(args: argparse.Namespace) -> None:
             force=True,
         )
         exported = load_exported(args.checkpoint)
-        cfg = config_lib.override(exported.cfg, args.overrides)
-        if args.block_size:
-            cfg = replace(cfg, similarity=replace(cfg.similarity, block_size=args.block_size))
-        if args.batch_size:
-            cfg = replace(cfg, data=replace(cfg.data, eval_batch_size=args.batch_size))
+        flags = [
+            f"{key}={value}"
+            for key, value in (
+                ("similarity.block_size", args.block_size),
+                ("data.eval_batch_size", args.batch_size),
+            )
+            if value
+        ]
+        cfg = config_lib.override(exported.cfg, [*args.overrides, *flags])
         exported.cfg = cfg
         device = pick_device(job)
         limit_cpu_threads(device, cfg.data.num_workers)

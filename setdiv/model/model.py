@@ -47,12 +47,6 @@ class SetRetrievalModel(nn.Module):
     ) -> tuple[SetOutput, SetOutput]:
         return self.encode_image(images, image_mask), self.encode_text(ids, text_mask)
 
-    def backbones(self) -> list[nn.Module]:
-        """The pretrained backbones (CNN, BERT) present in this model: they get their own LR."""
-        return [
-            b for b in (self.image_encoder.backbone, self.text_encoder.backbone) if b is not None
-        ]
-
 
 def build_model(cfg: ModelConfig, pretrained: bool = True) -> SetRetrievalModel:
     """Build both encoders and both set modules from the model config subtree.
