@@ -375,6 +375,39 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(tmp_path: Path
     assert sum(b.skipped for b in batches) >= 7
 
 
+def test_all_corrupt_shards_fail_after_one_pass_naming_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sample bad: one pass, then an error naming the shards and the real count (the
+    reader used to re-read them up to 1000 times)."""
+    from setdiv.data import reader as reader_mod
+
+    make_synth(tmp_path, 40, 10)
+    for i in range(4):
+        shard = tmp_path / f"train-{i:06d}.tar"
+        for j in range(10):
+            rewrite_member(shard, f"train{10 * i + j:07d}.npy", b"garbage")
+    opened = []
+    real = reader_mod._tar_samples
+    monkeypatch.setattr(reader_mod, "_tar_samples", lambda p: opened.append(p) or real(p))
+    warner = reader_mod._Warner()
+    monkeypatch.setattr(reader_mod, "_WARN", warner)
+    opts = SampleOptions("regions", SYNTH_TOK, train=True)
+    train = TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=0, verify=False)
+    with pytest.raises(ValueError, match=r"no readable training sample .*4 shard\(s\)") as err:
+        next(train.epoch(0))
+    assert "40 of 40 samples are corrupt" in str(err.value)
+    assert "train-000000.tar" in str(err.value)
+    assert len(opened) == 4  # one pass
+    assert warner.count == 40
+    # A truncated shard counts every sample it lost, not one.
+    warner.count = 0
+    (tmp_path / "train-000000.tar").write_bytes(b"not a tar at all")
+    with pytest.raises(ValueError, match="40 of 40"):
+        next(train.epoch(0))
+    assert warner.count == 40
+
+
 def test_missing_shard_checksum_and_too_few_shards_fail_early(tmp_path: Path) -> None:
     make_synth(tmp_path, 30, 10)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)

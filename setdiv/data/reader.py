@@ -56,6 +56,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 CHUNK = 16
+MAX_PASSES = 100
+"""Reads of its shards a rank may need to fill one epoch from partly corrupt data."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -139,8 +141,8 @@ class _Warner:
     def __init__(self, every: float = 10.0) -> None:
         self.every, self.last, self.count = every, -1e9, 0
 
-    def __call__(self, msg: str) -> None:
-        self.count += 1
+    def __call__(self, msg: str, bad: int = 1) -> None:
+        self.count += bad
         now = time.monotonic()
         if now - self.last >= self.every:
             log.warning("%s (%d bad samples so far in this reader process)", msg, self.count)
@@ -166,7 +168,7 @@ def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 current = key
                 files[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
     except (tarfile.TarError, EOFError, OSError) as exc:
-        _WARN(f"{path}: unreadable after sample {current!r}: {exc}")
+        _WARN(f"{path}: unreadable after sample {current!r}: {exc}", bad=0)  # counted by caller
         return
     if current is not None:
         yield current, files
@@ -292,7 +294,9 @@ class _SampleStream(IterableDataset):
                     yield pool.pop(int(rng.integers(len(pool)))), skipped
                     skipped = 0
             if seen < expected:  # truncated shard: the rest of its samples are lost
-                _WARN(f"{path}: {expected - seen} of {expected} samples unreadable")
+                _WARN(
+                    f"{path}: {expected - seen} of {expected} samples unreadable", expected - seen
+                )
                 skipped += expected - seen
         for i in rng.permutation(len(pool)):
             yield pool[i], skipped
@@ -436,7 +440,7 @@ class TrainReader:
         resampled: bool = False,
         verify: bool = True,
     ) -> None:
-        self.shards = ShardSet.resolve(pattern, opts.kind)
+        self.pattern, self.shards = pattern, ShardSet.resolve(pattern, opts.kind)
         n = len(self.shards.paths)
         if not resampled and n < world * max(num_workers, 1):
             raise ValueError(
@@ -478,39 +482,59 @@ class TrainReader:
         return [(self.shards.paths[i], self.shards.infos[i].samples) for i in mine]
 
     def _samples(self, epoch: int) -> Iterator[tuple[dict[str, Any] | None, int]]:
-        for attempt in range(1000):  # re-read with a fresh shuffle if corrupt data left us short
-            stream = _SampleStream(
-                self._shards(epoch, attempt),
-                self.opts,
-                (self.seed, epoch, self.rank, attempt),
-                self.buffer,
-            )
-            loader = DataLoader(
-                stream,
-                batch_size=None,
-                num_workers=self.num_workers,
-                collate_fn=_as_is,  # keep numpy arrays numpy: no per-sample tensor conversion
-                # Its own generator: creating workers must not draw from the global RNG, or a
-                # resumed run's dropout masks would drift from the uninterrupted run's.
-                generator=torch.Generator().manual_seed(
-                    int(_rng(self.seed, epoch, self.rank, attempt).integers(2**62))
-                ),
-                persistent_workers=False,
-                prefetch_factor=4 if self.num_workers else None,
-                worker_init_fn=_worker_signals,
-            )
-            workers = _start_workers(loader)
-            try:
-                for chunk in workers:
-                    yield from chunk
-            finally:
-                # Shut the workers down here (an epoch usually ends before the stream does),
-                # not in the iterator's __del__, where an exception raised meanwhile -- a
-                # requeue signal handler's SystemExit -- would be swallowed.
-                shutdown = getattr(workers, "_shutdown_workers", None)
-                if shutdown is not None:
-                    shutdown()
-        raise RuntimeError("training reader could not fill an epoch: the shards are mostly corrupt")
+        """The rank's samples of `epoch`; when corrupt data leaves the epoch short, its shards
+        are read again with a fresh shuffle. A whole pass without one good sample stops it:
+        reading the same bad shards again would not help."""
+        for attempt in range(MAX_PASSES):
+            shards = self._shards(epoch, attempt)
+            good = bad = 0
+            for sample, skip in self._pass(shards, epoch, attempt):
+                good, bad = good + (sample is not None), bad + skip
+                yield sample, skip
+            if good == 0:
+                names = ", ".join(str(p) for p, _ in shards[:4]) + (", ..." * (len(shards) > 4))
+                raise ValueError(
+                    f"no readable training sample in a whole pass over rank {self.rank}'s "
+                    f"{len(shards)} shard(s) of {self.pattern!r} ({names}): {bad} of "
+                    f"{sum(n for _, n in shards)} samples are corrupt or missing"
+                )
+        raise ValueError(
+            f"{self.pattern!r}: {MAX_PASSES} passes over the shards did not fill epoch {epoch}: "
+            "most samples are corrupt (see the warnings above)"
+        )
+
+    def _pass(
+        self, shards: list[tuple[Path, int]], epoch: int, attempt: int
+    ) -> Iterator[tuple[dict[str, Any] | None, int]]:
+        """One read of `shards` through the DataLoader's workers."""
+        stream = _SampleStream(
+            shards, self.opts, (self.seed, epoch, self.rank, attempt), self.buffer
+        )
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_as_is,  # keep numpy arrays numpy: no per-sample tensor conversion
+            # Its own generator: creating workers must not draw from the global RNG, or a
+            # resumed run's dropout masks would drift from the uninterrupted run's.
+            generator=torch.Generator().manual_seed(
+                int(_rng(self.seed, epoch, self.rank, attempt).integers(2**62))
+            ),
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+            worker_init_fn=_worker_signals,
+        )
+        workers = _start_workers(loader)
+        try:
+            for chunk in workers:
+                yield from chunk
+        finally:
+            # Shut the workers down here (an epoch usually ends before the stream does),
+            # not in the iterator's __del__, where an exception raised meanwhile -- a
+            # requeue signal handler's SystemExit -- would be swallowed.
+            shutdown = getattr(workers, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Exactly `batches_per_epoch - start_batch` batches of epoch `epoch` (deterministic)."""
