@@ -240,8 +240,47 @@ def test_nonfinite_losses_are_skipped_then_stop(data: Path, tmp_path: Path) -> N
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 3, 4]  # step 2 skipped, 5.. skipped
     assert recs[-1]["nonfinite_steps"] == 1
-    # Skipped steps leave the weights untouched, so the step-6 checkpoint is still a good one.
-    assert (run / "checkpoints/latest").read_text() == "step00000006"
+    # No checkpoint during the streak (steps 5-7): the step-6 one is not written, and the stop
+    # message names the step-3 checkpoint, which is.
+    assert (run / "checkpoints/latest").read_text() == "step00000003"
+    assert not (run / "checkpoints/step00000006").exists()
+    assert f"last finite checkpoint: {run}/checkpoints/step00000003" in r.stderr
+
+
+def test_nonfinite_buffers_are_never_checkpointed(data: Path, tmp_path: Path) -> None:
+    """A NaN in a BatchNorm running statistic leaves the training loss finite (batch
+    statistics), but would poison every evaluation: the next checkpoint is refused and the run
+    stops (exit 3) naming the buffer and the last finite checkpoint."""
+    run = tmp_path / "nanbuf"
+    code = (
+        "import sys, torch\n"
+        "from setdiv.train import trainer\n"
+        "orig = trainer.Trainer.train_step\n"
+        "def step(self, batch):\n"
+        "    out = orig(self, batch)\n"
+        "    if self.state.step == 2:  # the third step: after the step-2 checkpoint\n"
+        "        self.engine.module.image_encoder.head.bn.running_var.fill_(float('nan'))\n"
+        "    return out\n"
+        "trainer.Trainer.train_step = step\n"
+        "from setdiv import cli\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    args = base_args(
+        data, *DETERMINISTIC, "train.epochs=1", "train.ckpt_every=2", "data.batch_size=32",
+        "data.num_workers=1", f"data.val_shards={data}/val-*.tar", "data.eval_batch_size=32",
+    )  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", code, "train", *args, "--run-dir", str(run)],
+        capture_output=True, text=True, timeout=400, cwd=ROOT, env=CLEAN_ENV,
+    )  # fmt: skip
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "step 4: the model holds non-finite values (image_encoder.head.bn.running_var)" in (
+        r.stderr
+    )
+    assert f"last finite checkpoint: {run}/checkpoints/step00000002" in r.stderr
+    assert (run / "checkpoints/latest").read_text() == "step00000002"
+    assert not (run / "checkpoints/step00000004").exists()
+    assert not (run / "checkpoints/best").exists()
 
 
 def test_clear_errors_before_any_work(data: Path, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from setdiv.data.reader import Batch, build_eval_reader, build_train_reader
 from setdiv.data.text import build_tokenizer
 from setdiv.data.vocab import Vocab
 from setdiv.distributed import (
+    all_gather_list,
     all_reduce_sum,
     broadcast_float,
     limit_cpu_threads,
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(ValueError):
-    """Too many consecutive non-finite losses: training stops, the last checkpoint is kept."""
+    """Too many consecutive non-finite losses, or non-finite weights at a checkpoint: training
+    stops, the last (finite) checkpoint is kept."""
 
     exit_code = 3
     """`setdiv train` exits with this code, so a scheduler can tell divergence from a crash."""
@@ -215,7 +217,7 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        consecutive_bad = 0
+        self.consecutive_bad = 0
         while st.epoch < cfg.train.epochs:
             self._apply_freeze()
             t_last, n_last = time.perf_counter(), 0
@@ -229,19 +231,19 @@ class Trainer:
                 bar.update(1)
                 if result is None:
                     st.nonfinite_steps += 1
-                    consecutive_bad += 1
+                    self.consecutive_bad += 1
                     log.warning(
                         "non-finite loss at step %d: step skipped (%d in a row)",
                         st.step,
-                        consecutive_bad,
+                        self.consecutive_bad,
                     )
-                    if consecutive_bad >= cfg.train.max_nonfinite:
+                    if self.consecutive_bad >= cfg.train.max_nonfinite:
                         raise NonFiniteLossError(
-                            f"{consecutive_bad} consecutive non-finite losses at step {st.step}; "
-                            f"last good checkpoint: {checkpoint.latest_tag(self.run_dir)}"
+                            f"{self.consecutive_bad} consecutive non-finite losses at step "
+                            f"{st.step}; {self._last_finite()}"
                         )
                 else:
-                    consecutive_bad = 0
+                    self.consecutive_bad = 0
                     stalled.update(result)
                     if st.step % cfg.train.log_every == 0:
                         now = time.perf_counter()
@@ -250,7 +252,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{result['loss']:.4f}", img_s=f"{rate:.0f}")
                         t_last, n_last = now, 0
                 if st.step % cfg.train.ckpt_every == 0:
-                    checkpoint.save(self.engine, self.run_dir, st, cfg.train.keep_last)
+                    self._save()
             if stalled.whole_epoch() and self.rank == 0:
                 hardest = cfg.loss.hardest_negatives and st.epoch >= cfg.loss.mean_negative_epochs
                 log.warning(
@@ -273,7 +275,7 @@ class Trainer:
             # at a directory being rewritten in place. (Resuming from the step checkpoint of
             # an epoch's last batch simply finds that epoch's stream exhausted.)
             if checkpoint.latest_tag(self.run_dir) != checkpoint.step_tag(st.step):
-                checkpoint.save(self.engine, self.run_dir, st, cfg.train.keep_last)
+                self._save()
         bar.close()
         if self.writer is not None:
             self.writer.close()
@@ -367,11 +369,48 @@ class Trainer:
                     + "\n"
                 )
             self.writer.add_scalar("val/rsum", rsum_value, self.state.step)
-        if rsum_value > self.state.best_rsum:
-            self.state.best_rsum = rsum_value
-            checkpoint.save(
-                self.engine, self.run_dir, self.state, self.cfg.train.keep_last, tag="best"
+        if rsum_value > self.state.best_rsum:  # NaN never is
+            previous, self.state.best_rsum = self.state.best_rsum, rsum_value
+            if not self._save(tag="best"):
+                self.state.best_rsum = previous
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _save(self, tag: str | None = None) -> bool:
+        """Checkpoint (a step tag, or `best`) unless a streak of non-finite losses is under
+        way; stops the run if the model's parameters or buffers are no longer finite, so every
+        checkpoint written is one a resume or an export can use. Returns whether it saved."""
+        if self.consecutive_bad:
+            log.warning(
+                "step %d: no checkpoint during a streak of non-finite losses", self.state.step
             )
+            return False
+        bad = self._nonfinite_tensors()
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteLossError(
+                f"step {self.state.step}: the model holds non-finite values ({shown}); "
+                f"not checkpointed; {self._last_finite()}"
+            )
+        checkpoint.save(self.engine, self.run_dir, self.state, self.cfg.train.keep_last, tag=tag)
+        return True
+
+    def _nonfinite_tensors(self) -> list[str]:
+        """Names of parameters and floating buffers holding NaN or inf on any rank (ZeRO-3:
+        each rank checks its partition)."""
+        module = self.engine.module
+        names = []
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            data = getattr(t, "ds_tensor", t)
+            if data.is_floating_point() and data.numel() and not torch.isfinite(data).all():
+                names.append(name)
+        return sorted(set(all_gather_list(names)))
+
+    def _last_finite(self) -> str:
+        tag = checkpoint.latest_tag(self.run_dir)
+        if tag is None:
+            return "no checkpoint was written"
+        return f"last finite checkpoint: {self.run_dir / 'checkpoints' / tag}"
 
 
 def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None) -> Path:
