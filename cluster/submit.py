@@ -29,6 +29,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # pinned submitit==1.5.4; 
 
 from cluster.jobs import TrainJob
 from setdiv import config as config_lib
+from setdiv.train import rundir
 
 __all__ = ["build_parser", "executor_parameters", "main", "sbatch_script"]
 
@@ -192,6 +193,8 @@ def submit(args: argparse.Namespace) -> int:
     name = args.job_name or f"setdiv-{Path(args.config).stem}"
     args.job_name = name
     run_dir = _run_dir(args, name)
+    if args.resume:  # before the run's config.yaml is rewritten below
+        rundir.check_resume_config(cfg, run_dir)
     params = executor_parameters(args)
     folder = run_dir / "slurm" / "%j"
     job = TrainJob(str(run_dir / "config.yaml"), str(run_dir), "latest" if args.resume else None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ def _train_and_evaluate(
         cfg = config_lib.load(
             [CONFIG], [*base, f"model.image_set.num_embeds={k}", f"model.text_set.num_embeds={k}"]
         )
+        shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run: trained anew each time
         log.info("training %s -> %s", name, run_dir)
         Trainer(cfg, run_dir).train()
         export_run(run_dir, tag="best")

@@ -7,6 +7,7 @@ fails instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -375,3 +376,91 @@ def test_nonfinite_validation_scores_are_nan_never_best(data: Path, tmp_path: Pa
     ]
     assert len(val) == 1 and np.isnan(val[0]["val_rsum"])
     assert not (run / "checkpoints" / "best").exists()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parents.items() if p in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def tree_digest(run: Path) -> dict[str, bytes]:
+    """Every file of a run directory but the lock, with its bytes."""
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != "train.lock"
+    }
+
+
+def test_run_dir_is_owned_and_a_killed_launcher_leaves_no_orphans(
+    data: Path, tmp_path: Path
+) -> None:
+    """Two ranks with a data worker each: while they train, a second training into the same
+    directory is refused, naming the owner. `kill -9` of the launcher alone takes every rank
+    and worker with it. Afterwards the run is protected: no training without --resume, and a
+    --resume with another config fails leaving every file of the run byte-identical (the stale
+    lock of the killed run does not stand in the way). Both refusals come from a rank of a
+    2-process job, as one line and exit code 2."""
+    run = tmp_path / "owned"
+    args = base_args(
+        data, "train.epochs=50", "train.ckpt_every=4", "data.batch_size=32", "data.num_workers=1"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "setdiv.cli", "train", *args, "--run-dir", str(run),
+         "--nproc-per-node", "2"],
+        cwd=ROOT, env=CLEAN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and last_step(run) < 3:
+            time.sleep(0.1)
+        assert proc.poll() is None and last_step(run) >= 3
+        tree = descendants(proc.pid)
+        owner = json.loads((run / "train.lock").read_text())
+        assert owner["pid"] in tree  # rank 0 owns the run
+        assert len(tree) >= 4  # two ranks, a data worker each
+        second = setdiv("train", *args, "--run-dir", str(run), "--resume", "latest",
+                        "--nproc-per-node", "2")  # fmt: skip
+        assert second.returncode == 2
+        assert f"is being trained by pid {owner['pid']} on host" in second.stderr
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only
+        proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(running(p) for p in tree):
+            time.sleep(0.2)
+        assert not [p for p in tree if running(p)], "orphans survived the launcher"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = tree_digest(run)
+    assert "checkpoints/latest" in before and "config.yaml" in before
+    for extra, expected in [
+        ([], "already holds a run: pass --resume latest"),
+        (["--resume", "latest", "model.embed_dim=32"], "model.embed_dim: 64 -> 32"),
+    ]:
+        r = setdiv("train", *args, "--run-dir", str(run), "--nproc-per-node", "2", *extra)
+        assert r.returncode == 2 and expected in r.stderr, r.stderr[-3000:]
+        errors = [x for x in r.stderr.splitlines() if "error" in x.lower()]
+        assert errors == [next(x for x in errors if x.startswith("setdiv train: error:"))]
+        assert "Traceback" not in r.stderr
+        assert tree_digest(run) == before

@@ -18,10 +18,12 @@ tars are skipped, counted (`Batch.skipped`) and warned about at most every 10 s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import io
 import json
 import logging
+import os
 import signal
 import tarfile
 import time
@@ -400,14 +402,17 @@ def _as_is(item: Any) -> Any:
 _JOB_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
 
 
-def _worker_signals(_worker_id: int) -> None:
+def _worker_signals(_worker_id: int, rank_pid: int | None = None) -> None:
     """Data workers are forked from their rank and would inherit its signal handlers (a
     launcher's requeue handler on USR1/USR2, a SIGTERM that is only logged): a requeue signal
     sent to the whole job step is the rank's business, and SIGTERM must end a worker. The
     rank forks with these signals blocked (`_start_workers`); one that arrived in between is
     discarded here. A worker never outlives its rank (an orphan would block for ever on its
-    full result pipe)."""
+    full result pipe): if the rank died before the kernel was asked to tell us (`rank_pid`
+    is no longer the parent), the worker ends now."""
     die_with_parent(signal.SIGKILL)
+    if rank_pid is not None and os.getppid() != rank_pid:
+        os._exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
@@ -522,7 +527,7 @@ class TrainReader:
             ),
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
-            worker_init_fn=_worker_signals,
+            worker_init_fn=functools.partial(_worker_signals, rank_pid=os.getpid()),
         )
         workers = _start_workers(loader)
         try:

@@ -4,12 +4,14 @@ started by torchrun / SLURM / submitit, see `setdiv.distributed`) and runs the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from setdiv import config as config_lib
-from setdiv.distributed import process_group, spawn_local
+from setdiv.distributed import on_all_ranks, process_group, spawn_local
+from setdiv.train import rundir
 
 __all__ = ["add_export_arguments", "add_train_arguments", "run_export", "run_train", "train"]
 
@@ -22,22 +24,40 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints go")
     p.add_argument("--nproc-per-node", type=int, default=1, help="local ranks to spawn")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="RUN_DIR holds a run: delete its checkpoints, records and export, start again",
+    )
 
 
 def train(
-    config: str | Path, overrides: Sequence[str], run_dir: str | Path, resume: str | None = None
+    config: str | Path,
+    overrides: Sequence[str],
+    run_dir: str | Path,
+    resume: str | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """One rank of a training job: join the job the environment describes, train to the
-    configured epochs, leave the job. Every launcher ends up here."""
+    """One rank of a training job: join the job the environment describes, claim the run
+    directory (rank 0; see `setdiv.train.rundir`), train to the configured epochs, leave the
+    job. Every launcher ends up here."""
     from setdiv.train.trainer import Trainer
 
-    with process_group() as job:
+    with process_group() as job, contextlib.ExitStack() as owned:
         logging.basicConfig(
             level=logging.INFO,
             format=f"[rank {job.rank}] %(levelname)s %(name)s: %(message)s",
             force=True,
         )
         cfg = config_lib.load([config], overrides)
+        on_all_ranks(
+            lambda: (
+                owned.enter_context(rundir.claim(run_dir, cfg, resume, overwrite))
+                if job.rank == 0
+                else None
+            ),
+            "claiming the run directory",
+        )
         Trainer(cfg, run_dir, resume=resume).train()
 
 
@@ -45,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     config_lib.load([args.config], args.overrides)  # bad keys fail here, before any spawn
     if args.nproc_per_node < 1:
         raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    job_args = (args.config, list(args.overrides), args.run_dir, args.resume)
+    job_args = (args.config, list(args.overrides), args.run_dir, args.resume, args.overwrite)
     if args.nproc_per_node > 1:
         spawn_local(train, args.nproc_per_node, *job_args)
     else:  # a lone process, or one rank of a job torchrun / srun started

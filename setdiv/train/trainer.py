@@ -116,13 +116,13 @@ class Trainer:
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         self.dtype = half if cfg.train.half_weights and half is not None else torch.float32
         self.state = TrainState(world_size=self.world)
+        if resume is not None:  # a checkpoint that does not fit fails before RUN is written
+            self._resume(resume)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_lib.save(cfg, self.run_dir / "config.yaml")
             if self.vocab is not None:
                 self.vocab.save(self.run_dir / "vocab.json")
-        if resume is not None:
-            self._resume(resume)
         self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.rank == 0 else None
 
     def _build(self, cfg: config_lib.Config) -> torch.nn.Module:
