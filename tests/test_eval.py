@@ -121,7 +121,7 @@ def test_ensemble_of_itself_and_of_two(setup: Path, capsys: pytest.CaptureFixtur
     assert "ensemble:coco_60" in capsys.readouterr().out
 
 
-def test_ensemble_refuses_mismatched_ids(setup: Path) -> None:
+def test_ensemble_refuses_mismatched_ids(setup: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = run_eval(setup, "mm_a")
     b = setup / "mm_b"
     b.mkdir()
@@ -129,8 +129,8 @@ def test_ensemble_refuses_mismatched_ids(setup: Path) -> None:
     meta = json.loads((a / "sims_meta.json").read_text())
     meta["image_ids"] = meta["image_ids"][::-1]
     (b / "sims_meta.json").write_text(json.dumps(meta))
-    with pytest.raises(SystemExit, match="image_ids differ"):
-        ensemble_eval.main([str(a / "sims.npy"), str(b / "sims.npy")])
+    assert ensemble_eval.main([str(a / "sims.npy"), str(b / "sims.npy")]) == 2
+    assert "image_ids differ" in capsys.readouterr().err
 
 
 def test_analysis_writes_numbers_and_attention_png(setup: Path) -> None:
@@ -210,3 +210,98 @@ def test_attention_figure_for_a_grid_model() -> None:
     fig = attention_figure(model, batch, torch.device("cpu"), n=2)
     T, K = 4, 4  # default num_iters and num_embeds
     assert len(fig.axes) == 2 * T * (K + 1)  # per image and iteration: the picture + K slots
+
+
+# --- what evaluation checks before and while it works (issue 10) -------------------------------
+
+
+def copy_test_shards(setup: Path, dest: Path) -> str:
+    import shutil
+
+    shutil.copytree(setup / "test", dest)
+    return f"{dest}/test-*.tar"
+
+
+def eval_main(setup: Path, data: str, *extra: str, checkpoint: Path | None = None) -> int:
+    target = str(checkpoint or setup / "export")
+    return cli.main(["eval", target, "--data", data, "--protocol", "coco", *extra])
+
+
+def test_eval_writes_next_to_a_weights_file(setup: Path, tmp_path: Path) -> None:
+    import shutil
+
+    export = tmp_path / "exp"
+    shutil.copytree(setup / "export", export)
+    data = f"{setup}/test/test-*.tar"
+    assert eval_main(setup, data, checkpoint=export / "model.safetensors") == 0
+    assert np.load(export / "eval/sims.npy").shape == (60, 300)
+
+
+def test_eval_verifies_checksums_and_refuses_a_partial_test_set(
+    setup: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from test_data import rewrite_member
+
+    data = copy_test_shards(setup, tmp_path / "shards")
+    shard = tmp_path / "shards/test-000001.tar"
+    # A sample whose regions no longer parse: the file differs from what the index recorded.
+    rewrite_member(shard, "test0000030.npy", b"not an npy file")
+    out = tmp_path / "out"
+    assert eval_main(setup, data, "--out", str(out)) == 2
+    assert "checksum mismatch for shard" in capsys.readouterr().err
+    assert not (out / "sims.npy").exists()
+    # Checksums off: the corrupt sample is skipped, and 59 of 60 images is not a test set.
+    assert eval_main(setup, data, "--out", str(out), "data.verify_checksums=false") == 2
+    err = capsys.readouterr().err
+    assert "59 of the 60 test images listed in the shard index could be read" in err
+    assert "--allow-partial" in err and not (out / "sims.npy").exists()
+    args = ("--out", str(out), "data.verify_checksums=false", "--allow-partial")
+    assert eval_main(setup, data, *args) == 0
+    meta = json.loads((out / "sims_meta.json").read_text())
+    assert (meta["images"], meta["index_images"], meta["skipped_samples"]) == (59, 60, 1)
+    assert "coco_59" in json.loads((out / "metrics.json").read_text())
+    # The non-standard size is said, not silent.
+    assert "reported as coco_59, not comparable with published coco_5k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--block-size"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_bad_eval_sizes_fail_before_encoding(
+    setup: Path, flag: str, value: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from setdiv.eval import run as eval_run
+
+    def no_encoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("encoded before checking the flags")
+
+    monkeypatch.setattr(eval_run, "encode", no_encoding)
+    assert eval_main(setup, f"{setup}/test/test-*.tar", f"{flag}={value}") == 2
+    key = {"--batch-size": "data.eval_batch_size", "--block-size": "similarity.block_size"}[flag]
+    assert f"bad config key '{key}': must be > 0" in capsys.readouterr().err
+
+
+def test_ensemble_eval_checks_its_inputs(
+    setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = run_eval(setup, "ens_checks")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    np.save(lone / "sims.npy", np.load(a / "sims.npy"))
+    assert ensemble_eval.main([str(a / "sims.npy"), str(lone / "sims.npy")]) == 2
+    assert "no sims_meta.json beside it" in capsys.readouterr().err
+    (lone / "sims_meta.json").write_text((a / "sims_meta.json").read_text())
+    np.save(lone / "sims.npy", np.load(a / "sims.npy")[:, :299])
+    assert ensemble_eval.main([str(a / "sims.npy"), str(lone / "sims.npy")]) == 2
+    assert "shape (60, 299) is not N x 5N" in capsys.readouterr().err
+    # The protocol is the members' own: never silently coco for an f30k evaluation.
+    np.save(lone / "sims.npy", np.load(a / "sims.npy"))
+    meta = json.loads((a / "sims_meta.json").read_text())
+    (lone / "sims_meta.json").write_text(json.dumps({**meta, "protocol": "f30k"}))
+    assert ensemble_eval.main([str(lone / "sims.npy"), str(lone / "sims.npy")]) == 0
+    assert "f30k_60" in capsys.readouterr().out
+    assert ensemble_eval.main([str(lone / "sims.npy"), "--protocol", "coco"]) == 2
+    assert "evaluated with f30k" in capsys.readouterr().err

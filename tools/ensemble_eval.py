@@ -1,7 +1,7 @@
 """Average the similarity matrices of several runs (e.g. seeds) and compare with each alone.
 
-    python tools/ensemble_eval.py runs/s0/eval/sims.npy runs/s1/eval/sims.npy --protocol coco \
-        [--out runs/ensemble]
+    python tools/ensemble_eval.py runs/s0/eval/sims.npy runs/s1/eval/sims.npy \
+        [--protocol coco] [--out runs/ensemble]
 
 Each sims.npy needs its sims_meta.json beside it; all must share shape, image ids and caption ids.
 """
@@ -19,7 +19,12 @@ from setdiv.eval.evaluator import format_table, write_result
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sims", nargs="+", type=Path, help="sims.npy files")
-    parser.add_argument("--protocol", choices=("coco", "f30k"), default="coco")
+    parser.add_argument(
+        "--protocol",
+        choices=("coco", "f30k"),
+        default=None,
+        help="default: the protocol the members were evaluated with (sims_meta.json)",
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="write the ensemble's sims + metrics"
     )
@@ -27,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows, result = ensemble(args.sims, args.protocol)
     except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"ensemble_eval: error: {exc}") from None
-    print(format_table(rows, title=f"{len(args.sims)} models, protocol {args.protocol}"))
+        print(f"ensemble_eval: error: {exc}", file=sys.stderr)
+        return 2
+    protocol = result.meta["protocol"]
+    print(format_table(rows, title=f"{len(args.sims)} models, protocol {protocol}"))
     if args.out:
         write_result(result, args.out)
         print(f"wrote {args.out}")

@@ -9,32 +9,55 @@ from pathlib import Path
 
 import numpy as np
 
+from setdiv.data.shards import CAPTIONS_PER_IMAGE
 from setdiv.eval.evaluator import EvalResult, protocol_metrics
 
 __all__ = ["ensemble", "load_sims"]
 
 
 def load_sims(path: str | Path) -> tuple[np.ndarray, dict]:
-    """An evaluation's (N, 5N) `sims.npy` and the `sims_meta.json` beside it."""
+    """An evaluation's (N, 5N) `sims.npy` and the `sims_meta.json` beside it, checked against
+    each other (shape, id counts). Raises ValueError / FileNotFoundError naming the file."""
     path = Path(path)
     meta_path = path.with_name("sims_meta.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such similarity matrix")
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path}: no sims_meta.json beside it")
-    return np.load(path, allow_pickle=False), json.loads(meta_path.read_text())
+        raise FileNotFoundError(f"{path}: no sims_meta.json beside it (written by setdiv eval)")
+    try:
+        sims = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .npy matrix: {exc}") from None
+    try:
+        meta = json.loads(meta_path.read_text())
+        n_img, n_cap = len(meta["image_ids"]), len(meta["caption_ids"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_path}: not an evaluation's metadata ({exc!r})") from None
+    if sims.ndim != 2 or sims.shape[1] != CAPTIONS_PER_IMAGE * sims.shape[0]:
+        raise ValueError(
+            f"{path}: shape {sims.shape} is not N x {CAPTIONS_PER_IMAGE}N (images x captions)"
+        )
+    if sims.shape != (n_img, n_cap):
+        raise ValueError(
+            f"{path}: shape {sims.shape} does not match the {n_img} image and {n_cap} caption "
+            f"ids of {meta_path}"
+        )
+    return sims, meta
 
 
 def ensemble(
-    paths: Sequence[str | Path], protocol: str, names: Sequence[str] | None = None
+    paths: Sequence[str | Path], protocol: str | None = None, names: Sequence[str] | None = None
 ) -> tuple[dict[str, dict[str, float]], EvalResult]:
     """Score every member and their mean. Returns table rows (`NAME:PROTOCOL_KEY` per member,
     `ensemble:PROTOCOL_KEY`) and the ensemble's result (its (N, 5N) float32 mean matrix).
 
-    All members must share shape, image ids and caption ids; names default to each file's
-    directory name.
+    All members must share shape, image ids, caption ids and the protocol they were evaluated
+    with (`protocol`, when given, must be it); names default to each file's directory name.
     """
     paths = [Path(p) for p in paths]
     names = list(names) if names is not None else [p.parent.name or p.stem for p in paths]
     loaded = [load_sims(p) for p in paths]
+    protocol = _protocol(paths, [meta for _, meta in loaded], protocol)
     first_sims, first_meta = loaded[0]
     for path, (sims, meta) in zip(paths[1:], loaded[1:], strict=True):
         if sims.shape != first_sims.shape:
@@ -52,3 +75,16 @@ def ensemble(
     rows.update({f"ensemble:{key}": m for key, m in metrics.items()})
     meta = {"members": [str(p) for p in paths], "protocol": protocol}
     return rows, EvalResult(mean, *ids, metrics, meta)
+
+
+def _protocol(paths: list[Path], metas: list[dict], asked: str | None) -> str:
+    """The protocol the members were evaluated with (older metadata without one: `asked`)."""
+    found = {str(p): m["protocol"] for p, m in zip(paths, metas, strict=True) if "protocol" in m}
+    if len(set(found.values())) > 1:
+        raise ValueError(f"members were evaluated with different protocols: {found}")
+    recorded = next(iter(found.values()), None)
+    if asked is not None and recorded is not None and asked != recorded:
+        raise ValueError(f"--protocol {asked}, but the members were evaluated with {recorded}")
+    if recorded is None and asked is None:
+        raise ValueError("the members' sims_meta.json name no protocol: pass --protocol")
+    return recorded or asked  # type: ignore[return-value]

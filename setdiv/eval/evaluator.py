@@ -31,6 +31,7 @@ from setdiv.eval.metrics import coco_1k, recall_at_k
 from setdiv.model import SetRetrievalModel
 
 __all__ = [
+    "STANDARD_SIZE",
     "EvalResult",
     "Encoded",
     "encode",
@@ -120,13 +121,16 @@ def gather_and_score(
     )
 
 
-_FULL = {"coco": ("coco_5k", 5000), "f30k": ("f30k_1k", 1000)}
+STANDARD_SIZE = {"coco": 5000, "f30k": 1000}
+"""Test images of each protocol's standard split."""
+_FULL_NAME = {"coco": "coco_5k", "f30k": "f30k_1k"}
 
 
 def full_set_key(protocol: str, num_images: int) -> str:
-    """Name of the whole-test-set metric group: coco_5k, f30k_1k, or <protocol>_<N>."""
-    name, expected = _FULL[protocol]
-    return name if num_images == expected else f"{protocol}_{num_images}"
+    """Name of the whole-test-set metric group: coco_5k, f30k_1k, or <protocol>_<N> for a
+    test set of another size."""
+    standard = num_images == STANDARD_SIZE[protocol]
+    return _FULL_NAME[protocol] if standard else f"{protocol}_{num_images}"
 
 
 def protocol_metrics(

@@ -11,13 +11,22 @@ import torch
 from setdiv import config as config_lib
 from setdiv.data.reader import ShardSet, build_eval_reader
 from setdiv.distributed import (
+    all_reduce_sum,
     limit_cpu_threads,
     pick_device,
     process_group,
     rank_and_world,
     spawn_local,
 )
-from setdiv.eval.evaluator import EvalResult, encode, format_table, gather_and_score, write_result
+from setdiv.eval.evaluator import (
+    STANDARD_SIZE,
+    EvalResult,
+    encode,
+    format_table,
+    full_set_key,
+    gather_and_score,
+    write_result,
+)
 from setdiv.export import ExportedModel, find_export, load_exported
 from setdiv.model.encoders import IMAGE_INPUT_KIND
 from setdiv.similarity import build_similarity
@@ -37,11 +46,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="test shards (brace pattern or glob)")
     p.add_argument("--protocol", choices=("coco", "f30k"), required=True)
     p.add_argument("--nproc", type=int, default=1, help="local processes sharing the image rows")
-    p.add_argument("--out", default=None, help="output directory (default: <export>/eval)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: CHECKPOINT/eval, or next to a weights file)",
+    )
     p.add_argument("--block-size", type=int, default=None, help="override similarity.block_size")
     p.add_argument("--batch-size", type=int, default=None, help="override data.eval_batch_size")
     p.add_argument(
         "--analysis", action="store_true", help="circular variance, per-element RSUM, attention PNG"
+    )
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score a test set some of whose images could not be read (not comparable)",
     )
 
 
@@ -52,15 +70,20 @@ def evaluate_export(
     device: torch.device,
     progress: bool = True,
     analysis: bool = False,
+    allow_partial: bool = False,
 ) -> EvalResult | None:
     """Evaluate a loaded export on `data`; shards rows over the process group if one exists.
-    Returns the result on rank 0 (or a lone process), None elsewhere."""
+    Returns the result on rank 0 (or a lone process), None elsewhere. Raises ValueError, before
+    scoring, if fewer images were read than the shard index lists, unless `allow_partial`."""
     cfg = exported.cfg
     rank, world = rank_and_world()
     kind = IMAGE_INPUT_KIND[cfg.model.image.name]
     reader = build_eval_reader(cfg.data, data, kind, exported.tokenizer, rank, world)
     model = exported.model.to(device)
     enc = encode(model, reader, device, progress=progress and rank == 0)
+    expected = reader.shards.num_samples
+    read = int(all_reduce_sum(torch.tensor([len(enc.image_ids)]))[0])
+    _check_test_set(data, protocol, read, expected, allow_partial)
     similarity = build_similarity(cfg.similarity)
     result = gather_and_score(enc, similarity, cfg.data.eval_batch_size, protocol)
     if analysis:
@@ -77,9 +100,32 @@ def evaluate_export(
             "data": data,
             "protocol": protocol,
             "processes": world,
-            "skipped_samples": enc.skipped,
+            "images": read,
+            "index_images": expected,
+            "skipped_samples": expected - read,
         }
     return result
+
+
+def _check_test_set(data: str, protocol: str, read: int, expected: int, partial: bool) -> None:
+    """A test set must be whole (or `partial` allowed); one of another size than the
+    protocol's is scored under its own name (`coco_76`), never silently."""
+    if read < expected:
+        msg = (
+            f"{data}: {read} of the {expected} test images listed in the shard index could be "
+            f"read ({expected - read} corrupt or missing, see the warnings above)"
+        )
+        if not partial:
+            raise ValueError(f"{msg}; metrics on a partial test set are not comparable: fix the "
+                             "shards, or pass --allow-partial to score what was read")  # fmt: skip
+        log.warning("%s; --allow-partial: scoring them anyway", msg)
+    key, standard = full_set_key(protocol, read), full_set_key(protocol, STANDARD_SIZE[protocol])
+    if key != standard:
+        log.warning(
+            "protocol %s is defined on %d test images, scored here on %d: the metrics are "
+            "reported as %s, not comparable with published %s numbers",
+            protocol, STANDARD_SIZE[protocol], read, key, standard,
+        )  # fmt: skip
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -91,31 +137,43 @@ def _worker(args: argparse.Namespace) -> None:
             force=True,
         )
         exported = load_exported(args.checkpoint)
-        flags = [
-            f"{key}={value}"
-            for key, value in (
-                ("similarity.block_size", args.block_size),
-                ("data.eval_batch_size", args.batch_size),
-            )
-            if value
-        ]
-        cfg = config_lib.override(exported.cfg, [*args.overrides, *flags])
-        exported.cfg = cfg
+        exported.cfg = config_lib.override(exported.cfg, _overrides(args))
         device = pick_device(job)
-        limit_cpu_threads(device, cfg.data.num_workers)
-        result = evaluate_export(exported, args.data, args.protocol, device, analysis=args.analysis)
+        limit_cpu_threads(device, exported.cfg.data.num_workers)
+        result = evaluate_export(
+            exported,
+            args.data,
+            args.protocol,
+            device,
+            analysis=args.analysis,
+            allow_partial=args.allow_partial,
+        )
         if result is not None:
-            out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-            write_result(result, out)
+            write_result(result, args.out)
             print(format_table(result.metrics, title=f"{args.checkpoint} on {args.data}"))
-            print(f"wrote {out}/sims.npy, sims_meta.json, metrics.json")
+            print(f"wrote {args.out}/sims.npy, sims_meta.json, metrics.json")
 
 
 EVAL_OVERRIDABLE = ("similarity.", "data.")
 """Evaluation may change how sets are compared and read, never the exported model."""
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The dotted overrides, with --block-size / --batch-size as theirs."""
+    flags = [
+        f"{key}={value}"
+        for key, value in (
+            ("similarity.block_size", args.block_size),
+            ("data.eval_batch_size", args.batch_size),
+        )
+        if value is not None
+    ]
+    return [*args.overrides, *flags]
+
+
 def run(args: argparse.Namespace) -> int:
+    """Check everything that can be checked before any work -- overrides, export, shards and
+    their checksums, the output directory -- then evaluate on 1 or `--nproc` processes."""
     if args.nproc < 1:
         raise ValueError("--nproc must be >= 1")
     for item in args.overrides:
@@ -124,8 +182,22 @@ def run(args: argparse.Namespace) -> int:
                 f"eval override '{item}': only similarity.* and data.* keys can be changed "
                 "(the model is the exported one)"
             )
-    find_export(args.checkpoint)  # fail here, not in N child processes
-    ShardSet.resolve(args.data)
+    root = find_export(args.checkpoint)
+    cfg = config_lib.override(config_lib.load([root / "config.yaml"]), _overrides(args))
+    shards = ShardSet.resolve(args.data)
+    if cfg.data.verify_checksums:
+        shards.verify()
+    checkpoint = Path(args.checkpoint)
+    out = (
+        Path(args.out)
+        if args.out
+        else (checkpoint.parent if checkpoint.is_file() else checkpoint) / "eval"
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the output directory: {exc}") from None
+    args.out = str(out)
     if args.nproc == 1:  # a lone process, or one rank of a job torchrun / srun started
         _worker(args)
     else:
