@@ -17,13 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from setdiv import config as config_lib
 from setdiv.data.text import Tokenizer, build_tokenizer
 from setdiv.data.vocab import Vocab
 from setdiv.model import SetRetrievalModel, build_model
+from setdiv.model.encoders import load_state_dict_file
 
 __all__ = ["WEIGHTS", "ExportedModel", "export_model", "find_export", "load_exported"]
 
@@ -91,10 +92,17 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     image = replace(cfg.model.image, weights=None)
     cfg = replace(cfg, model=replace(cfg.model, text=text, image=image))
     model = build_model(cfg.model, pretrained=False)
-    missing, unexpected = model.load_state_dict(load_file(str(root / WEIGHTS)), strict=False)
+    state = load_state_dict_file(root / WEIGHTS)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: torch lists every tensor
+        lines = [x.strip() for x in str(exc).splitlines() if "size mismatch" in x]
+        raise ValueError(
+            f"{root / WEIGHTS} does not fit {root / 'config.yaml'}: {'; '.join(lines[:3])}"
+        ) from None
     if missing or unexpected:
         raise ValueError(
-            f"{root / WEIGHTS} does not fit its config: "
+            f"{root / WEIGHTS} does not fit {root / 'config.yaml'}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return ExportedModel(

@@ -305,3 +305,24 @@ def test_ensemble_eval_checks_its_inputs(
     assert "f30k_60" in capsys.readouterr().out
     assert ensemble_eval.main([str(lone / "sims.npy"), "--protocol", "coco"]) == 2
     assert "evaluated with f30k" in capsys.readouterr().err
+
+
+def test_export_that_does_not_fit_its_config_or_is_truncated(
+    setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    data = f"{setup}/test/test-*.tar"
+    export = tmp_path / "exp"
+    shutil.copytree(setup / "export", export)
+    cfg = (export / "config.yaml").read_text()
+    (export / "config.yaml").write_text(cfg.replace("embed_dim: 64", "embed_dim: 32"))
+    assert eval_main(setup, data, checkpoint=export) == 2
+    err = capsys.readouterr().err
+    assert f"setdiv eval: error: {export}/model.safetensors does not fit" in err
+    assert "size mismatch" in err and "Traceback" not in err
+    (export / "config.yaml").write_text(cfg)
+    weights = export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert eval_main(setup, data, checkpoint=export) == 2
+    assert f"{weights} is not a readable safetensors file" in capsys.readouterr().err

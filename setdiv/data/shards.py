@@ -103,11 +103,20 @@ class ShardIndex:
             raise FileNotFoundError(
                 f"shard index not found: {path} (write shards with `setdiv shards`)"
             )
-        data = json.loads(path.read_text())
-        if data.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{path}: not a setdiv shard index (format {data.get('format')!r})")
-        shards = [ShardInfo(**s) for s in data["shards"]]
-        return cls(data["split"], data["kind"], data["source"], shards, data.get("dropped", 0))
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a JSON shard index: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{path}: not a setdiv shard index (format {found!r})")
+        try:
+            shards = [ShardInfo(**s) for s in data["shards"]]
+            return cls(data["split"], data["kind"], data["source"], shards, data.get("dropped", 0))
+        except KeyError as exc:
+            raise ValueError(f"{path}: malformed shard index: no {exc} entry") from None
+        except TypeError as exc:
+            raise ValueError(f"{path}: malformed shard index: {exc}") from None
 
 
 def index_path(directory: Path, split: str) -> Path:

@@ -145,7 +145,10 @@ class Vocab:
             raise FileNotFoundError(f"vocabulary file not found: {path}")
         if path.suffix == ".pkl":
             return cls._from_official_pickle(path.read_bytes(), str(path))
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a JSON vocabulary: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
             raise ValueError(f"{path}: expected a JSON object with a 'words' list")
         return cls(data["words"], data.get("tokenizer", "regex"), data.get("counts"))
@@ -155,13 +158,18 @@ class Vocab:
         try:
             # latin1: Python 2 pickles store str as bytes; _py2_text recovers their UTF-8.
             obj = _VocabUnpickler(io.BytesIO(blob), encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
-            raise ValueError(f"{source}: not a vocabulary pickle: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 -- bad opcodes, bad arguments to the class, ...
+            raise ValueError(
+                f"{source}: not a vocabulary pickle ({type(exc).__name__}: {exc})"
+            ) from None
         state = obj.__dict__ if isinstance(obj, _OfficialVocabulary) else obj
         idx2word = state.get("idx2word") if isinstance(state, dict) else None
         if not isinstance(idx2word, dict):
             raise ValueError(f"{source}: vocabulary pickle has no idx2word mapping")
-        ordered = sorted(((int(i), w) for i, w in idx2word.items()), key=lambda t: t[0])
+        try:
+            ordered = sorted(((int(i), w) for i, w in idx2word.items()), key=lambda t: t[0])
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: idx2word keys are not integer ids") from None
         if [i for i, _ in ordered] != list(range(len(ordered))):
             raise ValueError(f"{source}: idx2word ids are not 0..n-1")
         return cls([_py2_text(w) for _, w in ordered], tokenizer="nltk")

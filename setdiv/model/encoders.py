@@ -130,20 +130,37 @@ class RegionEncoder(nn.Module):
         return Features(local_BRD, mask_BR, _masked_max(local_BRD, mask_BR), pos=None)
 
 
-def load_state_dict_file(path: str | Path, key: str) -> dict[str, Tensor]:
-    """Read weights from .safetensors or a torch file (weights_only); errors name `key`."""
+def load_state_dict_file(path: str | Path, key: str | None = None) -> dict[str, Tensor]:
+    """Read weights from .safetensors or a torch file, without executing code (weights_only).
+    Errors name the config `key` (when given) and the file; a file torch will not read
+    weights-only is refused, never loaded any other way."""
     path = Path(path)
+    where = f"config key '{key}': " if key else ""
     if not path.is_file():
-        raise FileNotFoundError(f"config key '{key}': weights file not found: {path}")
+        raise FileNotFoundError(f"{where}weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 -- safetensors raises its own error classes
+            raise ValueError(
+                f"{where}{path} is not a readable safetensors file (truncated or damaged: "
+                f"{str(exc).splitlines()[0][:200]})"
+            ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- pickle, zip and EOF errors alike
+        # torch's own text suggests weights_only=False, i.e. running the file's code: not here.
+        raise ValueError(
+            f"{where}{path} is not a weights-only checkpoint ({type(exc).__name__}): it is "
+            "damaged, or it holds Python objects besides tensors and plain containers. Save "
+            "its state_dict alone (torch.save(model.state_dict(), ...)) or as .safetensors"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"config key '{key}': {path} does not hold a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{where}{path} does not hold a state dict of tensors")
     return state
 
 
