@@ -101,3 +101,29 @@ def test_info_lists_param_groups_with_lr_and_freezing(capsys: pytest.CaptureFixt
     head = sum(p.numel() for p in model.image_encoder.head.parameters())
     assert re.search(rf"^image_backbone\s+1\s+0\.001\s+{cnn:,}\s+{cnn:,}\s+first 50 ep", out, re.M)
     assert re.search(rf"^image_head\s+0\.1\s+0\.0001\s+{head:,}\s+{head:,}\s+-$", out, re.M)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "configs/demo.yaml", "--run-dir", "R", "--nproc-per-node", "0"],
+         "--nproc-per-node must be >= 1, got 0"),
+        (["train", "configs/demo.yaml", "--run-dir", "R", "model.image.name=vgg"],
+         "'model.image.name': 'vgg' is not one of"),
+        (["train", "configs/demo.yaml", "--run-dir", "R", "optim.lr=nan"],
+         "'optim.lr': nan is not a finite number"),
+        (["train", "configs/demo.yaml", "--run-dir", "R", "--resume", "latest", "--overwrite"],
+         "--resume and --overwrite contradict"),
+        (["eval", "R", "--data", "x.tar", "--protocol", "coco", "--nproc", "0"],
+         "--nproc must be >= 1"),
+    ],
+)  # fmt: skip
+def test_user_errors_exit_2_with_one_line(
+    argv: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(tmp_path / "R") if a == "R" else a for a in argv]
+    argv = [str(ROOT / a) if a.startswith("configs/") else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"setdiv {argv[0]}: error:") and expected in err[0]
+    assert not (tmp_path / "R" / "config.yaml").exists()
