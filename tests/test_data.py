@@ -408,6 +408,40 @@ def test_all_corrupt_shards_fail_after_one_pass_naming_them(
     assert warner.count == 40
 
 
+def test_closing_an_epoch_shuts_its_workers_down_then_and_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception raised while the workers shut down (a requeue signal handler's
+    SystemExit) must reach whoever closed the epoch, not be swallowed by a finaliser."""
+    from setdiv.data import reader as reader_mod
+
+    class RequeueError(Exception):
+        pass
+
+    real_start = reader_mod._start_workers
+
+    def start(loader: object) -> object:
+        it = real_start(loader)
+        shutdown, raised = it._shutdown_workers, []
+
+        def shutdown_then_signal() -> None:
+            shutdown()
+            if not raised:
+                raised.append(1)
+                raise RequeueError
+
+        it._shutdown_workers = shutdown_then_signal
+        return it
+
+    monkeypatch.setattr(reader_mod, "_start_workers", start)
+    make_synth(tmp_path, 40, 10)
+    opts = SampleOptions("regions", SYNTH_TOK, train=True)
+    batches = TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=1).epoch(0)
+    next(batches)
+    with pytest.raises(RequeueError):
+        batches.close()
+
+
 def test_missing_shard_checksum_and_too_few_shards_fail_early(tmp_path: Path) -> None:
     make_synth(tmp_path, 30, 10)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)

@@ -493,9 +493,12 @@ class TrainReader:
         for attempt in range(MAX_PASSES):
             shards = self._shards(epoch, attempt)
             good = bad = 0
-            for sample, skip in self._pass(shards, epoch, attempt):
-                good, bad = good + (sample is not None), bad + skip
-                yield sample, skip
+            # Closed explicitly when this generator is, so that its workers shut down here and
+            # not in the garbage collector (which would swallow a requeue's SystemExit).
+            with contextlib.closing(self._pass(shards, epoch, attempt)) as items:
+                for sample, skip in items:
+                    good, bad = good + (sample is not None), bad + skip
+                    yield sample, skip
             if good == 0:
                 names = ", ".join(str(p) for p, _ in shards[:4]) + (", ..." * (len(shards) > 4))
                 raise ValueError(
