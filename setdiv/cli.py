@@ -170,6 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_export_arguments(ex)
     ex.set_defaults(func=launch.run_export)
 
+    from setdiv.index import build as index_build
+    from setdiv.index import query as index_query
+
+    ix = sub.add_parser("index", help="search indexes over embedding sets: build, eval")
+    ix_sub = ix.add_subparsers(dest="index_command", required=True)
+    ixb = ix_sub.add_parser("build", help="encode a gallery and add it to an index")
+    index_build.add_build_arguments(ixb)
+    ixb.set_defaults(func=index_build.run_build)
+    ixe = ix_sub.add_parser("eval", help="two-stage search against exact search on queries")
+    index_query.add_eval_arguments(ixe)
+    ixe.set_defaults(func=index_query.run_eval)
+    se = sub.add_parser("search", help="query an index (two-stage: ANN + exact set rerank)")
+    index_query.add_search_arguments(se)
+    se.set_defaults(func=index_query.run_search)
+    from setdiv.index import serve as index_serve
+
+    sv = sub.add_parser("serve", help="an HTTP API (and a query page) over an index")
+    index_serve.add_arguments(sv)
+    sv.set_defaults(func=index_serve.run)
+
     from setdiv import demo
 
     dm = sub.add_parser("demo", help="generate synthetic data, train K=4 and K=1, evaluate both")

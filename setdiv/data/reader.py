@@ -28,9 +28,9 @@ import signal
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -225,6 +225,18 @@ def _image_transform(
     return lambda im: pipeline(im).numpy()
 
 
+def image_file_pixels(path: str | Path | BinaryIO, size: int, style: str = "crop") -> Tensor:
+    """(1,3,size,size) normalised pixels of an image file (or file object), as evaluation
+    reads a test image. Raises ValueError for anything Pillow cannot (or will not) decode."""
+    name = path if isinstance(path, (str, Path)) else "image"
+    try:
+        with Image.open(path) as im:
+            pixels = _image_transform(size, False, style, False)(im.convert("RGB"))
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{name}: not a readable image ({exc})") from None
+    return _normalise(torch.from_numpy(pixels)[None])
+
+
 def _normalise(pixels_B3HW: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
@@ -333,6 +345,7 @@ class _SampleStream(IterableDataset):
             "tokens": ids,
             "image_id": meta["image_id"],
             "caption_ids": meta["caption_ids"],
+            "captions": meta["captions"],
         }
 
 
@@ -363,6 +376,8 @@ class Batch:
     caption_ids: list[Any]
     skipped: int = 0
     """Corrupt samples skipped while this batch was read."""
+    captions: list[str] = field(default_factory=list)
+    """The 5B caption texts, image-major."""
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Batch:
@@ -392,6 +407,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Bat
         image_ids=[s["image_id"] for s in samples],
         caption_ids=[c for s in samples for c in s["caption_ids"]],
         skipped=skipped,
+        captions=[c for s in samples for c in s["captions"]],
     )
 
 

@@ -53,29 +53,46 @@ class Encoded:
     image_ids: list[str]
     caption_ids: list[Any]
     skipped: int = 0
+    captions_text: list[str] = field(default_factory=list)
+    """The M caption texts."""
 
 
 @torch.no_grad()
 def encode(
-    model: SetRetrievalModel, batches: Iterable[Batch], device: torch.device, progress: bool = False
+    model: SetRetrievalModel,
+    batches: Iterable[Batch],
+    device: torch.device,
+    progress: bool = False,
+    modality: str = "both",
 ) -> Encoded:
-    """Encode every image and caption of `batches` once (eval mode, no grad), on `device`."""
+    """Encode every image and caption of `batches` once (eval mode, no grad), on `device`;
+    `modality` "image" or "text" encodes that side only (the other stays empty)."""
+    if modality not in ("both", "image", "text"):
+        raise ValueError(f"modality must be both, image or text, got {modality!r}")
     model.eval()
     dtype = next(model.parameters()).dtype  # bf16 / fp16 engines take inputs in their dtype
-    images, captions, image_ids, caption_ids, skipped = [], [], [], [], 0
+    images, captions, image_ids, caption_ids, texts, skipped = [], [], [], [], [], 0
     total = getattr(batches, "num_batches", None)
     for batch in tqdm(batches, desc="encode", unit="batch", total=total, disable=not progress):
-        mask = batch.image_mask.to(device) if batch.image_mask is not None else None
-        images.append(model.encode_image(batch.images.to(device, dtype), mask).embeds.float())
-        text = model.encode_text(batch.tokens.to(device), batch.token_mask.to(device))
-        captions.append(text.embeds.float())
+        if modality != "text":
+            mask = batch.image_mask.to(device) if batch.image_mask is not None else None
+            images.append(model.encode_image(batch.images.to(device, dtype), mask).embeds.float())
+        if modality != "image":
+            text = model.encode_text(batch.tokens.to(device), batch.token_mask.to(device))
+            captions.append(text.embeds.float())
         image_ids += batch.image_ids
         caption_ids += batch.caption_ids
+        texts += batch.captions
         skipped += batch.skipped
-    if not images:
-        empty = torch.zeros(0, 1, 1, device=device)
-        return Encoded(empty, empty, [], [], skipped)
-    return Encoded(torch.cat(images), torch.cat(captions), image_ids, caption_ids, skipped)
+    empty = torch.zeros(0, 1, 1, device=device)
+    return Encoded(
+        torch.cat(images) if images else empty,
+        torch.cat(captions) if captions else empty,
+        image_ids,
+        caption_ids,
+        skipped,
+        texts,
+    )
 
 
 def score_rows(

@@ -1,0 +1,170 @@
+"""`setdiv search` and `setdiv index eval`: queries against an index, and what the two-stage
+search costs in accuracy against the exact brute-force ranking."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from setdiv.data.reader import build_eval_reader, image_file_pixels
+from setdiv.eval.evaluator import encode
+from setdiv.index.search import Hits, SetSearcher
+from setdiv.model.encoders import IMAGE_INPUT_KIND
+
+__all__ = [
+    "add_eval_arguments",
+    "add_search_arguments",
+    "evaluate_index",
+    "run_eval",
+    "run_search",
+]
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", help="index directory (`setdiv index build`)")
+    p.add_argument("text", nargs="?", default=None, help="a text query (image galleries)")
+    p.add_argument("--image", default=None, help="an image file as the query (text galleries)")
+    p.add_argument(
+        "--sample",
+        nargs=2,
+        metavar=("SHARDS", "IMAGE_ID"),
+        default=None,
+        help="a shard sample's image as the query (any image encoder, regions included)",
+    )
+    p.add_argument("--k", type=int, default=10, help="results")
+    p.add_argument("--candidates", type=int, default=64, help="ANN hits per query element")
+    p.add_argument("--export", default=None, help="the export (default: the one the index names)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _image_query(searcher: SetSearcher, args: argparse.Namespace) -> torch.Tensor:
+    cfg = searcher.exported.cfg
+    kind = IMAGE_INPUT_KIND[cfg.model.image.name]
+    if args.sample is not None:
+        shards, image_id = args.sample
+        reader = build_eval_reader(cfg.data, shards, kind, searcher.exported.tokenizer)
+        for batch in reader:
+            if image_id in batch.image_ids:
+                i = batch.image_ids.index(image_id)
+                mask = batch.image_mask[i : i + 1] if batch.image_mask is not None else None
+                return searcher.encode_images(batch.images[i : i + 1], mask)
+        raise ValueError(f"{shards}: no sample with image id {image_id!r}")
+    if kind != "image":
+        raise ValueError(
+            f"the export's image encoder ({cfg.model.image.name}) reads region features, not "
+            "image files: query with --sample SHARDS IMAGE_ID"
+        )
+    pixels = image_file_pixels(args.image, cfg.data.image_size, cfg.data.image_transform)
+    return searcher.encode_images(pixels)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    given = [x is not None for x in (args.text, args.image, args.sample)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one query: TEXT, --image PATH or --sample SHARDS IMAGE_ID")
+    searcher = SetSearcher(args.index, args.export)
+    wants = "image" if args.text is not None else "text"
+    if searcher.modality != wants:
+        raise ValueError(
+            f"{args.index} holds {searcher.modality} items: query it with "
+            + ("text" if searcher.modality == "image" else "--image or --sample")
+        )
+    query = (
+        searcher.encode_texts([args.text])
+        if args.text is not None
+        else _image_query(searcher, args)
+    )
+    hits = searcher.search(query, args.k, args.candidates)
+    records = searcher.describe(hits, 0)
+    if args.json:
+        print(json.dumps({"query": args.text or args.image or args.sample, "hits": records}))
+        return 0
+    for r in records:
+        text = r.get("text") or " | ".join(r.get("captions", []))[:120]
+        print(f"{r['rank']:>3}  {r['score']:8.4f}  {r['id']!s:<16} {text}")
+    print(f"({hits.candidates[0]} of {len(searcher.store)} items re-scored exactly)")
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", help="index directory")
+    p.add_argument("--queries", required=True, help="shards whose other modality are queries")
+    p.add_argument("--k", type=int, default=10, help="depth of the overlap with exact search")
+    p.add_argument("--candidates", type=int, default=64, help="ANN hits per query element")
+    p.add_argument("--export", default=None, help="the export (default: the one the index names)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _recalls(hits: Hits, relevant: list[set[int]]) -> dict[str, float]:
+    out = {}
+    for k in (1, 5, 10):
+        top = hits.items[:, :k].tolist()
+        out[f"r{k}"] = 100.0 * float(
+            np.mean([bool(set(t) & r) for t, r in zip(top, relevant, strict=True)])
+        )
+    out["rsum"] = out["r1"] + out["r5"] + out["r10"]
+    return out
+
+
+def evaluate_index(
+    searcher: SetSearcher, queries: str, k: int = 10, candidates: int = 64
+) -> dict[str, Any]:
+    """Two-stage against exact search on the other modality of `queries`: the retrieval
+    recalls of both (a query's relevant items share its image), and recall@k of two-stage
+    search against the exact top-k."""
+    ex = searcher.exported
+    kind = IMAGE_INPUT_KIND[ex.cfg.model.image.name]
+    reader = build_eval_reader(ex.cfg.data, queries, kind, ex.tokenizer)
+    q_modality = "text" if searcher.modality == "image" else "image"
+    enc = encode(ex.model, reader, torch.device("cpu"), progress=True, modality=q_modality)
+    items = searcher.store.items
+    if searcher.modality == "image":
+        qs, owner = enc.captions, [enc.image_ids[m // 5] for m in range(len(enc.caption_ids))]
+        by_id: dict[Any, set[int]] = {}
+        for n, it in enumerate(items):
+            by_id.setdefault(it["id"], set()).add(n)
+    else:
+        qs, owner = enc.images, list(enc.image_ids)
+        by_id = {}
+        for n, it in enumerate(items):
+            by_id.setdefault(it["image_id"], set()).add(n)
+    relevant = [by_id.get(o, set()) for o in owner]
+    depth = max(k, 10)
+    exact = searcher.exact(qs, depth)
+    fast = searcher.search(qs, depth, candidates)
+    overlap = [
+        len(set(a[:k]) & set(b[:k])) / min(k, len(items))
+        for a, b in zip(fast.items.tolist(), exact.items.tolist(), strict=True)
+    ]
+    return {
+        "queries": len(owner),
+        "gallery": len(items),
+        "candidates_per_element": candidates,
+        "mean_rescored": float(np.mean(fast.candidates)),
+        f"recall@{k}_vs_exact": float(np.mean(overlap)),
+        "exact": _recalls(exact, relevant),
+        "two_stage": _recalls(fast, relevant),
+    }
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    result = evaluate_index(
+        SetSearcher(args.index, args.export), args.queries, args.k, args.candidates
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{result['queries']} queries, {result['gallery']} items, "
+        f"{result['mean_rescored']:.0f} re-scored per query on average"
+    )
+    print(f"{'search':<12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'sum':>9}")
+    for name in ("exact", "two_stage"):
+        m = result[name]
+        print(f"{name:<12}{m['r1']:8.1f}{m['r5']:8.1f}{m['r10']:8.1f}{m['rsum']:9.1f}")
+    print(f"recall@{args.k} of two-stage vs exact: {result[f'recall@{args.k}_vs_exact']:.4f}")
+    return 0
