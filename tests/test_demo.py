@@ -30,3 +30,37 @@ def test_demo_set_model_beats_single_embedding(
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "RSUM gain of the set model over the single embedding" in out
+    _search_the_demo_gallery_over_http(tmp_path)
+
+
+def _search_the_demo_gallery_over_http(demo: Path) -> None:
+    """The demo's set model behind `setdiv serve`: an index over the synthetic test split, a
+    text query over HTTP, the images whose captions name the queried object come first."""
+    import http.client
+    import threading
+
+    from setdiv.index.search import SetSearcher
+    from setdiv.index.serve import Service, make_server
+
+    index = demo / "index"
+    build = ["index", "build", str(demo / "run_k4/export"), "--modality", "image"]
+    assert cli.main([*build, "--data", f"{demo}/data/test-*.tar", "--out", str(index)]) == 0
+    server = make_server(Service(SetSearcher(index)), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+        body = json.dumps({"texts": ["a red circle", "a green triangle"], "k": 5})
+        conn.request("POST", "/search", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        results = json.loads(response.read())["results"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    items = SetSearcher(index).store.items
+    for result, obj in zip(results, ("red circle", "green triangle"), strict=True):
+        named = [any(obj in c for c in hit["captions"]) for hit in result["hits"]]
+        base = sum(any(obj in c for c in it["captions"]) for it in items) / len(items)
+        # The first hit names the object, and most of the top 5 do, far above the base rate.
+        assert named[0] and sum(named) >= 3, (obj, named, base)
+        assert sum(named) / 5 > 2 * base, (obj, named, base)

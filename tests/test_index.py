@@ -230,3 +230,24 @@ def test_server_survives_odd_clients(server: int) -> None:
         stalled.sendall(b"POST /search HTTP/1.1\r\nContent-Length: 100\r\n")  # and then nothing
         # Meanwhile other clients are served.
         assert request(server, "GET", "/health")[0] == 200
+
+
+def test_query_page_in_a_headless_browser(server: int) -> None:
+    """The HTML page, run by a real browser: it asks /health, posts the query in its URL and
+    lists the hits."""
+    import shutil
+    import subprocess
+
+    browser = next(
+        (b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+    )
+    if browser is None:
+        pytest.skip("no Chromium here (tools/bootstrap.sh installs it where apt-get can)")
+    page = f"http://127.0.0.1:{server}/?q=a+red+circle"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000"]
+    r = subprocess.run(
+        [browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "40 image items, Flat" in r.stdout
+    assert r.stdout.count("<li>") == 10 and "test00000" in r.stdout

@@ -23,4 +23,11 @@ if ! .venv/bin/python -c "import deepspeed" >/dev/null 2>&1; then
 fi
 
 "${PIP[@]}" install -q -e ".[dev]"
+
+# A headless browser for the search page's test (tests/test_index.py skips without one).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing chromium (headless browser for the search page test)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+        >/dev/null 2>&1 || echo "[bootstrap] chromium not installed: that test will be skipped"
+fi
 echo "[bootstrap] .venv ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

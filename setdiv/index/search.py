@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,7 +18,7 @@ from setdiv.export import ExportedModel, load_exported
 from setdiv.index.store import SetIndexStore
 from setdiv.similarity import build_similarity
 
-__all__ = ["Hits", "SetSearcher", "exact_top_k"]
+__all__ = ["Hits", "SetSearcher", "exact_top_k", "two_stage_top_k"]
 
 
 @dataclass
@@ -34,33 +33,49 @@ class Hits:
     """Per query, how many items were re-scored exactly."""
 
 
-def _score(similarity: Any, modality: str, query_LD: Tensor, gallery_NKD: Tensor) -> Tensor:
-    """(N,) similarities of one query set to gallery sets; the image side is always the
+def _score(similarity: Any, modality: str, queries_QLD: Tensor, gallery_NKD: Tensor) -> Tensor:
+    """(Q, N) similarities of query sets to gallery sets; the image side is always the
     similarity's first argument."""
-    if modality == "image":  # gallery images, a text query
-        return similarity(gallery_NKD, query_LD[None])[:, 0]
-    return similarity(query_LD[None], gallery_NKD)[0]
+    if modality == "image":  # gallery images, text queries
+        return similarity(gallery_NKD, queries_QLD).T
+    return similarity(queries_QLD, gallery_NKD)
 
 
 def exact_top_k(
     store: SetIndexStore, similarity: Any, queries_QLD: Tensor, k: int, chunk: int = 65536
 ) -> Hits:
-    """Brute force: every query against every gallery item, `chunk` items at a time."""
+    """Brute force: every query against every gallery item, `chunk` items at a time (each
+    chunk read once for all queries). Ties keep the lower item index first."""
     Q, n = queries_QLD.shape[0], len(store)
     k = min(k, n)
     best_s = torch.full((Q, k), -torch.inf)
     best_i = torch.zeros((Q, k), dtype=torch.long)
     for start in range(0, n, chunk):
-        rows = np.arange(start, min(start + chunk, n))
-        gallery = store.elements(rows)
-        for q in range(Q):
-            s = torch.cat(
-                [best_s[q], _score(similarity, store.meta.modality, queries_QLD[q], gallery)]
-            )
-            i = torch.cat([best_i[q], torch.from_numpy(rows)])
-            top = torch.topk(s, k)  # ties: lower position first, so earlier (lower) items
-            best_s[q], best_i[q] = top.values, i[top.indices]
+        rows = torch.arange(start, min(start + chunk, n))
+        s = _score(similarity, store.meta.modality, queries_QLD, store.elements(rows.numpy()))
+        top = torch.topk(torch.cat([best_s, s], dim=1), k, dim=1, sorted=True)
+        best_i = torch.gather(torch.cat([best_i, rows.expand(Q, -1)], dim=1), 1, top.indices)
+        best_s = top.values
     return Hits(best_s, best_i, [n] * Q)
+
+
+def two_stage_top_k(
+    store: SetIndexStore, similarity: Any, queries_QLD: Tensor, k: int, candidates: int
+) -> Hits:
+    """Per query element the `candidates` nearest gallery elements by inner product (the ANN
+    index), then the union of their items re-scored exactly with `similarity`."""
+    if k < 1 or candidates < 1:
+        raise ValueError(f"k and candidates must be >= 1, got {k}, {candidates}")
+    k = min(k, len(store))
+    cands = store.candidates(queries_QLD, candidates)
+    scores = torch.full((len(cands), k), -torch.inf)
+    items = torch.full((len(cands), k), -1, dtype=torch.long)
+    for q, rows in enumerate(cands):
+        s = _score(similarity, store.meta.modality, queries_QLD[q : q + 1], store.elements(rows))
+        top = torch.topk(s[0], min(k, len(rows)))
+        scores[q, : len(top.values)] = top.values
+        items[q, : len(top.values)] = torch.from_numpy(rows)[top.indices]
+    return Hits(scores, items, [len(c) for c in cands])
 
 
 class SetSearcher:
@@ -106,20 +121,8 @@ class SetSearcher:
         return self.exported.model.encode_image(images, mask).embeds.float()
 
     def search(self, queries: Tensor, k: int = 10, candidates: int = 64) -> Hits:
-        """Two-stage top-k of each (L, D) query set: per query element the `candidates` nearest
-        gallery elements by inner product, the union of their items re-scored exactly."""
-        if k < 1 or candidates < 1:
-            raise ValueError(f"k and candidates must be >= 1, got {k}, {candidates}")
-        k = min(k, len(self.store))
-        cands = self.store.candidates(queries, candidates)
-        scores = torch.full((len(cands), k), -torch.inf)
-        items = torch.full((len(cands), k), -1, dtype=torch.long)
-        for q, rows in enumerate(cands):
-            s = _score(self.similarity, self.modality, queries[q], self.store.elements(rows))
-            top = torch.topk(s, min(k, len(rows)))
-            scores[q, : len(top.values)] = top.values
-            items[q, : len(top.values)] = torch.from_numpy(rows)[top.indices]
-        return Hits(scores, items, [len(c) for c in cands])
+        """Two-stage top-k of (Q, L, D) query sets (`two_stage_top_k`)."""
+        return two_stage_top_k(self.store, self.similarity, queries, k, candidates)
 
     def exact(self, queries: Tensor, k: int = 10) -> Hits:
         """Brute-force top-k over the whole gallery (the reference two-stage search is

@@ -1,7 +1,7 @@
 """`setdiv serve INDEX`: a small HTTP API over two-stage search (the standard library's
 threading HTTP server; queries are serialised through one lock, the model is not re-entrant).
 
-    GET  /               a query page (HTML)
+    GET  /               a query page (HTML; /?q=TEXT searches on load)
     GET  /health         {"status": "ok", "items": N, "modality": ..., "export_sha256": ...}
     GET  /openapi.json   the OpenAPI 3 description of this API
     POST /search         {"text": str} | {"texts": [str]} | {"image": base64} | {"images": [...]}
@@ -24,6 +24,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -188,8 +189,9 @@ PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>setdiv search<
 <button>search</button></form><p id="info"></p><ol id="hits"></ol><script>
 fetch('/health').then(r => r.json()).then(h => {
   document.getElementById('info').textContent = h.items + ' ' + h.modality + ' items, ' + h.ann; });
-document.getElementById('f').onsubmit = async e => {
-  e.preventDefault();
+const form = document.getElementById('f');
+form.onsubmit = async e => {
+  if (e) e.preventDefault();
   const r = await fetch('/search', {method: 'POST', headers: {'Content-Type': 'application/json'},
     body: JSON.stringify({text: document.getElementById('q').value, k: 10})});
   const out = document.getElementById('hits'); out.replaceChildren();
@@ -199,7 +201,10 @@ document.getElementById('f').onsubmit = async e => {
     const li = document.createElement('li'); const s = document.createElement('span');
     s.className = 's'; s.textContent = h.score.toFixed(4) + ' ' + h.id + ' ';
     li.append(s, (h.captions || [h.text]).join(' | ')); out.append(li); }
-};</script></body></html>"""
+};
+const q = new URLSearchParams(location.search).get('q');  // /?q=...: search on load
+if (q) { document.getElementById('q').value = q; form.onsubmit(); }
+</script></body></html>"""
 
 
 def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
@@ -223,11 +228,12 @@ def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
             self._send(status, json.dumps(obj).encode(), "application/json")
 
         def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
-            if self.path == "/health":
+            path = urlsplit(self.path).path
+            if path == "/health":
                 self._json(HTTPStatus.OK, service.health())
-            elif self.path == "/openapi.json":
+            elif path == "/openapi.json":
                 self._json(HTTPStatus.OK, openapi())
-            elif self.path in ("/", "/index.html"):
+            elif path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {self.path}"})
