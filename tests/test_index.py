@@ -251,3 +251,13 @@ def test_query_page_in_a_headless_browser(server: int) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     assert "40 image items, Flat" in r.stdout
     assert r.stdout.count("<li>") == 10 and "test00000" in r.stdout
+
+
+@pytest.mark.distributed
+def test_two_processes_build_the_same_index(setup: Path) -> None:
+    out = setup / "img2"
+    args = ["index", "build", str(setup / "export0"), "--modality", "image", "--nproc", "2"]
+    assert cli.main([*args, "--data", f"{setup}/a/test-*.tar", "--out", str(out)]) == 0
+    one, two = SetSearcher(setup / "img").store, SetSearcher(out).store
+    assert two.items == one.items
+    assert torch.equal(two.elements(), one.elements())
