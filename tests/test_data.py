@@ -21,7 +21,14 @@ from PIL import Image
 from setdiv import cli
 from setdiv import config as config_lib
 from setdiv.data import convert, synthetic
-from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader, plan_epoch
+from setdiv.data.reader import (
+    EvalReader,
+    SampleOptions,
+    ShardSet,
+    TrainReader,
+    image_file_pixels,
+    plan_epoch,
+)
 from setdiv.data.shards import ShardIndex, write_shards
 from setdiv.data.text import Tokenizer, build_tokenizer, word_dropout
 from setdiv.data.vocab import SPECIALS, Vocab
@@ -176,6 +183,11 @@ def test_karpathy_converts_and_decodes(tmp_path: Path) -> None:
     # The stored bytes are the original file, not a re-encode.
     with tarfile.open(out / "test-000000.tar") as tar:
         assert tar.extractfile("502.jpg").read() == (tmp_path / "val2014/COCO_2.jpg").read_bytes()
+    # An image file as a search query becomes exactly what evaluation reads from the shard.
+    query = image_file_pixels(tmp_path / "val2014/COCO_2.jpg", 32)
+    assert torch.equal(query[0], batches[0].images[0])
+    with pytest.raises(ValueError, match="not a readable image"):
+        image_file_pixels(io.BytesIO(b"GIF89a garbage"), 32)
     cli.main(
         [
             "shards",
