@@ -261,3 +261,26 @@ def test_two_processes_build_the_same_index(setup: Path) -> None:
     one, two = SetSearcher(setup / "img").store, SetSearcher(out).store
     assert two.items == one.items
     assert torch.equal(two.elements(), one.elements())
+
+
+def test_an_append_that_dies_leaves_the_previous_index_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from setdiv.index.store import AnnSpec, IndexMeta, SetIndexStore
+
+    meta = IndexMeta("image", "x", "0" * 64, "", AnnSpec("flat"), 2, 8, "float32")
+    store = SetIndexStore.create(tmp_path, meta)
+    first = torch.nn.functional.normalize(torch.randn(5, 2, 8), dim=-1)
+    store.append(first, [{"id": i} for i in range(5)], "a")
+
+    def crash() -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "_write_meta", crash)
+    with pytest.raises(OSError):
+        store.append(torch.randn(3, 2, 8), [{"id": 9}] * 3, "b")
+    again = SetIndexStore.open(tmp_path)
+    assert len(again) == 5 and again.ann.ntotal == 10 and len(again.items) == 5
+    assert torch.equal(again.elements(), first)
+    again.append(torch.randn(3, 2, 8), [{"id": 7}] * 3, "c")  # and it goes on from there
+    assert len(SetIndexStore.open(tmp_path).items) == 8

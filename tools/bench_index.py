@@ -81,7 +81,7 @@ def build(root: Path, spec: AnnSpec, n: int, dim: int, plants: dict, seed: int) 
         store.append(sets, items, f"synthetic[{start}:{start + m}]")
         seconds += time.perf_counter() - t0
         print(f"  added {start + m}/{n} ({seconds:.0f} s)", flush=True)
-    ann_bytes = (root / "ann.faiss").stat().st_size
+    ann_bytes = sum(p.stat().st_size for p in root.glob("ann-*.faiss"))
     element_bytes = sum(p.stat().st_size for p in root.glob("elements-*.npy"))
     return SetIndexStore.open(root), seconds, ann_bytes, element_bytes
 

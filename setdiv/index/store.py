@@ -1,11 +1,14 @@
 """A search index over a gallery of embedding sets, on disk:
 
     INDEX/meta.json            format, modality, the export (path, sha256, config), the ANN
-                               spec, K, D, element dtype, item count, the shard sets appended
+                               spec, K, D, element dtype, item count, parts, the shard sets
     INDEX/elements-00000.npy   (n, K, D) element sets of one appended part (fp16 or fp32)
-    INDEX/items.jsonl          one line per item, in order: {"id": ..., "text": caption | null}
-    INDEX/ann.faiss            FAISS index over the N*K individual elements: element e belongs
-                               to item e // K
+    INDEX/items-00000.jsonl    its items, one line each: {"id": ..., "captions" | "text": ...}
+    INDEX/ann-00001.faiss      FAISS index over the N*K elements of the first 1 part(s):
+                               element e belongs to item e // K
+
+An append writes the next part and the next ANN file, then `meta.json` (atomically), then
+drops the previous ANN file: a crash at any point leaves the previous index whole.
 
 The element matrix is what the exact rerank reads (memory-mapped); the ANN index only proposes
 candidates. Nothing here executes code from a file: JSON, .npy without pickles, FAISS's own
@@ -34,6 +37,10 @@ CODECS = ("flat", "fp16", "sq8")
 """Element codes inside the ANN index (besides `pq<M>`, M sub-quantizers)."""
 TRAIN_SAMPLE = 100_000
 """Elements an IVF / SQ8 / PQ index is trained on (a random sample of the first part)."""
+
+
+def _ann_name(parts: int) -> str:
+    return f"ann-{parts:05d}.faiss"
 
 
 def _faiss() -> Any:
@@ -118,12 +125,12 @@ class SetIndexStore:
 
     def __init__(self, root: Path, meta: IndexMeta, ann: Any) -> None:
         self.root, self.meta, self.ann = root, meta, ann
+        self._items: list[dict[str, Any]] | None = None
         self._parts = [
             np.load(root / f"elements-{i:05d}.npy", mmap_mode="r", allow_pickle=False)
             for i in range(meta.parts)
         ]
         self._starts = np.cumsum([0, *(p.shape[0] for p in self._parts)])
-        self._items: list[dict[str, Any]] | None = None
         self._configure()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -137,7 +144,6 @@ class SetIndexStore:
         ann = _faiss().index_factory(meta.dim, meta.ann.factory(), _faiss().METRIC_INNER_PRODUCT)
         store = cls(root, meta, ann)
         store._write_meta()
-        (root / "items.jsonl").touch()
         return store
 
     @classmethod
@@ -146,9 +152,9 @@ class SetIndexStore:
         if not (root / "meta.json").is_file():
             raise FileNotFoundError(f"{root}: no index here (no meta.json; `setdiv index build`)")
         meta = IndexMeta.from_json(root / "meta.json")
-        ann_path = root / "ann.faiss"
+        ann_path = root / _ann_name(meta.parts)
         if not ann_path.is_file():
-            raise FileNotFoundError(f"{root}: ann.faiss is missing")
+            raise FileNotFoundError(f"{root}: {ann_path.name} is missing")
         try:
             ann = _faiss().read_index(str(ann_path))
         except RuntimeError as exc:
@@ -194,16 +200,17 @@ class SetIndexStore:
             log.info("training the %s index on %d elements", self.meta.ann.factory(), len(sample))
             self.ann.train(sample)
         self.ann.add(flat)
-        part = self.root / f"elements-{self.meta.parts:05d}.npy"
+        index = self.meta.parts
+        part = self.root / f"elements-{index:05d}.npy"
         np.save(part, data.astype(self.meta.dtype))
-        with open(self.root / "items.jsonl", "a") as f:
+        with open(self.root / f"items-{index:05d}.jsonl", "w") as f:
             f.writelines(json.dumps(item) + "\n" for item in items)
-        _faiss().write_index(self.ann, str(self.root / "ann.faiss.tmp"))
-        (self.root / "ann.faiss.tmp").replace(self.root / "ann.faiss")
+        _faiss().write_index(self.ann, str(self.root / _ann_name(index + 1)))
         self.meta.count += n
         self.meta.parts += 1
         self.meta.sources = [*(self.meta.sources or []), source]
-        self._write_meta()  # last: a crash before this leaves the previous index readable
+        self._write_meta()  # the commit point
+        (self.root / _ann_name(index)).unlink(missing_ok=True)
         self._parts.append(np.load(part, mmap_mode="r", allow_pickle=False))
         self._starts = np.append(self._starts, self._starts[-1] + n)
         self._items = None
@@ -216,8 +223,11 @@ class SetIndexStore:
     @property
     def items(self) -> list[dict[str, Any]]:
         if self._items is None:
-            lines = (self.root / "items.jsonl").read_text().splitlines()
-            self._items = [json.loads(x) for x in lines[: self.meta.count]]
+            self._items = [
+                json.loads(line)
+                for i in range(self.meta.parts)
+                for line in (self.root / f"items-{i:05d}.jsonl").read_text().splitlines()
+            ]
         return self._items
 
     def elements(self, rows: np.ndarray | None = None) -> Tensor:
