@@ -284,3 +284,17 @@ def test_an_append_that_dies_leaves_the_previous_index_whole(
     assert torch.equal(again.elements(), first)
     again.append(torch.randn(3, 2, 8), [{"id": 7}] * 3, "c")  # and it goes on from there
     assert len(SetIndexStore.open(tmp_path).items) == 8
+
+
+def test_image_queries_to_a_region_model_are_a_4xx(setup: Path) -> None:
+    import base64
+
+    from setdiv.index.serve import RequestError, Service
+
+    service = Service(SetSearcher(setup / "txt"))
+    blob = base64.b64encode(b"\x89PNG not really").decode()
+    with pytest.raises(RequestError, match="reads region features") as err:
+        service.search({"image": blob})
+    assert err.value.status == 400
+    with pytest.raises(RequestError, match="send image queries"):
+        service.search({"text": "a red circle"})
