@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,12 +34,11 @@ from setdiv.similarity import build_similarity
 INDEXES = {
     "flat": lambda a: AnnSpec("flat"),
     "sq8": lambda a: AnnSpec("flat", codec="sq8"),
-    "ivf": lambda a: AnnSpec("ivf", nlist=a.nlist, nprobe=a.nprobe),
-    "ivf-sq8": lambda a: AnnSpec("ivf", nlist=a.nlist, nprobe=a.nprobe, codec="sq8"),
+    "ivf": lambda a: AnnSpec("ivf", nlist=a.nlist, nprobe=a.nprobe[0]),
+    "ivf-sq8": lambda a: AnnSpec("ivf", nlist=a.nlist, nprobe=a.nprobe[0], codec="sq8"),
     "hnsw": lambda a: AnnSpec("hnsw", m=a.m, ef_search=a.ef_search),
 }
 K = L = 4
-CHUNK = 50_000
 PLANTED = 10
 NOISE = np.linspace(0.3, 1.2, PLANTED)
 """Noise (relative to a unit element, per element) of the planted copies, best first."""
@@ -64,14 +64,17 @@ def queries_and_plants(
     return queries, plants
 
 
-def build(root: Path, spec: AnnSpec, n: int, dim: int, plants: dict, seed: int) -> tuple:
-    """The index, its build seconds (generation excluded), and its bytes on disk."""
+def build(
+    root: Path, spec: AnnSpec, n: int, dim: int, plants: dict, seed: int, chunk: int
+) -> tuple:
+    """The index, its build seconds (generation excluded), and its bytes on disk. Items are
+    appended `chunk` at a time, each append a part (and a rewrite of the ANN file)."""
     meta = IndexMeta("image", "synthetic", "0" * 64, "", spec, K, dim, "float16")
     store = SetIndexStore.create(root, meta)
     g = torch.Generator().manual_seed(seed + 1)
     seconds = 0.0
-    for start in range(0, n, CHUNK):
-        m = min(CHUNK, n - start)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
         sets = unit(torch.randn(m, K, dim, generator=g))
         for row, planted in plants.items():
             if start <= row < start + m:
@@ -95,61 +98,77 @@ def latencies(fn: object, queries: torch.Tensor) -> np.ndarray:
     return np.array(out) * 1000
 
 
-def run_one(args: argparse.Namespace, name: str, workdir: Path) -> dict:
+def run_one(args: argparse.Namespace, name: str, workdir: Path) -> list[dict]:
+    """Build one index, then measure it (for ivf: once per --nprobe value)."""
     torch.manual_seed(0)
     queries, plants = queries_and_plants(args.n, args.queries, args.dim, args.seed)
     root = workdir / f"{name}-{args.n}-{args.dim}"
     shutil.rmtree(root, ignore_errors=True)
     print(f"{name}: N={args.n} D={args.dim}: building", flush=True)
     store, build_s, ann_bytes, element_bytes = build(
-        root, INDEXES[name](args), args.n, args.dim, plants, args.seed
+        root, INDEXES[name](args), args.n, args.dim, plants, args.seed, args.chunk
     )
     sim = build_similarity(SimilarityConfig(alpha=args.alpha, block_size=4096))
-    c = args.candidates
-    two_stage = lambda q: two_stage_top_k(store, sim, q, 10, c)  # noqa: E731
-    two_stage(queries[:2])  # warm up: page the element file in, first-call allocations
-    fast = two_stage(queries)
+    exact_top_k(store, sim, queries[:1], 10)  # warm up: page the element file in
     t0 = time.perf_counter()
     exact = exact_top_k(store, sim, queries, 10)
     exact_all_s = time.perf_counter() - t0
-    pairs = zip(fast.items.tolist(), exact.items.tolist(), strict=True)
-    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in pairs]))
     owner = {row: i // PLANTED for i, row in enumerate(plants)}  # inserted query-major
     planted = float(np.mean([
         sum(owner.get(r) == i for r in top) / 10 for i, top in enumerate(exact.items.tolist())
     ]))  # fmt: skip
-    single = latencies(two_stage, queries)
     n_exact = min(args.exact_queries, queries.shape[0])
     exact_single = latencies(lambda q: exact_top_k(store, sim, q, 10), queries[:n_exact])
-    batches = [queries[i : i + 64] for i in range(0, queries.shape[0], 64)]
-    t0 = time.perf_counter()
-    for b in batches:
-        two_stage(b)
-    qps = queries.shape[0] / (time.perf_counter() - t0)
-    result = {
+    common = {
         "index": name,
         "factory": store.meta.ann.factory(),
         "n": args.n,
         "dim": args.dim,
         "elements": args.n * K,
         "build_s": build_s,
+        "parts": -(-args.n // args.chunk),
         "ann_mib": ann_bytes / 2**20,
         "element_matrix_mib": element_bytes / 2**20,
-        "p50_ms": float(np.percentile(single, 50)),
-        "p99_ms": float(np.percentile(single, 99)),
-        "qps_batch64": qps,
-        "recall_at_10_vs_exact": recall,
         "exact_top10_planted": planted,
-        "mean_rescored": float(np.mean(fast.candidates)),
-        "candidates_per_element": c,
         "exact_p50_ms": float(np.percentile(exact_single, 50)),
         "exact_all_queries_s": exact_all_s,
-        "speedup_p50_vs_exact": float(np.percentile(exact_single, 50) / np.percentile(single, 50)),
+        "candidates_per_element": args.candidates,
     }
-    print(json.dumps(result), flush=True)
+    results = []
+    for nprobe in args.nprobe if store.meta.ann.kind == "ivf" else [None]:
+        if nprobe is not None:
+            faiss.extract_index_ivf(store.ann).nprobe = nprobe
+        results.append({**common, "nprobe": nprobe, **measure(args, store, sim, queries, exact)})
+        results[-1]["speedup_p50_vs_exact"] = results[-1]["exact_p50_ms"] / results[-1]["p50_ms"]
+        print(json.dumps(results[-1]), flush=True)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
-    return result
+    return results
+
+
+def measure(
+    args: argparse.Namespace,
+    store: SetIndexStore,
+    sim: object,
+    queries: torch.Tensor,
+    exact: object,
+) -> dict:
+    """Latency, throughput and recall of two-stage search against the `exact` hits."""
+    two_stage = lambda q: two_stage_top_k(store, sim, q, 10, args.candidates)  # noqa: E731
+    two_stage(queries[:2])  # warm up
+    fast = two_stage(queries)
+    pairs = zip(fast.items.tolist(), exact.items.tolist(), strict=True)  # type: ignore[attr-defined]
+    single = latencies(two_stage, queries)
+    t0 = time.perf_counter()
+    for i in range(0, queries.shape[0], 64):
+        two_stage(queries[i : i + 64])
+    return {
+        "p50_ms": float(np.percentile(single, 50)),
+        "p99_ms": float(np.percentile(single, 99)),
+        "qps_batch64": queries.shape[0] / (time.perf_counter() - t0),
+        "recall_at_10_vs_exact": float(np.mean([len(set(a) & set(b)) / 10 for a, b in pairs])),
+        "mean_rescored": float(np.mean(fast.candidates)),
+    }
 
 
 def main() -> None:
@@ -158,10 +177,11 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--index", nargs="+", choices=sorted(INDEXES), default=["flat", "ivf"])
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--chunk", type=int, default=50_000, help="items per append (index part)")
     p.add_argument("--exact-queries", type=int, default=5, help="single exact queries timed")
     p.add_argument("--candidates", type=int, default=64, help="ANN hits per query element")
     p.add_argument("--nlist", type=int, default=1024)
-    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--nprobe", type=int, nargs="+", default=[32], help="ivf: measured each")
     p.add_argument("--m", type=int, default=32)
     p.add_argument("--ef-search", type=int, default=128)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -174,10 +194,10 @@ def main() -> None:
     print(f"machine: {machine}; torch threads {torch.get_num_threads()}", flush=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for name in args.index:
-            result = run_one(args, name, Path(tmp))
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps({**result, "machine": machine}) + "\n")
+            for result in run_one(args, name, Path(tmp)):
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps({**result, "machine": machine}) + "\n")
 
 
 if __name__ == "__main__":
