@@ -53,6 +53,7 @@ __all__ = [
     "is_initialized",
     "job_from_env",
     "limit_cpu_threads",
+    "log_as_rank",
     "on_all_ranks",
     "pick_device",
     "process_group",
@@ -176,6 +177,15 @@ def limit_cpu_threads(device: torch.device, num_workers: int) -> None:
     if n is not None and n != torch.get_num_threads():
         log.info("CPU rank: %d intra-op thread(s) (%d data workers)", n, num_workers)
         torch.set_num_threads(n)
+
+
+def log_as_rank(job: Job) -> None:
+    """INFO logging to stderr, each line prefixed with the job rank (replaces any setup)."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"[rank {job.rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 @contextlib.contextmanager

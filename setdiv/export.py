@@ -11,7 +11,6 @@ the weights, so an export runs on any machine.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from setdiv import config as config_lib
+from setdiv.data.shards import sha256_file
 from setdiv.data.text import Tokenizer, build_tokenizer
 from setdiv.data.vocab import Vocab
 from setdiv.model import SetRetrievalModel, build_model
@@ -38,10 +38,6 @@ class ExportedModel:
     tokenizer: Tokenizer
     sha256: str
     """Hash of model.safetensors: identifies the weights in evaluation metadata."""
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_model(
@@ -106,5 +102,5 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return ExportedModel(
-        model.to(device).eval(), cfg, build_tokenizer(cfg.model.text), _file_sha256(root / WEIGHTS)
+        model.to(device).eval(), cfg, build_tokenizer(cfg.model.text), sha256_file(root / WEIGHTS)
     )

@@ -13,6 +13,7 @@ from setdiv.data.reader import ShardSet, build_eval_reader
 from setdiv.distributed import (
     all_reduce_sum,
     limit_cpu_threads,
+    log_as_rank,
     pick_device,
     process_group,
     rank_and_world,
@@ -131,11 +132,7 @@ def _check_test_set(data: str, protocol: str, read: int, expected: int, partial:
 def _worker(args: argparse.Namespace) -> None:
     """One evaluation rank: join the job, encode and score its share, rank 0 writes."""
     with process_group() as job:
-        logging.basicConfig(
-            level=logging.INFO,
-            format=f"[rank {job.rank}] %(levelname)s %(name)s: %(message)s",
-            force=True,
-        )
+        log_as_rank(job)
         exported = load_exported(args.checkpoint)
         exported.cfg = config_lib.override(exported.cfg, _overrides(args))
         device = pick_device(job)

@@ -15,6 +15,7 @@ from setdiv.distributed import (
     all_gather_list,
     all_gather_rows,
     limit_cpu_threads,
+    log_as_rank,
     pick_device,
     process_group,
     rank_and_world,
@@ -108,11 +109,7 @@ def _open_or_create(args: argparse.Namespace, K: int, D: int) -> SetIndexStore:
 
 def _worker(args: argparse.Namespace) -> None:
     with process_group() as job:
-        logging.basicConfig(
-            level=logging.INFO,
-            format=f"[rank {job.rank}] %(levelname)s %(name)s: %(message)s",
-            force=True,
-        )
+        log_as_rank(job)
         exported = load_exported(args.export)
         device = pick_device(job)
         limit_cpu_threads(device, 0)

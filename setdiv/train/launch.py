@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from setdiv import config as config_lib
-from setdiv.distributed import on_all_ranks, process_group, spawn_local
+from setdiv.distributed import log_as_rank, on_all_ranks, process_group, spawn_local
 from setdiv.train import rundir
 
 __all__ = ["add_export_arguments", "add_train_arguments", "run_export", "run_train", "train"]
@@ -44,11 +44,7 @@ def train(
     from setdiv.train.trainer import Trainer
 
     with process_group() as job, contextlib.ExitStack() as owned:
-        logging.basicConfig(
-            level=logging.INFO,
-            format=f"[rank {job.rank}] %(levelname)s %(name)s: %(message)s",
-            force=True,
-        )
+        log_as_rank(job)
         cfg = config_lib.load([config], overrides)
         on_all_ranks(
             lambda: (
