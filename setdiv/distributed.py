@@ -51,6 +51,7 @@ __all__ = [
     "expand_hostlist",
     "free_port",
     "is_initialized",
+    "is_rank_zero",
     "job_from_env",
     "limit_cpu_threads",
     "log_as_rank",
@@ -376,6 +377,12 @@ def rank_and_world() -> tuple[int, int]:
     if not is_initialized():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def is_rank_zero(rank: int | None = None) -> bool:
+    """Whether this process does the job's one-off work (logs, files, progress bars): `rank`
+    when given (a `Job.rank`, a trainer's rank), else the process group's (True without one)."""
+    return (rank_and_world()[0] if rank is None else rank) == 0
 
 
 def _collective_device() -> torch.device:
