@@ -312,6 +312,35 @@ def test_epoch_order_is_reproducible_and_changes(tmp_path: Path) -> None:
     assert e1 != e0 and sorted(e1) == sorted(e0)
 
 
+@pytest.mark.parametrize(("workers", "kind"), [(0, "regions"), (2, "regions"), (3, "image")])
+def test_a_resumed_epoch_is_the_rest_of_the_epoch_and_skips_without_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, kind: str
+) -> None:
+    """Resuming at batch s gives batches s.. of the uninterrupted epoch, tensor for tensor
+    (with dropouts, random crops and a shuffle buffer), for resume points that fall mid-chunk
+    and mid-round of the workers' round robin; the skipped samples are not decoded."""
+    from setdiv.data import reader as reader_mod
+
+    make_synth(tmp_path, 60 if kind == "image" else 120, 10, kind=kind)
+    opts = SampleOptions(kind, SYNTH_TOK, True, 32, region_dropout=0.3, word_dropout=0.2)
+    reader = TrainReader(f"{tmp_path}/train-*.tar", opts, 7, num_workers=workers, shuffle_buffer=9)
+    full = list(reader.epoch(1))
+    assert len(full) == reader.batches_per_epoch
+    for start in (1, 3, len(full) - 1):
+        rest = list(reader.epoch(1, start))
+        assert len(rest) == len(full) - start
+        for a, b in zip(full[start:], rest, strict=True):
+            assert a.image_ids == b.image_ids and torch.equal(a.tokens, b.tokens)
+            assert torch.equal(a.images, b.images)
+    if workers == 0:  # decoding happens in this process: count it
+        decoded = []
+        real = reader_mod._decode
+        monkeypatch.setattr(reader_mod, "_decode", lambda *a: decoded.append(1) or real(*a))
+        start = len(full) - 3
+        assert len(list(reader.epoch(1, start))) == 3
+        assert len(decoded) <= 3 * 7 + reader_mod.CHUNK  # not the 14 batches before
+
+
 def test_resampled_reader_gives_planned_batches(tmp_path: Path) -> None:
     make_synth(tmp_path, 60, 10)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)
@@ -400,8 +429,8 @@ def test_all_corrupt_shards_fail_after_one_pass_naming_them(
         for j in range(10):
             rewrite_member(shard, f"train{10 * i + j:07d}.npy", b"garbage")
     opened = []
-    real = reader_mod._tar_samples
-    monkeypatch.setattr(reader_mod, "_tar_samples", lambda p: opened.append(p) or real(p))
+    real = reader_mod._shard_samples
+    monkeypatch.setattr(reader_mod, "_shard_samples", lambda p: opened.append(p) or real(p))
     warner = reader_mod._Warner()
     monkeypatch.setattr(reader_mod, "_WARN", warner)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)

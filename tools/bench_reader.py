@@ -1,17 +1,22 @@
-"""Training-reader throughput (samples/s) for BUTD region features and for 224 px JPEG images.
+"""Training-reader throughput (samples/s): the webdataset-stage reader against the reader it
+replaced (`tools/bench_reader_baseline.py`, hand-written tar streaming / splitting / shuffling),
+measured in the same run on the same shards, for BUTD region features and for JPEG images;
+plus the time to the first batch of an epoch resumed 80% of the way in.
 
 Writes its own shards into a temporary directory: BUTD-sized region features (36 x 2048,
 stored float16, via the SCAN `precomp` converter) and COCO-sized JPEGs (640 x 480, via the
-Karpathy converter), then times one epoch of `TrainReader` with 2 workers, against the same
-reader with 0 workers (decoding in the main process) as the baseline.
+Karpathy converter). Each case runs the readers alternately, `--repeats` times, and reports
+the median.
 
-    python tools/bench_reader.py [--regions 2000] [--images 600] [--workers 2]
+    python tools/bench_reader.py [--regions 2000] [--images 600] [--workers 2] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +24,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from setdiv.data import convert
-from setdiv.data.reader import SampleOptions, TrainReader
-from setdiv.data.shards import write_shards
-from setdiv.data.text import Tokenizer
-from setdiv.data.vocab import SPECIALS, Vocab
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_reader_baseline as baseline  # noqa: E402
+
+from setdiv.config import TextEncoderConfig  # noqa: E402
+from setdiv.data import convert, reader  # noqa: E402
+from setdiv.data.shards import write_shards  # noqa: E402
+from setdiv.data.text import build_tokenizer  # noqa: E402
+from setdiv.data.vocab import Vocab  # noqa: E402
 
 
 def write_region_shards(root: Path, n: int) -> str:
@@ -35,7 +44,7 @@ def write_region_shards(root: Path, n: int) -> str:
     caps = [f"a man riding a horse on a beach number {i}" for i in range(5 * n)]
     (root / "train_caps.txt").write_text("\n".join(caps) + "\n")
     out = root / "regions"
-    write_shards(convert.precomp_samples(root, "train"), out, "train", "regions", "bench", 200)
+    write_shards(convert.precomp_samples(root, "train"), out, "train", "regions", "bench", 100)
     return f"{out}/train-*.tar"
 
 
@@ -57,15 +66,31 @@ def write_jpeg_shards(root: Path, n: int) -> str:
     (root / "karpathy.json").write_text(json.dumps({"images": images}))
     out = root / "jpeg"
     samples = convert.karpathy_samples(root / "karpathy.json", root / "img", "train")
-    write_shards(samples, out, "train", "image", "bench", 100)
+    write_shards(samples, out, "train", "image", "bench", 50)
     return f"{out}/train-*.tar"
 
 
-def throughput(pattern: str, opts: SampleOptions, workers: int, batch: int) -> float:
-    reader = TrainReader(pattern, opts, batch, num_workers=workers, shuffle_buffer=200)
+def epoch_rate(module, pattern: str, opts: dict, workers: int, batch: int) -> float:  # noqa: ANN001
+    """Samples per second over one whole epoch."""
+    train = module.TrainReader(
+        pattern, module.SampleOptions(**opts), batch, num_workers=workers, shuffle_buffer=200
+    )
     t0 = time.perf_counter()
-    n = sum(b.images.shape[0] for b in reader.epoch(0))
+    n = sum(b.images.shape[0] for b in train.epoch(0))
     return n / (time.perf_counter() - t0)
+
+
+def resume_wait(module, pattern: str, opts: dict, workers: int, batch: int) -> float:  # noqa: ANN001
+    """Seconds to the first batch of epoch 0 resumed at 80% of its batches."""
+    train = module.TrainReader(
+        pattern, module.SampleOptions(**opts), batch, num_workers=workers, shuffle_buffer=200
+    )
+    t0 = time.perf_counter()
+    batches = train.epoch(0, int(0.8 * train.batches_per_epoch))
+    next(batches)
+    wait = time.perf_counter() - t0
+    batches.close()
+    return wait
 
 
 def main() -> None:
@@ -73,32 +98,32 @@ def main() -> None:
     parser.add_argument("--regions", type=int, default=2000)
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     vocab = Vocab.build(["a man riding a horse on a beach number photo of scene variant"])
-    tok = Tokenizer(vocab, None, vocab.pad, vocab.mask, len(SPECIALS), len(vocab))
+    tok = build_tokenizer(TextEncoderConfig(), vocab)
+    dropouts = {"region_dropout": 0.2, "word_dropout": 0.2}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        regions = write_region_shards(root, args.regions)
-        jpegs = write_jpeg_shards(root, args.images)
         cases = [
-            (
-                "BUTD regions 36x2048 fp16",
-                regions,
-                SampleOptions("regions", tok, True, 224, 0.2, 0.2),
-                100,
-            ),
-            (
-                "JPEG 640x480 -> 224 crop",
-                jpegs,
-                SampleOptions("image", tok, True, 224, 0.0, 0.2),
-                50,
-            ),
+            ("BUTD regions 36x2048 fp16", write_region_shards(root, args.regions), "regions", 100),
+            ("JPEG 640x480 -> 224 crop", write_jpeg_shards(root, args.images), "image", 50),
         ]
-        print(f"{'input':<28}{'0 workers':>12}{f'{args.workers} workers':>12}{'speed-up':>10}")
-        for name, pattern, opts, batch in cases:
-            base = throughput(pattern, opts, 0, batch)
-            fast = throughput(pattern, opts, args.workers, batch)
-            print(f"{name:<28}{base:>10.0f}/s{fast:>10.0f}/s{fast / base:>9.2f}x")
+        print(f"{'input':<27}{'workers':>8}{'old':>10}{'new':>10}{'new/old':>9}   (samples/s)")
+        for name, pattern, kind, batch in cases:
+            opts = {"kind": kind, "tokenizer": tok, "train": True, **dropouts}
+            for workers in (0, args.workers):
+                runs = [
+                    (epoch_rate(baseline, pattern, opts, workers, batch),
+                     epoch_rate(reader, pattern, opts, workers, batch))
+                    for _ in range(args.repeats)
+                ]  # fmt: skip
+                old, new = (statistics.median(r) for r in zip(*runs, strict=True))
+                print(f"{name:<27}{workers:>8}{old:>10.0f}{new:>10.0f}{new / old:>8.2f}x")
+            old = resume_wait(baseline, pattern, opts, args.workers, batch)
+            new = resume_wait(reader, pattern, opts, args.workers, batch)
+            print(f"{name:<27}{args.workers:>8}{old:>9.2f}s{new:>9.2f}s{old / new:>8.1f}x faster"
+                  "   (first batch of an epoch resumed at 80%)")  # fmt: skip
 
 
 if __name__ == "__main__":

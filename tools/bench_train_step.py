@@ -25,8 +25,8 @@ import torch
 
 from setdiv import config as config_lib
 from setdiv.data.reader import SampleOptions, TrainReader
-from setdiv.data.text import Tokenizer
-from setdiv.data.vocab import SPECIALS, Vocab
+from setdiv.data.text import build_tokenizer
+from setdiv.data.vocab import Vocab
 from setdiv.losses import build_loss
 from setdiv.model import build_model
 from setdiv.model.set_modules import SetOutput
@@ -76,8 +76,8 @@ def data_seconds_per_batch(n_images: int, reps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         pattern = write_region_shards(Path(tmp), n_images * (reps + 2))
         vocab = Vocab.build(["a man riding a horse on a beach number"])
-        tok = Tokenizer(vocab, None, vocab.pad, vocab.mask, len(SPECIALS), len(vocab))
-        opts = SampleOptions("regions", tok, True, 224, 0.2, 0.2)
+        tok = build_tokenizer(config_lib.TextEncoderConfig(), vocab)
+        opts = SampleOptions("regions", tok, True, region_dropout=0.2, word_dropout=0.2)
         reader = TrainReader(pattern, opts, n_images, num_workers=2, shuffle_buffer=200)
         it = reader.epoch(0)
         next(it)  # workers started, first batch ready

@@ -1,48 +1,53 @@
-"""Streaming shard readers: a training reader (split by rank and worker, seeded shuffling, equal
-batch counts on every rank) and an evaluation reader (every image once, in index order).
+"""Shard readers composed of webdataset's pipeline stages: training batches (split by rank and
+data worker, seeded shuffling, equal batch counts on every rank) and evaluation batches (every
+image once, in index order).
 
 Shape legend: B images per rank batch, R regions, C region width, T tokens, 5B captions.
 
-Epoch plan. Shards are listed in `{split}-index.json` with their sample counts, so every rank
-computes the same plan without talking to the others: the shard list is shuffled with
-(seed, epoch), rank r takes every world-th shard, and worker w of that rank every
-num_workers-th of those. Each rank then yields exactly `batches_per_epoch` batches, the minimum
-over ranks, so no rank waits at a collective for a peer that ran out of data. If corrupt
-samples leave a rank short, it re-reads its shards (another shuffle) to fill the epoch.
+Training pipeline of data worker w of W on rank r (`TrainReader._pass`):
+    shard list -> (seed, epoch) shuffle -> slice r::world -> slice w::W -> tar samples
+    -> sample shuffle -> resume skip -> decode -> batches of B
+The shard index gives every shard's sample count, so all ranks compute the same
+`batches_per_epoch` (the smallest share any rank can get) without talking to each other; a
+worker whose share runs short (uneven shards, corrupt samples) reads its shards again with
+another shuffle. Worker w yields batches w, w + W, ... of the epoch, which the DataLoader's round
+robin returns in order. A resumed epoch starting at batch s lets worker i play worker
+(s + i) % W and drop, before decoding, the samples of the batches that worker already gave;
+randomness (dropout, crops) is seeded per sample key, so skipping changes nothing else.
 
-Decoding runs in DataLoader workers; batching (B images with all 5B captions, image-major)
-runs in the main process so a batch can mix workers' samples. Corrupt samples and truncated
-tars are skipped, counted (`Batch.skipped`) and warned about at most every 10 s.
+Corrupt samples and truncated tars are skipped, counted (`Batch.skipped`; the index tells how
+many samples a truncated tar lost) and warned about at most every 10 s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import io
-import json
 import logging
 import os
+import random
 import signal
-import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
+import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from setdiv.config import DataConfig
-from setdiv.data.shards import CAPTIONS_PER_IMAGE, ShardIndex, ShardInfo, index_path, sha256_file
+from setdiv.data.shards import ShardSet, decode_meta, read_shard
 from setdiv.data.text import Tokenizer, word_dropout
 from setdiv.distributed import die_with_parent
+from setdiv.errors import UserError
 
 __all__ = [
     "Batch",
@@ -53,7 +58,10 @@ __all__ = [
     "build_eval_reader",
     "build_train_reader",
     "collate",
+    "image_file_pixels",
     "image_transform_steps",
+    "per_rank_batch_size",
+    "plan_epoch",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,131 +72,53 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# --- shard lists ------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardSet:
-    """Resolved shard paths with their index entries, in index order."""
-
-    paths: list[Path]
-    infos: list[ShardInfo]
-    kind: str
-
-    @classmethod
-    def resolve(cls, pattern: str, kind: str | None = None) -> ShardSet:
-        """Expand braces and globs; every shard must exist and be listed in its index, and
-        hold `kind` samples ("regions" / "image") when given."""
-        paths: list[Path] = []
-        for part in braceexpand(pattern):
-            matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
-            if not matches:
-                raise FileNotFoundError(f"no shard matches {part!r}")
-            paths += [Path(m) for m in matches]
-        for p in paths:
-            if not p.is_file():
-                raise FileNotFoundError(f"missing shard: {p}")
-        indexes: dict[Path, ShardIndex] = {}
-        infos, kinds = [], set()
-        for p in paths:
-            idx_file = index_path(p.parent, p.name.rsplit("-", 1)[0])
-            if idx_file not in indexes:
-                indexes[idx_file] = ShardIndex.load(idx_file)
-            by_name = {s.name: s for s in indexes[idx_file].shards}
-            if p.name not in by_name:
-                raise ValueError(f"shard {p} is not listed in {idx_file}")
-            infos.append(by_name[p.name])
-            kinds.add(indexes[idx_file].kind)
-        if len(kinds) != 1:
-            raise ValueError(f"shards of different kinds in {pattern!r}: {sorted(kinds)}")
-        if kind is not None and kind not in kinds:
-            raise ValueError(f"{pattern}: shards hold {kinds.pop()!r}, the model reads {kind!r}")
-        return cls(paths, infos, kinds.pop())
-
-    def verify(self, which: list[int] | None = None) -> None:
-        """Compare sha256 of the chosen shards (default all) with the index; raise on mismatch."""
-        for i in range(len(self.paths)) if which is None else which:
-            digest = sha256_file(self.paths[i])
-            if digest != self.infos[i].sha256:
-                raise ValueError(
-                    f"checksum mismatch for shard {self.paths[i]}: index says "
-                    f"{self.infos[i].sha256[:12]}..., file is {digest[:12]}..."
-                )
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.samples for s in self.infos)
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([abs(int(k)) for k in key])
-
-
-def plan_epoch(
-    shards: ShardSet, seed: int, epoch: int, world: int, shuffle: bool = True
-) -> list[list[int]]:
-    """Shard indices per rank for an epoch: a (seed, epoch)-seeded shuffle dealt round-robin."""
-    order = list(range(len(shards.paths)))
-    if shuffle:
-        order = [int(i) for i in _rng(seed, epoch).permutation(order)]
-    return [order[r::world] for r in range(world)]
-
-
-# --- samples ----------------------------------------------------------------------------------
-
-
 class _Warner:
     """Rate-limited warnings: one line every `every` seconds at most, with the running count."""
 
     def __init__(self, every: float = 10.0) -> None:
         self.every, self.last, self.count = every, -1e9, 0
 
-    def __call__(self, msg: str, bad: int = 1) -> None:
+    def __call__(self, msg: str, bad: int = 1) -> bool:
         self.count += bad
-        now = time.monotonic()
-        if now - self.last >= self.every:
+        if time.monotonic() - self.last >= self.every:
             log.warning("%s (%d bad samples so far in this reader process)", msg, self.count)
-            self.last = now
+            self.last = time.monotonic()
+        return True  # as a webdataset handler: skip and go on
 
 
 _WARN = _Warner()
 
 
-def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample in file order; a truncated or unreadable tar ends early
-    (the caller counts what is missing against the index)."""
-    current, files = None, {}
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if key != current and current is not None:
-                    yield current, files
-                    files = {}
-                current = key
-                files[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        _WARN(f"{path}: unreadable after sample {current!r}: {exc}", bad=0)  # counted by caller
-        return
-    if current is not None:
-        yield current, files
+def _shard_samples(path: str) -> Iterator[dict]:
+    return read_shard(path, lambda exc: _WARN(f"{path}: unreadable tar: {exc}", bad=0))
 
 
-def _decode_meta(files: dict[str, bytes]) -> dict[str, Any]:
-    meta = json.loads(files["json"])
-    if len(meta["captions"]) != CAPTIONS_PER_IMAGE:
-        raise ValueError(f"{len(meta['captions'])} captions")
-    return meta
+def _read_shards(src: Iterator[dict], expected: dict[str, int]) -> Iterator[dict]:
+    """Pipeline stage: each shard's raw samples, then {"__lost__": k} for the k samples its
+    index lists that it did not deliver (a truncated or unreadable tar)."""
+    for item in src:
+        url, seen = item["url"], 0
+        for raw in _shard_samples(url):
+            seen += 1
+            yield raw
+        if (lost := expected[url] - seen) > 0:
+            _WARN(f"{url}: {lost} of {expected[url]} samples unreadable", lost)
+            yield {"__lost__": lost}
 
 
-def _decode_regions(files: dict[str, bytes]) -> np.ndarray:
-    # Stays numpy in its storage dtype until collation: cheaper to pass between processes.
-    arr = np.load(io.BytesIO(files["npy"]), allow_pickle=False)
-    if arr.ndim != 2 or not np.isfinite(arr).all():
-        raise ValueError(f"region array of shape {arr.shape} (or non-finite values)")
-    return arr
+# --- samples ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleOptions:
+    kind: str
+    tokenizer: Tokenizer
+    train: bool
+    image_size: int = 224
+    image_transform: str = "crop"
+    hflip: bool = True
+    region_dropout: float = 0.0
+    word_dropout: float = 0.0
 
 
 def image_transform_steps(
@@ -204,8 +134,6 @@ def image_transform_steps(
     """
     from torchvision.transforms import v2
 
-    if style not in ("crop", "gpo512"):
-        raise ValueError(f"data.image_transform must be crop or gpo512, got {style!r}")
     if train:
         scale = (0.36, 1.0) if style == "gpo512" else (0.08, 1.0)
         steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
@@ -215,25 +143,25 @@ def image_transform_steps(
     return [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
 
 
-def _image_transform(
-    size: int, train: bool, style: str = "crop", hflip: bool = True
-) -> Callable[[Image.Image], np.ndarray]:
+def _image_transform(opts: SampleOptions, train: bool) -> Callable[[Image.Image], np.ndarray]:
     """PIL image -> (3,size,size) uint8; normalisation happens batched in `collate`."""
     from torchvision.transforms import v2
 
-    pipeline = v2.Compose([v2.ToImage(), *image_transform_steps(size, train, style, hflip)])
+    steps = image_transform_steps(opts.image_size, train, opts.image_transform, opts.hflip)
+    pipeline = v2.Compose([v2.ToImage(), *steps])
     return lambda im: pipeline(im).numpy()
 
 
 def image_file_pixels(path: str | Path | BinaryIO, size: int, style: str = "crop") -> Tensor:
     """(1,3,size,size) normalised pixels of an image file (or file object), as evaluation
-    reads a test image. Raises ValueError for anything Pillow cannot (or will not) decode."""
-    name = path if isinstance(path, (str, Path)) else "image"
+    reads a test image. Raises UserError for anything Pillow cannot (or will not) decode."""
+    opts = SampleOptions("image", None, False, size, style)  # type: ignore[arg-type]
     try:
         with Image.open(path) as im:
-            pixels = _image_transform(size, False, style, False)(im.convert("RGB"))
+            pixels = _image_transform(opts, False)(im.convert("RGB"))
     except (OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{name}: not a readable image ({exc})") from None
+        name = path if isinstance(path, (str, Path)) else "image"
+        raise UserError(f"{name}: not a readable image ({exc})") from None
     return _normalise(torch.from_numpy(pixels)[None])
 
 
@@ -243,110 +171,24 @@ def _normalise(pixels_B3HW: Tensor) -> Tensor:
     return (pixels_B3HW.float() - mean) / std
 
 
-@dataclass
-class SampleOptions:
-    kind: str
-    tokenizer: Tokenizer
-    train: bool
-    image_size: int = 224
-    image_transform: str = "crop"
-    hflip: bool = True
-    region_dropout: float = 0.0
-    word_dropout: float = 0.0
-
-
-class _SampleStream(IterableDataset):
-    """Decoded samples of (shard, expected count) pairs; in a DataLoader each worker takes
-    every num_workers-th shard. Yields (sample or None, samples skipped since the last yield)."""
-
-    def __init__(
-        self,
-        shards: list[tuple[Path, int]],
-        opts: SampleOptions,
-        seed_key: tuple[int, ...],
-        buffer: int,
-    ) -> None:
-        self.shards, self.opts, self.seed_key, self.buffer = shards, opts, seed_key, buffer
-
-    def __iter__(self) -> Iterator[list[tuple[dict[str, Any] | None, int]]]:
-        """Chunks of `CHUNK` items: one inter-process message per chunk, not per sample."""
-        chunk = []
-        for item in self._items():
-            chunk.append(item)
-            if len(chunk) == CHUNK:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
-    def _items(self) -> Iterator[tuple[dict[str, Any] | None, int]]:
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        rng = _rng(*self.seed_key, wid)
-        transform = (
-            _image_transform(
-                self.opts.image_size, self.opts.train, self.opts.image_transform, self.opts.hflip
-            )
-            if self.opts.kind == "image"
-            else None
-        )
-        skipped, pool = 0, []
-        for path, expected in self.shards[wid::nworkers]:
-            seen = 0
-            for key, files in _tar_samples(path):
-                seen += 1
-                sample = self._decode(path, key, files, transform, rng)
-                if sample is None:
-                    skipped += 1
-                    continue
-                if self.buffer <= 1:
-                    yield sample, skipped
-                    skipped = 0
-                    continue
-                pool.append(sample)
-                if len(pool) >= self.buffer:
-                    yield pool.pop(int(rng.integers(len(pool)))), skipped
-                    skipped = 0
-            if seen < expected:  # truncated shard: the rest of its samples are lost
-                _WARN(
-                    f"{path}: {expected - seen} of {expected} samples unreadable", expected - seen
-                )
-                skipped += expected - seen
-        for i in rng.permutation(len(pool)):
-            yield pool[i], skipped
-            skipped = 0
-        if skipped:
-            yield None, skipped
-
-    def _decode(
-        self,
-        path: Path,
-        key: str,
-        files: dict[str, bytes],
-        transform: Callable | None,
-        rng: np.random.Generator,
-    ) -> dict[str, Any] | None:
-        opts = self.opts
-        try:
-            meta = _decode_meta(files)
-            if opts.kind == "regions":
-                image = _drop_regions(_decode_regions(files), opts.region_dropout, rng)
-            else:
-                with Image.open(io.BytesIO(files["jpg"])) as im:
-                    image = transform(im.convert("RGB"))  # type: ignore[misc]
-        except Exception as exc:  # noqa: BLE001 -- any decode failure skips just this sample
-            _WARN(f"{path}: skipping corrupt sample {key!r}: {type(exc).__name__}: {exc}")
-            return None
-        ids = [opts.tokenizer.encode(c) for c in meta["captions"]]
-        if opts.word_dropout > 0:
-            ids = [word_dropout(t, opts.tokenizer, opts.word_dropout, rng) for t in ids]
-        return {
-            "image": image,
-            "tokens": ids,
-            "image_id": meta["image_id"],
-            "caption_ids": meta["caption_ids"],
-            "captions": meta["captions"],
-        }
+def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: list[int]) -> dict:
+    """A raw sample -> {"image", "tokens", ...}; raises on anything corrupt. The sample's own
+    seed drives its region / word dropout and (in a forked torch RNG) its random crop."""
+    meta, rng = decode_meta(raw), np.random.default_rng(seed)
+    if opts.kind == "regions":  # stays numpy until collation: cheaper between processes
+        regions_RC = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
+        if regions_RC.ndim != 2 or not np.isfinite(regions_RC).all():
+            raise ValueError(f"region array of shape {regions_RC.shape} (or non-finite values)")
+        image = _drop_regions(regions_RC, opts.region_dropout, rng)
+    else:
+        with Image.open(io.BytesIO(raw["jpg"])) as im, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**62)))
+            image = transform(im.convert("RGB"))  # type: ignore[misc]
+    ids = [opts.tokenizer.encode(c) for c in meta["captions"]]
+    if opts.word_dropout > 0:
+        ids = [word_dropout(t, opts.tokenizer, opts.word_dropout, rng) for t in ids]
+    keys = ("image_id", "caption_ids", "captions")
+    return {"image": image, "tokens": ids, **{k: meta[k] for k in keys}}
 
 
 def _drop_regions(regions_RC: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
@@ -357,6 +199,15 @@ def _drop_regions(regions_RC: np.ndarray, p: float, rng: np.random.Generator) ->
     if not keep.any():
         keep[rng.integers(regions_RC.shape[0])] = True
     return regions_RC[keep]
+
+
+def _try_decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: list[int]):
+    try:
+        return _decode(raw, opts, transform, seed)
+    except Exception as exc:  # noqa: BLE001 -- any decode failure skips just this sample
+        key = raw.get("__key__")
+        _WARN(f"{raw.get('__url__')}: skipping corrupt sample {key!r}: {type(exc).__name__}: {exc}")
+        return None
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -381,21 +232,20 @@ class Batch:
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Batch:
-    """Stack B decoded samples into a `Batch` (regions and tokens right-padded)."""
+    """Stack B decoded samples into a `Batch` (regions and tokens right-padded); `skipped`
+    adds to the samples' own "skipped" counts."""
     images = [s["image"] for s in samples]
     if images[0].ndim == 2:  # regions (R, C), R varies under region dropout
-        R = max(x.shape[0] for x in images)
-        batch_images = torch.zeros(len(images), R, images[0].shape[1])
-        image_mask = torch.zeros(len(images), R, dtype=torch.bool)
+        batch_images = torch.zeros(len(images), max(x.shape[0] for x in images), images[0].shape[1])
+        image_mask = torch.zeros(batch_images.shape[:2], dtype=torch.bool)
         for i, x in enumerate(images):
             batch_images[i, : x.shape[0]] = torch.from_numpy(x)
             image_mask[i, : x.shape[0]] = True
     else:  # uint8 pixels (3, H, W)
         batch_images, image_mask = _normalise(torch.from_numpy(np.stack(images))), None
     captions = [t for s in samples for t in s["tokens"]]
-    T = max(len(t) for t in captions)
-    tokens = torch.full((len(captions), T), pad_id, dtype=torch.long)
-    token_mask = torch.zeros(len(captions), T, dtype=torch.bool)
+    tokens = torch.full((len(captions), max(map(len, captions))), pad_id, dtype=torch.long)
+    token_mask = torch.zeros(tokens.shape, dtype=torch.bool)
     for i, t in enumerate(captions):
         tokens[i, : len(t)] = torch.tensor(t)
         token_mask[i, : len(t)] = True
@@ -406,13 +256,23 @@ def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Bat
         token_mask,
         image_ids=[s["image_id"] for s in samples],
         caption_ids=[c for s in samples for c in s["caption_ids"]],
-        skipped=skipped,
+        skipped=skipped + sum(s.get("skipped", 0) for s in samples),
         captions=[c for s in samples for c in s["captions"]],
     )
 
 
-def _as_is(item: Any) -> Any:
-    return item
+# --- training ---------------------------------------------------------------------------------
+
+
+def plan_epoch(
+    shards: ShardSet, seed: int, epoch: int, world: int, shuffle: bool = True, attempt: int = 0
+) -> list[list[int]]:
+    """Shard indices per rank: a (seed, epoch, attempt)-seeded shuffle, then each rank's slice."""
+    order = iter(range(n := len(shards.paths)))
+    if shuffle:
+        order = wds.shuffle(n, n, rng=random.Random(f"shards/{seed}/{epoch}/{attempt}"))(order)
+    order = list(order)
+    return [list(wds.slice(r, None, world)(order)) for r in range(world)]
 
 
 _JOB_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
@@ -445,6 +305,58 @@ def _start_workers(loader: DataLoader) -> Iterator[Any]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _resume_skips(totals: list[int], consumed: int) -> tuple[int, list[int]]:
+    """Where a pass stands after `consumed` samples: (the worker whose chunk comes next, the
+    samples each worker has given), replaying the DataLoader's round robin over the workers'
+    chunks (a worker drops out once it has given all of its `totals`)."""
+    given = [0] * len(totals)
+    while any(g < t for g, t in zip(given, totals, strict=True)):
+        for w, total in enumerate(totals):
+            if (take := min(CHUNK - given[w] % CHUNK, total - given[w])) <= 0:
+                continue
+            if consumed < take:
+                given[w] += consumed
+                return w, given
+            consumed, given[w] = consumed - take, given[w] + take
+    return 0, given
+
+
+class _PassStream(IterableDataset):
+    """One pass of a rank: data worker i reads the shards of worker (first + i) % W, drops the
+    first `skip[w]` samples undecoded, and yields (sample or None, lost) items in chunks that
+    end at multiples of `CHUNK` samples (one inter-process message per chunk)."""
+
+    def __init__(self, reader: TrainReader, key: list[int], shards: list[list[str]]) -> None:
+        self.reader, self.key, self.shards = reader, key, shards
+        self.first, self.skip = 0, [0] * len(shards)
+
+    def __iter__(self) -> Iterator[list[tuple[dict | None, int]]]:
+        info = get_worker_info()
+        w = (self.first + (info.id if info else 0)) % len(self.shards)
+        opts, key, pos, chunk = self.reader.opts, [*self.key, w], self.skip[w], []
+        stages = [wds.SimpleShardList(self.shards[w])]
+        stages.append(functools.partial(_read_shards, expected=self.reader.expected))
+        if self.reader.buffer > 1:
+            rng = random.Random("samples/" + "/".join(map(str, key)))
+            stages.append(wds.shuffle(self.reader.buffer, self.reader.buffer, rng=rng))
+        transform = _image_transform(opts, True) if opts.kind == "image" else None
+        for raw in islice(wds.DataPipeline(*stages), self.skip[w], None):
+            if "__lost__" in raw:
+                chunk.append((None, raw["__lost__"]))
+                continue
+            # Seeded by the sample, not by who reads it: the same augmentation on any number of
+            # ranks and workers, and whatever a resume skipped.
+            seed = [*self.key[:2], self.key[3], zlib.crc32(raw["__key__"].encode())]
+            sample = _try_decode(raw, opts, transform, seed)
+            chunk.append((sample, sample is None))
+            pos += 1
+            if pos % CHUNK == 0:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
 class TrainReader:
     """Per-rank training batches of `batch_size` images (+ their 5 captions each)."""
 
@@ -462,89 +374,85 @@ class TrainReader:
         verify: bool = True,
     ) -> None:
         self.pattern, self.shards = pattern, ShardSet.resolve(pattern, opts.kind)
-        n = len(self.shards.paths)
-        if not resampled and n < world * max(num_workers, 1):
-            raise ValueError(
+        n, self.workers = len(self.shards.paths), max(num_workers, 1)
+        if not resampled and n < world * self.workers:
+            raise UserError(
                 f"{pattern}: {n} shards for {world} ranks x {num_workers} workers; write at least "
-                f"{world * max(num_workers, 1)} shards (smaller --shard-size) or use fewer workers"
+                f"{world * self.workers} shards (smaller --shard-size) or use fewer workers"
             )
         if verify:
             self.shards.verify(list(range(rank, n, world)))
         self.opts, self.batch_size, self.rank, self.world = opts, batch_size, rank, world
-        self.num_workers, self.seed, self.buffer, self.resampled = (
-            num_workers,
-            seed,
-            shuffle_buffer,
-            resampled,
-        )
-        self.batches_per_epoch = self._batches_per_epoch()
+        self.num_workers, self.seed, self.buffer = num_workers, seed, shuffle_buffer
+        self.resampled = resampled
+        self.expected = {
+            str(p): i.samples for p, i in zip(self.shards.paths, self.shards.infos, strict=True)
+        }
+        counts = sorted(s.samples for s in self.shards.infos)  # a rank's smallest possible share
+        per_rank = self.shards.num_samples // world if resampled else sum(counts[: n // world])
+        self.batches_per_epoch = per_rank // batch_size
         if self.batches_per_epoch < 1:
-            raise ValueError(
+            raise UserError(
                 f"{pattern}: too few samples for one batch of {batch_size} on each of {world} ranks"
             )
 
-    def _batches_per_epoch(self) -> int:
+    def _worker_shards(self, epoch: int, worker: int, attempt: int) -> list[str]:
+        urls, W = [str(p) for p in self.shards.paths], self.workers
         if self.resampled:
-            return self.shards.num_samples // (self.world * self.batch_size)
-        # Which shards a rank gets changes per epoch: plan for the smallest share any rank can get.
-        counts = sorted(s.samples for s in self.shards.infos)
-        per_rank_min = sum(
-            counts[: len(counts) // self.world]
-        )  # the world-th share of smallest shards
-        return per_rank_min // self.batch_size
+            key = zlib.crc32(f"{self.seed}/{epoch}/{self.rank}/{worker}/{attempt}".encode())
+            draw = wds.ResampledShards(
+                urls, max(len(urls) // (self.world * W), 1), key, lambda: 0, deterministic=True
+            )
+            return [d["url"] for d in draw]
+        mine = plan_epoch(self.shards, self.seed, epoch, self.world, attempt=attempt)[self.rank]
+        return [urls[i] for i in wds.slice(worker, None, W)(mine)]
 
-    def _shards(self, epoch: int, attempt: int) -> list[tuple[Path, int]]:
-        n = len(self.shards.paths)
-        if self.resampled:
-            rng = _rng(self.seed, epoch, self.rank, attempt, 1)
-            mine = [int(i) for i in rng.integers(n, size=max(n // self.world, self.num_workers, 1))]
-        else:
-            mine = plan_epoch(self.shards, self.seed + 7919 * attempt, epoch, self.world)[self.rank]
-        return [(self.shards.paths[i], self.shards.infos[i].samples) for i in mine]
-
-    def _samples(self, epoch: int) -> Iterator[tuple[dict[str, Any] | None, int]]:
-        """The rank's samples of `epoch`; when corrupt data leaves the epoch short, its shards
-        are read again with a fresh shuffle. A whole pass without one good sample stops it:
-        reading the same bad shards again would not help."""
+    def _samples(self, epoch: int, consumed: int) -> Iterator[tuple[dict | None, int]]:
+        """The rank's (sample or None, lost) items of `epoch` after its first `consumed`
+        samples; when corrupt data leaves the epoch short, its shards are read again with a
+        fresh shuffle. A whole pass without one good sample stops it: reading the same bad
+        shards again would not help."""
         for attempt in range(MAX_PASSES):
-            shards = self._shards(epoch, attempt)
-            good = bad = 0
+            shards = [self._worker_shards(epoch, w, attempt) for w in range(self.workers)]
+            stream = _PassStream(self, [self.seed, epoch, self.rank, attempt], shards)
+            totals = [sum(self.expected[u] for u in urls) for urls in shards]
+            if consumed >= sum(totals):
+                consumed -= sum(totals)  # (only when resuming an epoch made of several passes)
+                continue
+            stream.first, stream.skip = _resume_skips(totals, consumed)
+            consumed, good, bad = 0, 0, 0
             # Closed explicitly when this generator is, so that its workers shut down here and
             # not in the garbage collector (which would swallow a requeue's SystemExit).
-            with contextlib.closing(self._pass(shards, epoch, attempt)) as items:
-                for sample, skip in items:
-                    good, bad = good + (sample is not None), bad + skip
-                    yield sample, skip
+            with contextlib.closing(self._pass(stream, epoch, attempt)) as items:
+                for sample, lost in items:
+                    good, bad = good + (sample is not None), bad + lost
+                    yield sample, lost
             if good == 0:
-                names = ", ".join(str(p) for p, _ in shards[:4]) + (", ..." * (len(shards) > 4))
-                raise ValueError(
+                names = [u for urls in shards for u in urls]
+                raise UserError(
                     f"no readable training sample in a whole pass over rank {self.rank}'s "
-                    f"{len(shards)} shard(s) of {self.pattern!r} ({names}): {bad} of "
-                    f"{sum(n for _, n in shards)} samples are corrupt or missing"
+                    f"{len(names)} shard(s) of {self.pattern!r} ({', '.join(names[:4])}"
+                    f"{', ...' * (len(names) > 4)}): {bad} of {sum(totals)} samples are corrupt "
+                    "or missing"
                 )
-        raise ValueError(
+        raise UserError(
             f"{self.pattern!r}: {MAX_PASSES} passes over the shards did not fill epoch {epoch}: "
             "most samples are corrupt (see the warnings above)"
         )
 
     def _pass(
-        self, shards: list[tuple[Path, int]], epoch: int, attempt: int
-    ) -> Iterator[tuple[dict[str, Any] | None, int]]:
-        """One read of `shards` through the DataLoader's workers."""
-        stream = _SampleStream(
-            shards, self.opts, (self.seed, epoch, self.rank, attempt), self.buffer
-        )
+        self, stream: _PassStream, epoch: int, attempt: int
+    ) -> Iterator[tuple[dict | None, int]]:
+        """One read of the rank's shards through the DataLoader's workers."""
+        seed = np.random.default_rng([self.seed, epoch, self.rank, attempt]).integers(2**62)
         loader = DataLoader(
             stream,
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_as_is,  # keep numpy arrays numpy: no per-sample tensor conversion
             # Its own generator: creating workers must not draw from the global RNG, or a
-            # resumed run's dropout masks would drift from the uninterrupted run's.
-            generator=torch.Generator().manual_seed(
-                int(_rng(self.seed, epoch, self.rank, attempt).integers(2**62))
-            ),
-            persistent_workers=False,
+            # resumed run's model dropout would drift from the uninterrupted run's.
+            generator=torch.Generator().manual_seed(int(seed)),
             prefetch_factor=4 if self.num_workers else None,
             worker_init_fn=functools.partial(_worker_signals, rank_pid=os.getpid()),
         )
@@ -561,23 +469,24 @@ class TrainReader:
                 shutdown()
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Exactly `batches_per_epoch - start_batch` batches of epoch `epoch` (deterministic)."""
-        produced, pending, skipped = 0, [], 0
-        # The sample stream is closed here once the epoch is full, not by the garbage
-        # collector, which would swallow an exception raised while its workers shut down.
-        with contextlib.closing(self._samples(epoch)) as samples:
-            for sample, skip in samples:
-                skipped += skip
+        """Exactly `batches_per_epoch - start_batch` batches of epoch `epoch` (deterministic);
+        the samples of the first `start_batch` batches are skipped without being decoded."""
+        produced, pending, lost = start_batch, [], 0
+        with contextlib.closing(self._samples(epoch, start_batch * self.batch_size)) as items:
+            for sample, bad in items:
+                lost += bad
                 if sample is None:
                     continue
                 pending.append(sample)
-                if len(pending) < self.batch_size:
-                    continue
-                if produced >= start_batch:
-                    yield collate(pending, self.opts.tokenizer.pad_id, skipped)
-                produced, pending, skipped = produced + 1, [], 0
-                if produced == self.batches_per_epoch:
+                if len(pending) == self.batch_size:
+                    yield collate(pending, self.opts.tokenizer.pad_id, lost)
+                    produced, pending, lost = produced + 1, [], 0
+                if produced >= self.batches_per_epoch:
                     return
+
+
+def _as_is(item: Any) -> Any:
+    return item
 
 
 class EvalReader:
@@ -602,7 +511,7 @@ class EvalReader:
         per_rank = -(-total // (world * align)) * align
         self.start, self.stop = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
         self.skipped = 0
-        """Corrupt samples skipped in the last full iteration."""
+        """Corrupt samples skipped in this rank's slice in the last full iteration."""
 
     def __len__(self) -> int:
         """Images in this rank's slice."""
@@ -613,60 +522,61 @@ class EvalReader:
         return -(-len(self) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        pos, mine = 0, []
-        for path, info in zip(self.shards.paths, self.shards.infos, strict=True):
-            if pos + info.samples > self.start and pos < self.stop:
-                mine.append((path, info.samples, pos))
-            pos += info.samples
-        if not mine:
-            return
-        stream = _SampleStream([(p, n) for p, n, _ in mine], self.opts, (0,), buffer=1)
-        pos, pending, skipped = mine[0][2], [], 0
-        self.skipped = 0
-        for sample, skip in stream._items():  # in-process: keeps file order exactly
-            pos += skip
-            skipped += skip
-            self.skipped += skip
-            if sample is not None and self.start <= pos < self.stop:
-                pending.append(sample)
-            pos += sample is not None
-            if len(pending) == self.batch_size or (pending and pos >= self.stop):
-                yield collate(pending, self.opts.tokenizer.pad_id, skipped)
-                pending, skipped = [], 0
-            if pos >= self.stop:
-                break
+        starts = np.cumsum([0] + [s.samples for s in self.shards.infos])
+        mine = [i for i in range(len(starts) - 1) if starts[i + 1] > self.start]
+        expected = {str(self.shards.paths[i]): self.shards.infos[i].samples for i in mine}
+        transform = _image_transform(self.opts, False) if self.opts.kind == "image" else None
+        pos, pending, skipped, self.skipped = int(starts[mine[0]]) if mine else 0, [], 0, 0
+        shards = wds.SimpleShardList(list(expected))
+        with contextlib.closing(_read_shards(iter(shards), expected)) as stream:
+            for raw in stream:
+                if pos >= self.stop:
+                    break
+                width, sample = raw.get("__lost__", 1), None
+                if "__lost__" not in raw and pos >= self.start:
+                    sample = _try_decode(raw, self.opts, transform, [0])
+                if sample is not None:
+                    pending.append(sample)
+                else:  # what was lost inside the slice
+                    lost = max(0, min(pos + width, self.stop) - max(pos, self.start))
+                    skipped, self.skipped = skipped + lost, self.skipped + lost
+                pos += width
+                if len(pending) == self.batch_size or (pending and pos >= self.stop):
+                    yield collate(pending, self.opts.tokenizer.pad_id, skipped)
+                    pending, skipped = [], 0
+        if pending:
+            yield collate(pending, self.opts.tokenizer.pad_id, skipped)
+
+
+def per_rank_batch_size(cfg: DataConfig, world: int) -> int:
+    """`data.batch_size` (the global batch) split over `world` ranks."""
+    if cfg.batch_size % world:
+        raise UserError(f"'data.batch_size'={cfg.batch_size} does not split over {world} ranks")
+    return cfg.batch_size // world
 
 
 def build_train_reader(
-    cfg: DataConfig, kind: str, tokenizer: Tokenizer, rank: int, world: int, seed: int
+    cfg: DataConfig,
+    kind: str,
+    tokenizer: Tokenizer,
+    rank: int,
+    world: int,
+    seed: int,
+    batch_size: int | None = None,
 ) -> TrainReader:
-    """The training reader of `data.train_shards`; `data.batch_size` is the global batch."""
+    """The training reader of `data.train_shards`, `batch_size` images per rank (default:
+    `per_rank_batch_size`)."""
     if cfg.train_shards is None:
-        raise ValueError("config key 'data.train_shards' is not set")
-    if cfg.batch_size % world:
-        raise ValueError(f"'data.batch_size'={cfg.batch_size} does not split over {world} ranks")
+        raise UserError("config key 'data.train_shards' is not set")
     opts = SampleOptions(
-        kind,
-        tokenizer,
-        True,
-        cfg.image_size,
-        cfg.image_transform,
-        cfg.hflip,
-        cfg.region_dropout,
-        cfg.word_dropout,
-    )
+        kind, tokenizer, True, cfg.image_size, cfg.image_transform, cfg.hflip,
+        cfg.region_dropout, cfg.word_dropout,
+    )  # fmt: skip
+    batch_size = per_rank_batch_size(cfg, world) if batch_size is None else batch_size
     return TrainReader(
-        cfg.train_shards,
-        opts,
-        cfg.batch_size // world,
-        rank,
-        world,
-        cfg.num_workers,
-        seed,
-        cfg.shuffle_buffer,
-        cfg.resampled,
-        cfg.verify_checksums,
-    )
+        cfg.train_shards, opts, batch_size, rank, world, cfg.num_workers, seed,
+        cfg.shuffle_buffer, cfg.resampled, cfg.verify_checksums,
+    )  # fmt: skip
 
 
 def build_eval_reader(

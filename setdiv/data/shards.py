@@ -12,24 +12,31 @@ plus the source: the reader plans epochs from it without opening a tar, and veri
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webdataset as wds
+from braceexpand import braceexpand
+
+from setdiv.errors import UserError
 
 __all__ = [
     "CAPTIONS_PER_IMAGE",
     "Sample",
     "ShardIndex",
     "ShardInfo",
+    "ShardSet",
+    "decode_meta",
     "index_path",
+    "read_shard",
     "sha256_file",
     "write_shards",
 ]
@@ -106,17 +113,17 @@ class ShardIndex:
         try:
             data = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not a JSON shard index: {exc}") from None
+            raise UserError(f"{path}: not a JSON shard index: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{path}: not a setdiv shard index (format {found!r})")
+            raise UserError(f"{path}: not a setdiv shard index (format {found!r})")
         try:
             shards = [ShardInfo(**s) for s in data["shards"]]
             return cls(data["split"], data["kind"], data["source"], shards, data.get("dropped", 0))
         except KeyError as exc:
-            raise ValueError(f"{path}: malformed shard index: no {exc} entry") from None
+            raise UserError(f"{path}: malformed shard index: no {exc} entry") from None
         except TypeError as exc:
-            raise ValueError(f"{path}: malformed shard index: {exc}") from None
+            raise UserError(f"{path}: malformed shard index: {exc}") from None
 
 
 def index_path(directory: Path, split: str) -> Path:
@@ -129,6 +136,72 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass
+class ShardSet:
+    """Resolved shard paths with their index entries, in index order."""
+
+    paths: list[Path]
+    infos: list[ShardInfo]
+    kind: str
+
+    @classmethod
+    def resolve(cls, pattern: str, kind: str | None = None) -> ShardSet:
+        """Expand braces and globs; every shard must exist and be listed in its index, and
+        hold `kind` samples ("regions" / "image") when given."""
+        paths: list[Path] = []
+        for part in braceexpand(pattern):
+            matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+            if not matches:
+                raise FileNotFoundError(f"no shard matches {part!r}")
+            paths += [Path(m) for m in matches]
+        indexes: dict[Path, ShardIndex] = {}
+        infos, kinds = [], set()
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"missing shard: {p}")
+            idx_file = index_path(p.parent, p.name.rsplit("-", 1)[0])
+            if idx_file not in indexes:
+                indexes[idx_file] = ShardIndex.load(idx_file)
+            by_name = {s.name: s for s in indexes[idx_file].shards}
+            if p.name not in by_name:
+                raise UserError(f"shard {p} is not listed in {idx_file}")
+            infos.append(by_name[p.name])
+            kinds.add(indexes[idx_file].kind)
+        if len(kinds) != 1:
+            raise UserError(f"shards of different kinds in {pattern!r}: {sorted(kinds)}")
+        if kind is not None and kind not in kinds:
+            raise UserError(f"{pattern}: shards hold {kinds.pop()!r}, the model reads {kind!r}")
+        return cls(paths, infos, kinds.pop())
+
+    def verify(self, which: list[int] | None = None) -> None:
+        """Compare sha256 of the chosen shards (default all) with the index; raise on mismatch."""
+        for i in range(len(self.paths)) if which is None else which:
+            digest = sha256_file(self.paths[i])
+            if digest != self.infos[i].sha256:
+                raise UserError(
+                    f"checksum mismatch for shard {self.paths[i]}: index says "
+                    f"{self.infos[i].sha256[:12]}..., file is {digest[:12]}..."
+                )
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.infos)
+
+
+def read_shard(path: str | Path, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The raw samples of one shard ({"__key__", "__url__", ext: bytes}) through webdataset's
+    `tarfile_to_samples`; an unreadable or truncated tar ends early, after `on_error(exc)`."""
+    return wds.tarfile_to_samples(handler=on_error)([{"url": str(path)}])
+
+
+def decode_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """The `.json` entry of a raw sample; raises unless it holds 5 captions."""
+    meta = json.loads(raw["json"])
+    if len(meta["captions"]) != CAPTIONS_PER_IMAGE:
+        raise ValueError(f"{len(meta['captions'])} captions")
+    return meta
 
 
 def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
@@ -155,7 +228,7 @@ def write_shards(
     `samples` is consumed lazily, one shard in memory at most.
     """
     if shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+        raise UserError(f"shard size must be >= 1, got {shard_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index = ShardIndex(split=split, kind=kind, source=source)
@@ -164,7 +237,7 @@ def write_shards(
         with wds.TarWriter(str(path)) as sink:
             for s in chunk:
                 if len(s.captions) != CAPTIONS_PER_IMAGE:
-                    raise ValueError(f"image {s.image_id}: {len(s.captions)} captions, need 5")
+                    raise UserError(f"image {s.image_id}: {len(s.captions)} captions, need 5")
                 sink.write(s.to_wds())
         index.shards.append(ShardInfo(path.name, len(chunk), sha256_file(path)))
         log.info("wrote %s (%d samples)", path, len(chunk))

@@ -23,6 +23,9 @@ from nltk.tokenize import NLTKWordTokenizer
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from torch import Tensor
 
+from setdiv.data.shards import ShardSet, decode_meta, read_shard
+from setdiv.errors import UserError
+
 __all__ = [
     "SPECIALS",
     "TOKENIZERS",
@@ -88,13 +91,13 @@ class Vocab:
         if tuple(words[: len(SPECIALS)]) != SPECIALS:
             # Some official pickles lack <mask>; append it rather than renumbering their words.
             if tuple(words[:4]) != SPECIALS[:4]:
-                raise ValueError(f"vocabulary must start with {SPECIALS[:4]}, got {words[:4]}")
+                raise UserError(f"vocabulary must start with {SPECIALS[:4]}, got {words[:4]}")
             if "<mask>" not in words:
                 words.append("<mask>")
         if len(set(words)) != len(words):
-            raise ValueError("vocabulary has duplicate words")
+            raise UserError("vocabulary has duplicate words")
         if tokenizer not in TOKENIZERS:
-            raise ValueError(f"unknown tokenizer {tokenizer!r}, expected one of {TOKENIZERS}")
+            raise UserError(f"unknown tokenizer {tokenizer!r}, expected one of {TOKENIZERS}")
         self.itos = words
         self.stoi = {w: i for i, w in enumerate(words)}
         self.tokenizer = tokenizer
@@ -148,9 +151,9 @@ class Vocab:
         try:
             data = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not a JSON vocabulary: {exc}") from None
+            raise UserError(f"{path}: not a JSON vocabulary: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
-            raise ValueError(f"{path}: expected a JSON object with a 'words' list")
+            raise UserError(f"{path}: expected a JSON object with a 'words' list")
         return cls(data["words"], data.get("tokenizer", "regex"), data.get("counts"))
 
     @classmethod
@@ -159,33 +162,31 @@ class Vocab:
             # latin1: Python 2 pickles store str as bytes; _py2_text recovers their UTF-8.
             obj = _VocabUnpickler(io.BytesIO(blob), encoding="latin1").load()
         except Exception as exc:  # noqa: BLE001 -- bad opcodes, bad arguments to the class, ...
-            raise ValueError(
+            raise UserError(
                 f"{source}: not a vocabulary pickle ({type(exc).__name__}: {exc})"
             ) from None
         state = obj.__dict__ if isinstance(obj, _OfficialVocabulary) else obj
         idx2word = state.get("idx2word") if isinstance(state, dict) else None
         if not isinstance(idx2word, dict):
-            raise ValueError(f"{source}: vocabulary pickle has no idx2word mapping")
+            raise UserError(f"{source}: vocabulary pickle has no idx2word mapping")
         try:
             ordered = sorted(((int(i), w) for i, w in idx2word.items()), key=lambda t: t[0])
         except (TypeError, ValueError):
-            raise ValueError(f"{source}: idx2word keys are not integer ids") from None
+            raise UserError(f"{source}: idx2word keys are not integer ids") from None
         if [i for i, _ in ordered] != list(range(len(ordered))):
-            raise ValueError(f"{source}: idx2word ids are not 0..n-1")
+            raise UserError(f"{source}: idx2word ids are not 0..n-1")
         return cls([_py2_text(w) for _, w in ordered], tokenizer="nltk")
 
 
 def shard_captions(pattern: str) -> Iterator[str]:
     """Every caption of the shards matching `pattern` (braces and globs expanded, and shards
     checked against their index, as the training reader does); corrupt samples are skipped."""
-    from setdiv.data.reader import ShardSet, _decode_meta, _tar_samples  # reader imports us
-
     shards = ShardSet.resolve(pattern)
     skipped = 0
     for path in shards.paths:
-        for _, files in _tar_samples(path):
+        for raw in read_shard(path, lambda exc, p=path: log.warning("%s: %s", p, exc) or True):
             try:
-                captions = _decode_meta(files)["captions"]
+                captions = decode_meta(raw)["captions"]
             except (KeyError, ValueError, TypeError):
                 skipped += 1
                 continue
@@ -261,7 +262,7 @@ def _read_glove(path: Path, wanted: set[str], dim: int) -> Iterator[tuple[str, T
             parts = line.rstrip("\n").rstrip(" ").split(" ")
             # A few lines of the 840B file hold words with spaces: the vector is the last `dim`.
             if len(parts) < dim + 1 or (lineno == 1 and len(parts) != dim + 1):
-                raise ValueError(
+                raise UserError(
                     f"{path}:{lineno}: '{parts[0]}' has {len(parts) - 1} values, expected {dim}"
                 )
             word = " ".join(parts[:-dim])
