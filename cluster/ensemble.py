@@ -20,12 +20,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
-from cluster.jobs import child_env, run_child, setdiv_command
+from cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
 from cluster.ray_cluster import add_arguments as add_ray_arguments
 from cluster.ray_cluster import ray_session
 from cluster.trials import NonFiniteTrialError, TrialSpec, run_dir_for, run_training, trial_tuner
 from setdiv import config as config_lib
+from setdiv.errors import UserError
 from setdiv.eval.ensemble import ensemble
 from setdiv.eval.evaluator import format_table, write_result
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides shared by every seed")
     p.add_argument("--seeds", required=True, help="comma list of train.seed values, e.g. 0,1,2")
     p.add_argument("--test-data", required=True, help="test shards (brace pattern or glob)")
-    p.add_argument("--protocol", choices=("coco", "f30k"), required=True)
+    p.add_argument("--protocol", choices=get_args(config_lib.Protocol), required=True)
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument(
         "--tag",
@@ -77,7 +79,9 @@ def evaluate_run(
         code = run_child(cmd, run / "eval.log", child_env(threads=1), cwd=cwd)
         if code != 0:
             tail = (run / "eval.log").read_text(errors="replace").splitlines()[-15:]
-            raise RuntimeError(f"setdiv {name} of {run} exited with {code}:\n" + "\n".join(tail))
+            raise ChildFailedError(
+                f"setdiv {name} of {run} exited with {code}:\n" + "\n".join(tail)
+            )
     return str(run / "eval" / "sims.npy")
 
 
@@ -91,7 +95,7 @@ def _train_local(spec: TrialSpec, seeds: Sequence[int], max_failures: int) -> No
                 break
             except NonFiniteTrialError:
                 raise
-            except RuntimeError as exc:
+            except ChildFailedError as exc:
                 if attempt == max_failures:
                     raise
                 print(
@@ -115,7 +119,7 @@ def _train_ray(spec: TrialSpec, seeds: Sequence[int], args: argparse.Namespace, 
     states = {t.config["train.seed"]: t.status for t in tune.ExperimentAnalysis(str(exp)).trials}
     failed = [s for s, status in states.items() if status == "ERROR"]
     if failed:
-        raise RuntimeError(
+        raise ChildFailedError(
             f"training failed for seed(s) {failed}: see {spec.runs_dir}/seed*/train.log"
         )
     if any(status != "TERMINATED" for status in states.values()):
@@ -141,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
-        raise ValueError(f"--seeds {args.seeds!r}: expected a comma list of integers") from None
+        raise UserError(f"--seeds {args.seeds!r}: expected a comma list of integers") from None
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
-        raise ValueError("--seeds: an ensemble needs at least two different seeds")
+        raise UserError("--seeds: an ensemble needs at least two different seeds")
     cfg = config_lib.load([args.config], args.overrides)
     tag = args.tag or ("best" if cfg.data.val_shards else "latest")
     exp = Path(args.storage).resolve() / (args.name or f"{Path(args.config).stem}-ensemble")
@@ -195,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         return run(args)
-    except (config_lib.ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (UserError, FileNotFoundError, ChildFailedError) as exc:
         print(f"cluster/ensemble.py: error: {exc}", file=sys.stderr)
-        return 2 if not isinstance(exc, RuntimeError) else 1
+        return getattr(exc, "exit_code", 2)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,22 @@ import submitit
 
 from setdiv.distributed import die_with_parent
 
-__all__ = ["TrainJob", "child_env", "kill_group", "run_child", "setdiv_command"]
+__all__ = [
+    "ChildFailedError",
+    "TrainJob",
+    "child_env",
+    "kill_group",
+    "run_child",
+    "setdiv_command",
+]
+
+
+class ChildFailedError(RuntimeError):
+    """A `setdiv` child (training, export, evaluation) failed; its log holds the details, so
+    the launcher reports it as one line and exits with `exit_code`."""
+
+    exit_code = 1
+
 
 JOB_VARIABLE_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_", "TORCHELASTIC_")
 JOB_VARIABLES = (

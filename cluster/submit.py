@@ -29,6 +29,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # pinned submitit==1.5.4; 
 
 from cluster.jobs import TrainJob
 from setdiv import config as config_lib
+from setdiv.errors import UserError
 from setdiv.train import rundir
 
 __all__ = ["build_parser", "executor_parameters", "main", "sbatch_script"]
@@ -135,7 +136,7 @@ def _warn_missing_paths(cfg: config_lib.Config) -> None:
                 ShardSet.resolve(value)
             elif not Path(value).exists():
                 raise FileNotFoundError(value)
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, UserError) as exc:
             print(
                 f"warning: config key '{key}': {exc} on this machine "
                 "(fine if it exists on the cluster's filesystem)",
@@ -147,21 +148,21 @@ def _run_dir(args: argparse.Namespace, name: str) -> Path:
     run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     holds_run = (run_dir / "checkpoints" / "latest").is_file()
     if holds_run and not args.resume:
-        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it")
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it")
     if args.resume and not holds_run:
-        raise ValueError(f"--resume: {run_dir} holds no checkpoint to continue from")
+        raise UserError(f"--resume: {run_dir} holds no checkpoint to continue from")
     return run_dir
 
 
 def _check(args: argparse.Namespace) -> None:
     if args.nodes < 1 or args.cpus_per_task < 1:
-        raise ValueError("--nodes and --cpus-per-task must be >= 1")
+        raise UserError("--nodes and --cpus-per-task must be >= 1")
     if args.gpus_per_node < 0 or (args.tasks_per_node is not None and args.tasks_per_node < 1):
-        raise ValueError("--gpus-per-node must be >= 0 and --tasks-per-node >= 1")
+        raise UserError("--gpus-per-node must be >= 0 and --tasks-per-node >= 1")
     if args.time <= 0 or args.signal_delay < 0 or args.max_requeues < 0:
-        raise ValueError("--time must be > 0, --signal-delay and --max-requeues >= 0")
+        raise UserError("--time must be > 0, --signal-delay and --max-requeues >= 0")
     if args.local and args.nodes > 1:
-        raise ValueError("--local runs on this machine: --nodes must be 1")
+        raise UserError("--local runs on this machine: --nodes must be 1")
 
 
 def _executor(args: argparse.Namespace, params: dict[str, Any], folder: Path) -> Any:
@@ -172,14 +173,14 @@ def _executor(args: argparse.Namespace, params: dict[str, Any], folder: Path) ->
         ex.update_parameters(**local)
         return ex
     if shutil.which("sbatch") is None:
-        raise ValueError(
+        raise UserError(
             "SLURM was asked for but 'sbatch' is not on PATH: submit from a SLURM login node, "
             "or pass --local to run on this machine"
         )
     try:
         ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
     except RuntimeError as exc:  # e.g. sbatch without srun
-        raise ValueError(f"cannot submit to SLURM from here: {exc}") from None
+        raise UserError(f"cannot submit to SLURM from here: {exc}") from None
     ex.update_parameters(**params)
     return ex
 
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         return submit(args)
-    except (config_lib.ConfigError, ValueError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"cluster/submit.py: error: {exc}", file=sys.stderr)
         return 2
 

@@ -42,6 +42,7 @@ from cluster.ray_cluster import add_arguments as add_ray_arguments
 from cluster.ray_cluster import ray_session
 from cluster.trials import NONFINITE_MARK, TrialSpec, overrides_for, trial_tuner, val_records
 from setdiv import config as config_lib
+from setdiv.errors import UserError
 
 __all__ = ["Row", "build_parser", "main", "parse_space", "results_table", "write_best"]
 
@@ -111,7 +112,7 @@ def parse_space(spec: str) -> Dimension:
     """One --space argument: `model.image_set.num_embeds=1,2,4`, `similarity.alpha=log:4:64`."""
     key, sep, body = spec.partition("=")
     if not sep or not key or not body:
-        raise ValueError(f"--space {spec!r}: expected KEY=SPEC")
+        raise UserError(f"--space {spec!r}: expected KEY=SPEC")
     kind, colon, rest = body.partition(":")
     if colon and kind in ("int", "uniform", "log"):
         parts = rest.split(":")
@@ -119,9 +120,9 @@ def parse_space(spec: str) -> Dimension:
         try:
             lo, hi = (cast(x) for x in parts)
         except ValueError:
-            raise ValueError(f"--space {spec!r}: expected {kind}:LO:HI") from None
+            raise UserError(f"--space {spec!r}: expected {kind}:LO:HI") from None
         if not lo < hi or (kind == "log" and lo <= 0):
-            raise ValueError(f"--space {spec!r}: need LO < HI" + (" and LO > 0" * (kind == "log")))
+            raise UserError(f"--space {spec!r}: need LO < HI" + (" and LO > 0" * (kind == "log")))
         return Dimension(key, kind, [lo, hi])
     if colon and kind == "grid":
         return Dimension(key, "grid", [_scalar(v) for v in rest.split(",")])
@@ -132,14 +133,14 @@ def _validate(args: argparse.Namespace, dims: list[Dimension], ties: list[tuple[
     """Every sampled value must fit the config schema; returns train.epochs."""
     base = config_lib.load([args.config], args.overrides)
     if base.data.val_shards is None:
-        raise ValueError("a sweep scores trials by val_rsum: set data.val_shards")
+        raise UserError("a sweep scores trials by val_rsum: set data.val_shards")
     for dim in dims:
         for value in dim.values:
             config_lib.load([args.config], [*args.overrides, f"{dim.key}={json.dumps(value)}"])
     sampled = {d.key: d for d in dims}
     for key, source in ties:
         if source not in sampled:
-            raise ValueError(f"--tie {key}={source}: {source} is not in the --space")
+            raise UserError(f"--tie {key}={source}: {source} is not in the --space")
         if key in sampled:
             print(f"note: --tie {key}={source} ignored, {key} is sampled itself", file=sys.stderr)
         for value in sampled[source].values:
@@ -272,7 +273,7 @@ def _same_command(args: argparse.Namespace, exp_dir: Path) -> None:
         before = json.loads(saved.read_text())
         if before != command:
             changed = sorted(k for k in command if before.get(k) != command[k])
-            raise ValueError(
+            raise UserError(
                 f"{exp_dir} holds a sweep started with other arguments "
                 f"({', '.join(changed)}): re-run it as it was, or use another --name"
             )
@@ -283,11 +284,11 @@ def _same_command(args: argparse.Namespace, exp_dir: Path) -> None:
 
 def sweep(args: argparse.Namespace) -> int:
     if min(args.samples, args.cpus_per_trial, args.nproc_per_trial) < 1 or args.gpus_per_trial < 0:
-        raise ValueError("--samples, --cpus-per-trial, --nproc-per-trial must be >= 1")
+        raise UserError("--samples, --cpus-per-trial, --nproc-per-trial must be >= 1")
     dims = [parse_space(s) for s in args.space]
     ties = [tuple(t.split("=", 1)) for t in args.tie]
     if any(len(t) != 2 for t in ties):
-        raise ValueError("--tie expects KEY=SOURCE")
+        raise UserError("--tie expects KEY=SOURCE")
     epochs = _validate(args, dims, ties)
     args.config = str(Path(args.config).resolve())
     exp_dir = Path(args.storage).resolve() / (args.name or f"{Path(args.config).stem}-sweep")
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         return sweep(args)
-    except (config_lib.ConfigError, ValueError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"cluster/sweep.py: error: {exc}", file=sys.stderr)
         return 2
 

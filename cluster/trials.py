@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.jobs import child_env, run_child, setdiv_command
+from cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
 
 __all__ = [
     "NonFiniteTrialError",
@@ -40,7 +40,7 @@ NONFINITE_EXIT = 3
 NONFINITE_MARK = "NONFINITE"
 
 
-class NonFiniteTrialError(RuntimeError):
+class NonFiniteTrialError(ChildFailedError):
     """The run diverged: a failed trial, never the best one."""
 
 
@@ -157,7 +157,7 @@ def run_training(
 ) -> None:
     """`setdiv train` with the trial's values into `run_dir` (resuming it if it holds a
     checkpoint) as a child in its own session. Raises `NonFiniteTrialError` if the run diverges
-    (now or in an earlier attempt), RuntimeError with the log's tail if it fails otherwise."""
+    (now or in an earlier attempt), `ChildFailedError` with the log's tail if it fails otherwise."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / NONFINITE_MARK).is_file():  # a retry of a diverged run diverges again
         raise NonFiniteTrialError(f"{run_dir}: diverged before ({NONFINITE_MARK} file)")
@@ -186,7 +186,7 @@ def run_training(
         _fail_nonfinite(run_dir, "training stopped on non-finite losses")
     if code != 0:
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
-        raise RuntimeError(
+        raise ChildFailedError(
             f"setdiv train exited with code {code} ({run_dir / 'train.log'}):\n" + "\n".join(tail)
         )
 

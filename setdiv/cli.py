@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from torch import nn
 
 from setdiv import config as config_lib
+from setdiv.errors import UserError
 
-__all__ = ["group_summary", "main", "model_summary", "parse_args"]
+__all__ = ["build_parser", "group_summary", "main", "model_summary", "parse_args", "user_exit_code"]
 
 COCO_BUTD_VOCAB_SIZE = 11354
 """Words in the official coco_butd_vocab.pkl (11353) plus <mask>: `info --random-init` default."""
@@ -114,10 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run.run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="setdiv", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_info(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="build the model of a config and print its structure")
     info.add_argument("config", help="YAML config (a delta over the defaults)")
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.embed_dim=256")
@@ -135,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=cmd_info)
 
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     from setdiv.data import make_shards
 
     shards = sub.add_parser("shards", help="convert a dataset into WebDataset shards")
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vc.set_defaults(func=cmd_vocab)
 
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     from setdiv.eval import run as eval_run
 
     ev = sub.add_parser("eval", help="evaluate an exported model on test shards")
@@ -170,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_export_arguments(ex)
     ex.set_defaults(func=launch.run_export)
 
+    from setdiv import demo
+
+    dm = sub.add_parser("demo", help="generate synthetic data, train K=4 and K=1, evaluate both")
+    demo.add_arguments(dm)
+    dm.set_defaults(func=demo.run)
+
+
+def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     from setdiv.index import build as index_build
     from setdiv.index import query as index_query
 
@@ -190,11 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     index_serve.add_arguments(sv)
     sv.set_defaults(func=index_serve.run)
 
-    from setdiv import demo
 
-    dm = sub.add_parser("demo", help="generate synthetic data, train K=4 and K=1, evaluate both")
-    demo.add_arguments(dm)
-    dm.set_defaults(func=demo.run)
+def build_parser() -> argparse.ArgumentParser:
+    """The `setdiv` parser: one subcommand per library entry point."""
+    parser = argparse.ArgumentParser(prog="setdiv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_info(sub)
+    _add_data_commands(sub)
+    _add_run_commands(sub)
+    _add_index_commands(sub)
     return parser
 
 
@@ -213,14 +227,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def user_exit_code(exc: BaseException) -> int | None:
+    """The exit code of an error the user can act on -- bad input (`UserError`), a file that is
+    not there, an error that carries its own `exit_code` (a diverged run: 3) -- or None for
+    anything else, a bug, which keeps its traceback so it shows where it happened."""
+    if isinstance(exc, UserError | FileNotFoundError) or hasattr(exc, "exit_code"):
+        return getattr(exc, "exit_code", 2)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; a user error is one line on stderr and its exit code (2, or the
+    error's own), any other error propagates with its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
         return args.func(args)
-    except (config_lib.ConfigError, FileNotFoundError, ValueError) as exc:
+    except Exception as exc:
+        code = user_exit_code(exc)
+        if code is None:
+            raise
         print(f"setdiv {args.command}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return code
 
 
 if __name__ == "__main__":

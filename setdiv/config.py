@@ -1,9 +1,14 @@
 """The typed config tree: every default lives here, YAML files are deltas.
 
 `load(paths, overrides)` merges the YAML files in order over the dataclass defaults, then the
-dotted `key=value` overrides. An unknown key or a value of the wrong type fails at load time
-with a `ConfigError` naming the file (or override) and the dotted path. The resolved config is
-written next to a run with `save` and read back identically with `load`.
+dotted `key=value` overrides. An unknown key, a value of the wrong type or a name that is not
+one of its choices fails at merge; a number outside its field's range (see `_positive`,
+`_non_negative`, `_fraction` beside the fields) or not finite fails right after. Either way
+`load` raises a `ConfigError` naming the file (or override) and the dotted key. The resolved
+config is written next to a run with `save` and read back identically with `load`.
+
+Registry names (`similarity.name`, `model.*.name`, `model.text.tokenizer`) are `Literal` types
+built from the registries themselves, which import this module for type hints only.
 
 This module is the only reader of YAML and of override strings in setdiv.
 """
@@ -11,26 +16,35 @@ This module is the only reader of YAML and of override strings in setdiv.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, TupleConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from setdiv.data.vocab import TOKENIZERS
+from setdiv.errors import UserError
+from setdiv.model.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+from setdiv.model.set_modules import SET_MODULES
+from setdiv.similarity import SIMILARITIES
 
 __all__ = [
     "Config",
     "ConfigError",
+    "DataConfig",
     "ImageEncoderConfig",
     "LR_GROUPS",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "PATH_KEYS",
+    "Protocol",
     "SetModuleConfig",
     "SimilarityConfig",
     "TextEncoderConfig",
-    "PATH_KEYS",
+    "TrainConfig",
     "load",
     "override",
     "paths",
@@ -39,39 +53,76 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that does not fit the schema."""
+
+
+# --- choices: a value outside them fails at merge (OmegaConf checks Literal types) -------------
+# The registry names are read from the registries (a runtime Literal: one list of names, the
+# registry's keys). Values stay plain `str`, so `cfg.name == "slot"` and YAML round trips hold.
+
+SimilarityName = Literal[tuple(SIMILARITIES)]
+SetModuleName = Literal[tuple(SET_MODULES)]
+ImageEncoderName = Literal[tuple(IMAGE_ENCODERS)]
+TextEncoderName = Literal[tuple(TEXT_ENCODERS)]
+TokenizerName = Literal[TOKENIZERS]
+Protocol = Literal["coco", "f30k"]
+"""Evaluation protocols: COCO 5K / 1K folds, Flickr30K 1K."""
+
+# --- ranges: checked after the merge, naming the key ------------------------------------------
+
+Check = Callable[[Any], str | None]
+"""A field's rule: None when the value is fine, else what is wrong with it."""
+
+
+def _ruled(default: Any, check: Check) -> Any:
+    return field(default=default, metadata={"check": check})
+
+
+def _positive(default: float) -> Any:
+    """A field whose value must be > 0."""
+    return _ruled(default, lambda v: None if v > 0 else "must be > 0")
+
+
+def _non_negative(default: float) -> Any:
+    """A field whose value must be >= 0."""
+    return _ruled(default, lambda v: None if v >= 0 else "must be >= 0")
+
+
+def _fraction(default: float) -> Any:
+    """A probability-like field: in [0, 1)."""
+    return _ruled(default, lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
 
 
 @dataclass
 class SimilarityConfig:
-    name: str = "smooth_chamfer"
-    """Registry name in `setdiv.similarity`: smooth_chamfer | chamfer | mil | match_prob."""
-    alpha: float = 16.0
+    name: SimilarityName = "smooth_chamfer"
+    """A similarity registered in `setdiv.similarity.SIMILARITIES`."""
+    alpha: float = _positive(16.0)
     """smooth_chamfer: the scaling parameter alpha (inverse temperature of the soft max)."""
     mp_a: float = 1.0
     """match_prob: slope a of sigmoid(a * s + b)."""
     mp_b: float = 0.0
     """match_prob: offset b of sigmoid(a * s + b)."""
-    block_size: int = 512
+    block_size: int = _positive(512)
     """Sets per block along each axis: peak extra memory is O(block_size^2 * K * L)."""
 
 
 @dataclass
 class SetModuleConfig:
-    name: str = "slot"
-    """Registry name in `setdiv.model.set_modules`: slot | transformer | pienet."""
-    num_embeds: int = 4
+    name: SetModuleName = "slot"
+    """A set module registered in `setdiv.model.set_modules.SET_MODULES`."""
+    num_embeds: int = _positive(4)
     """K: the number of embeddings per set."""
-    num_iters: int = 4
+    num_iters: int = _positive(4)
     """T: how often the one weight-shared aggregation block is applied (slot, transformer)."""
-    num_heads: int = 4
+    num_heads: int = _positive(4)
     """Attention heads of the aggregation block (pienet: attention maps = num_embeds)."""
-    head_dim: int = 512
+    head_dim: int = _positive(512)
     """Width of each attention head (official: 512, so q/k/v are 4 x 512 = 2048 wide)."""
-    mlp_ratio: int = 4
+    mlp_ratio: int = _positive(4)
     """Hidden width of the slot MLP as a multiple of embed_dim."""
-    dropout: float = 0.1
+    dropout: float = _fraction(0.1)
     """Dropout inside the slot MLP (pienet: on the attention-pooled residual)."""
     compat_mask: bool = False
     """Reproduce the official masking (before the slot softmax): padded inputs keep 1/K weight."""
@@ -83,49 +134,57 @@ class SetModuleConfig:
 
 @dataclass
 class ImageEncoderConfig:
-    name: str = "region"
-    """Registry name in `setdiv.model.encoders`: region | resnet152 | resnext101_32x8d."""
-    feature_dim: int = 2048
+    name: ImageEncoderName = "region"
+    """An image encoder registered in `setdiv.model.encoders.IMAGE_ENCODERS`."""
+    feature_dim: int = _positive(2048)
     """region: width of the precomputed region features (BUTD: 2048)."""
     weights: str | None = None
     """cnn: local path of the ImageNet/WSL state dict (.pth or .safetensors); null = random init."""
     freeze_bn: bool = False
     """cnn: keep BatchNorm statistics and affine parameters fixed (eval mode, no grad)."""
-    dropout: float = 0.1
+    dropout: float = _fraction(0.1)
     """Dropout on the projected local features (official: 0.1)."""
 
 
 @dataclass
 class TextEncoderConfig:
-    name: str = "bigru"
-    """Registry name in `setdiv.model.encoders`: bigru | bert."""
+    name: TextEncoderName = "bigru"
+    """A text encoder registered in `setdiv.model.encoders.TEXT_ENCODERS`."""
     vocab_path: str | None = None
     """bigru: vocabulary file (.json written by setdiv, or an official vocab .pkl)."""
-    tokenizer: str = "nltk"
-    """bigru: caption tokenisation, nltk (Treebank-style, as the official vocabularies were
-    built) | regex."""
+    tokenizer: TokenizerName = "nltk"
+    """bigru: caption tokenisation (`setdiv.data.vocab.TOKENIZERS`): nltk (Treebank-style, as
+    the official vocabularies were built) or regex."""
     vocab_size: int | None = None
     """bigru: vocabulary size when vocab_path is null (random-init models, tests, `info`)."""
     glove_path: str | None = None
     """bigru: GloVe text file used to initialise the (trainable) word vectors; null = random."""
-    word_dim: int = 300
+    word_dim: int = _positive(300)
     """bigru: word-vector width (GloVe: 300)."""
-    hidden_dim: int = 1024
+    hidden_dim: int = _positive(1024)
     """bigru: GRU hidden width per direction."""
-    num_layers: int = 1
+    num_layers: int = _positive(1)
     """bigru: stacked GRU layers."""
     bert_path: str | None = None
     """bert: local directory holding config.json and the weights (never downloaded); null =
     random init with the bert-base-uncased shape."""
-    bert_global: str = "cls"
+    bert_global: Literal["cls", "max"] = "cls"
     """bert: global feature from the projected [CLS] state (cls) or a max pool over tokens (max)."""
-    dropout: float = 0.1
+    dropout: float = _fraction(0.1)
     """bigru: dropout on the word vectors and on the global feature (official: 0.1)."""
+
+    def _conflict(self) -> tuple[str, str] | None:
+        if self.vocab_path is not None and self.vocab_size is not None:
+            return "vocab_size", (
+                "model.text.vocab_path is set too: the size comes from the vocabulary file, "
+                "drop vocab_size"
+            )
+        return None
 
 
 @dataclass
 class ModelConfig:
-    embed_dim: int = 1024
+    embed_dim: int = _positive(1024)
     """D: width of every set element."""
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -135,13 +194,13 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    margin: float = 0.2
+    margin: float = _non_negative(0.2)
     """Triplet margin m (0.2 for region features, 0.1 for CNN grids)."""
     hardest_negatives: bool = True
     """Hardest negative per positive (VSE++); false = mean over all negatives."""
-    mean_negative_epochs: int = 0
+    mean_negative_epochs: int = _non_negative(0)
     """Warm-up: the first E epochs use the mean over negatives instead of the hardest."""
-    reduction: str = "mean"
+    reduction: Literal["mean", "sum"] = "mean"
     """How hinge terms are reduced: mean (official DivE) | sum (VSE++)."""
     mmd_weight: float = 0.01
     """Weight of the MMD regulariser between image and caption elements."""
@@ -161,34 +220,45 @@ LR_GROUPS = {
 non-CNN part shares `img_pie_lr_scale` with the image set module, the text set module has
 `txt_pie_lr_scale`, the text encoder (BERT included) `txt_lr_scale`, the CNN x1."""
 
+ParamGroup = Literal[tuple(LR_GROUPS)]
+
+
+def _lr_mults(mult: dict[str, float]) -> str | None:
+    unknown = sorted(set(mult) - set(LR_GROUPS))
+    if unknown:
+        return f"unknown parameter group(s) {unknown}; groups: {sorted(LR_GROUPS)}"
+    return None if all(v >= 0 for v in mult.values()) else "multipliers must be >= 0"
+
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = _positive(1e-3)
     """Base learning rate."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    lr_mult: dict[str, float] = field(default_factory=lambda: dict(LR_GROUPS))
-    """LR multiplier per parameter group (`setdiv info` lists the groups with their sizes):
-    image_backbone (CNN), image_head (projection + residual MLP of the image encoder),
+    lr_mult: dict[str, float] = field(
+        default_factory=lambda: dict(LR_GROUPS), metadata={"check": _lr_mults}
+    )
+    """LR multiplier (>= 0) per parameter group (`setdiv info` lists the groups with their
+    sizes): image_backbone (CNN), image_head (projection + residual MLP of the image encoder),
     image_set, text_backbone (BERT), text_encoder (word vectors + bi-GRU, or BERT's projection),
     text_set. Keys left out keep their defaults, the official script's values."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "step"] = "cosine"
     """cosine (annealed per iteration over all epochs) | step (x step_gamma every step_epochs)."""
-    step_epochs: int = 10
+    step_epochs: int = _positive(10)
     """step: epochs between LR decays."""
     step_gamma: float = 0.1
     """step: decay factor."""
-    warmup_iters: int = 0
+    warmup_iters: int = _non_negative(0)
     """Linear LR warm-up iterations before the schedule."""
-    freeze_epochs: int = 0
+    freeze_epochs: int = _non_negative(0)
     """The groups in `freeze_groups` get no gradient and no optimizer update during the first
     E epochs; their optimizer state starts fresh when they unfreeze."""
-    freeze_groups: list[str] = field(default_factory=lambda: ["image_backbone"])
+    freeze_groups: list[ParamGroup] = field(default_factory=lambda: ["image_backbone"])
     """Parameter groups frozen during the first `freeze_epochs` (official: the CNN only)."""
-    grad_clip: float = 1.0
+    grad_clip: float = _non_negative(1.0)
     """Max global gradient norm; 0 disables clipping."""
 
 
@@ -198,20 +268,20 @@ class DataConfig:
     """Training shards: a brace pattern or glob of .tar files."""
     val_shards: str | None = None
     """Validation shards (evaluated with the full protocol)."""
-    batch_size: int = 200
+    batch_size: int = _positive(200)
     """Images per global batch; each comes with its 5 captions."""
-    num_workers: int = 2
+    num_workers: int = _non_negative(2)
     """Loader worker processes per rank."""
-    image_size: int = 224
+    image_size: int = _positive(224)
     """cnn: side of the training crop and of the test image."""
-    image_transform: str = "crop"
+    image_transform: Literal["crop", "gpo512"] = "crop"
     """cnn: crop (RandomResizedCrop; test Resize(size/0.875) + CenterCrop) | gpo512
     (RandomResizedCrop with scale 0.36-1; test Resize((size, size))), as the official code."""
     hflip: bool = True
     """cnn: random horizontal flip in training (official, though captions mention left/right)."""
-    region_dropout: float = 0.2
+    region_dropout: float = _fraction(0.2)
     """Fraction of regions dropped per training image."""
-    word_dropout: float = 0.2
+    word_dropout: float = _fraction(0.2)
     """Probability that a token is perturbed (50% mask, 10% random word, 40% deleted)."""
     shuffle_buffer: int = 1000
     """Samples held per worker for sample-level shuffling (shards are shuffled too)."""
@@ -219,34 +289,39 @@ class DataConfig:
     """Draw shards with replacement (epochs of equal length) instead of one pass over all."""
     verify_checksums: bool = True
     """Check every shard's sha256 against its index before training starts."""
-    eval_batch_size: int = 256
+    eval_batch_size: int = _positive(256)
     """Images per encoding batch in evaluation (captions: 5x)."""
-    val_protocol: str = "coco"
-    """Protocol of the validation split: coco | f30k (selects the whole-set RSUM)."""
+    val_protocol: Protocol = "coco"
+    """Protocol of the validation split (selects the whole-set RSUM)."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 80
+    epochs: int = _positive(80)
     """Training epochs."""
     seed: int = 0
     """Seed of model init, data order and dropout."""
-    precision: str = "bf16"
-    """fp32 | bf16 | fp16: autocast with fp32 weights and optimizer state, as the official code
-    (fp16 adds dynamic loss scaling); similarities, the loss and LayerNorms run in fp32."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Autocast with fp32 weights and optimizer state, as the official code (fp16 adds dynamic
+    loss scaling); similarities, the loss and LayerNorms run in fp32."""
     half_weights: bool = False
     """Keep the parameters themselves in bf16 / fp16 (DeepSpeed's bf16 / fp16 modes, fp32
     master copies in the optimizer): less memory for memory-bound models, not the recipe."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3."""
-    log_every: int = 20
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage."""
+    log_every: int = _positive(20)
     """Steps between metrics.jsonl / TensorBoard records."""
-    ckpt_every: int = 1000
+    ckpt_every: int = _positive(1000)
     """Steps between checkpoints (plus one at every epoch end)."""
-    keep_last: int = 3
+    keep_last: int = _positive(3)
     """Checkpoints kept besides `best`."""
-    max_nonfinite: int = 5
+    max_nonfinite: int = _positive(5)
     """Consecutive non-finite losses (each step skipped) after which training stops."""
+
+    def _conflict(self) -> tuple[str, str] | None:
+        if self.half_weights and self.precision == "fp32":
+            return "half_weights", "needs train.precision bf16 or fp16, not fp32"
+        return None
 
 
 @dataclass
@@ -259,9 +334,66 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# --- checking ----------------------------------------------------------------------------------
+
+
+def _choices(section: type, prefix: str = "") -> dict[str, tuple[Any, ...]]:
+    """Dotted key -> choices of every `Literal` field under the config section `section`."""
+    hints = get_type_hints(section)
+    out: dict[str, tuple[Any, ...]] = {}
+    for f in fields(section):
+        hint = hints[f.name]
+        if is_dataclass(hint):
+            out |= _choices(hint, f"{prefix}{f.name}.")
+        elif get_origin(hint) is Literal:
+            out[prefix + f.name] = get_args(hint)
+    return out
+
+
+_CHOICES = _choices(Config)
+"""Derived from the types, for error messages that list the valid values."""
+
+
+def _floats(key: str, value: Any) -> Iterator[tuple[str, float]]:
+    """(dotted key, number) of every float in `value`, inside lists and dicts too."""
+    if isinstance(value, float):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _floats(f"{key}.{k}", v)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _floats(f"{key}.{i}", v)
+
+
+def _check(section: Any, prefix: str = "") -> None:
+    """Every field of a config section (at the dotted `prefix`) against its rules: numbers
+    finite, each field's own check, then the section's `_conflict` between fields."""
+    for f in fields(section):
+        key, value = prefix + f.name, getattr(section, f.name)
+        if is_dataclass(value):
+            _check(value, f"{key}.")
+            continue
+        for leaf, number in _floats(key, value):
+            if not math.isfinite(number):
+                raise ConfigError(f"bad config key '{leaf}': {number} is not a finite number")
+        why = f.metadata["check"](value) if "check" in f.metadata else None
+        if why is not None:
+            raise ConfigError(f"bad config key '{key}': {why}")
+    conflict = getattr(section, "_conflict", None)
+    found = conflict() if conflict is not None else None
+    if found is not None:
+        raise ConfigError(f"bad config key '{prefix}{found[0]}': {found[1]}")
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
 def _error(source: str, exc: OmegaConfBaseException) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
+    if isinstance(exc, ValidationError) and key in _CHOICES:
+        msg = f"{exc.value!r} is not one of {list(_CHOICES[key])}"
     return ConfigError(f"{source}: bad config key '{key}': {msg}")
 
 
@@ -276,7 +408,7 @@ def load(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Con
     """Defaults, then each YAML file in order, then dotted overrides such as `model.embed_dim=8`.
 
     Raises `ConfigError` naming the file or override and the dotted key on an unknown key, a
-    wrong type or a malformed override.
+    wrong type, a value outside its choices or range, or a malformed override.
     """
     cfg = OmegaConf.structured(Config)
     for path in paths:
@@ -294,7 +426,7 @@ def load(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Con
 
 
 def override(cfg: Config, overrides: Sequence[str]) -> Config:
-    """`cfg` with dotted `key=value` overrides applied and validated (as `load` does)."""
+    """`cfg` with dotted `key=value` overrides applied and checked (as `load` does)."""
     return _overridden(OmegaConf.structured(cfg), overrides)
 
 
@@ -303,114 +435,9 @@ def _overridden(cfg: DictConfig, overrides: Sequence[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    validate(cfg)
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-
-
-_CHOICES = {
-    "similarity.name": ("smooth_chamfer", "chamfer", "mil", "match_prob"),
-    "model.image.name": ("region", "resnet152", "resnext101_32x8d"),
-    "model.text.name": ("bigru", "bert"),
-    "loss.reduction": ("mean", "sum"),
-    "optim.schedule": ("cosine", "step"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "model.text.bert_global": ("cls", "max"),
-    "model.text.tokenizer": ("nltk", "regex"),
-    "data.val_protocol": ("coco", "f30k"),
-    "data.image_transform": ("crop", "gpo512"),
-}
-
-
-def _float_leaves(node: Any, prefix: str = "") -> list[tuple[str, float]]:
-    if isinstance(node, DictConfig):
-        return [leaf for key in node for leaf in _float_leaves(node.get(key), f"{prefix}{key}.")]
-    if isinstance(node, ListConfig | TupleConfig):
-        return [
-            leaf for i, item in enumerate(node) for leaf in _float_leaves(item, f"{prefix}{i}.")
-        ]
-    return [(prefix[:-1], node)] if isinstance(node, float) else []
-
-
-def validate(cfg: DictConfig) -> None:
-    """Value checks the type system cannot express; raises `ConfigError` naming the key."""
-    for key, value in _float_leaves(cfg):
-        if not math.isfinite(value):
-            raise ConfigError(f"bad config key '{key}': {value} is not a finite number")
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"bad config key '{key}': {value!r} is not one of {choices}")
-    positive = (
-        "model.embed_dim",
-        "similarity.block_size",
-        "similarity.alpha",
-        "data.batch_size",
-        "data.eval_batch_size",
-        "data.image_size",
-        "train.epochs",
-        "train.log_every",
-        "train.ckpt_every",
-        "train.keep_last",
-        "train.max_nonfinite",
-        "optim.lr",
-        "optim.step_epochs",
-        "model.text.word_dim",
-        "model.text.hidden_dim",
-        "model.text.num_layers",
-        "model.image.feature_dim",
-    )
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"bad config key '{key}': must be > 0")
-    for key in (
-        "data.num_workers",
-        "optim.warmup_iters",
-        "optim.freeze_epochs",
-        "loss.mean_negative_epochs",
-        "loss.margin",
-        "optim.grad_clip",
-    ):
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"bad config key '{key}': must be >= 0")
-    for key in (
-        "data.region_dropout",
-        "data.word_dropout",
-        "model.image.dropout",
-        "model.text.dropout",
-    ):
-        if not 0 <= OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"bad config key '{key}': must be in [0, 1)")
-    for side in ("image_set", "text_set"):
-        for key in ("num_embeds", "num_iters", "num_heads", "head_dim", "mlp_ratio"):
-            if OmegaConf.select(cfg, f"model.{side}.{key}") < 1:
-                raise ConfigError(f"bad config key 'model.{side}.{key}': must be >= 1")
-        name = OmegaConf.select(cfg, f"model.{side}.name")
-        if name not in ("slot", "transformer", "pienet"):
-            raise ConfigError(
-                f"bad config key 'model.{side}.name': {name!r} is not slot, transformer or pienet"
-            )
-    for key, group_names in (
-        ("optim.lr_mult", cfg.optim.lr_mult.keys()),
-        ("optim.freeze_groups", cfg.optim.freeze_groups),
-    ):
-        unknown = sorted(set(group_names) - set(LR_GROUPS))
-        if unknown:
-            raise ConfigError(
-                f"bad config key '{key}': unknown parameter group(s) {unknown}; "
-                f"groups: {sorted(LR_GROUPS)}"
-            )
-    if any(v < 0 for v in cfg.optim.lr_mult.values()):
-        raise ConfigError("bad config key 'optim.lr_mult': multipliers must be >= 0")
-    if cfg.train.half_weights and cfg.train.precision == "fp32":
-        raise ConfigError("train.half_weights needs train.precision bf16 or fp16")
-    if not 0 <= cfg.train.zero_stage <= 3:
-        raise ConfigError("bad config key 'train.zero_stage': must be 0, 1, 2 or 3")
-    text = cfg.model.text
-    if text.vocab_path is not None and text.vocab_size is not None:
-        raise ConfigError(
-            "model.text.vocab_path and model.text.vocab_size are both set: "
-            "the size comes from the vocabulary file, drop vocab_size"
-        )
+    out: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    _check(out)
+    return out
 
 
 PATH_KEYS = (

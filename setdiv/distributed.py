@@ -26,7 +26,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
+
+from setdiv.errors import UserError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_float",
     "cpu_threads",
+    "data_worker_init",
     "die_with_parent",
     "expand_hostlist",
     "free_port",
@@ -60,6 +63,7 @@ __all__ = [
     "process_group",
     "rank_and_world",
     "spawn_local",
+    "start_data_workers",
 ]
 
 JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -120,7 +124,7 @@ def _int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])
     except ValueError:
-        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+        raise UserError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
 def job_from_env(env: Mapping[str, str] | None = None) -> Job:
@@ -146,7 +150,7 @@ def job_from_env(env: Mapping[str, str] | None = None) -> Job:
     else:
         return Job.single()
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside world of size {world} ({launcher})")
+        raise UserError(f"rank {rank} outside world of size {world} ({launcher})")
     return Job(rank, world, local, addr, int(port) if world > 1 else 0, launcher)
 
 
@@ -196,7 +200,7 @@ def process_group(job: Job | None = None) -> Iterator[Job]:
     them), and on exit the group is destroyed and the environment restored."""
     job = job or job_from_env()
     if job.world_size > 1 and not job.master_port:
-        raise ValueError(
+        raise UserError(
             f"rank {job.rank} of {job.world_size} ({job.launcher}): set MASTER_ADDR and "
             "MASTER_PORT so the ranks can meet"
         )
@@ -261,6 +265,38 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     no Python locks are taken."""
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+JOB_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+"""What a launcher sends a job step: termination, and the requeue signals."""
+
+
+def data_worker_init(_worker_id: int, rank_pid: int | None = None) -> None:
+    """`worker_init_fn` of a rank's DataLoader. Data workers are forked from their rank and
+    would inherit its signal handlers (a launcher's requeue handler on USR1/USR2, a SIGTERM
+    that is only logged): a requeue signal sent to the whole job step is the rank's business,
+    and SIGTERM must end a worker. The rank forks with these signals blocked
+    (`start_data_workers`); one that arrived in between is discarded here. A worker never
+    outlives its rank (an orphan would block for ever on its full result pipe): if the rank
+    died before the kernel was asked to tell us (`rank_pid` is no longer the parent), the
+    worker ends now."""
+    die_with_parent(signal.SIGKILL)
+    if rank_pid is not None and os.getppid() != rank_pid:
+        os._exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+
+
+def start_data_workers(loader: Iterable[T]) -> Iterator[T]:
+    """`iter(loader)` with the job signals blocked while its workers are forked, so none runs
+    an inherited handler before `data_worker_init`; the rank gets any held back right after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _spawned(

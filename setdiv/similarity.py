@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from setdiv.config import SimilarityConfig
+from setdiv.registry import Registry
+
+if TYPE_CHECKING:  # setdiv.config reads the registry's names: type hints only, no cycle
+    from setdiv.config import SimilarityConfig
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -71,12 +75,15 @@ def match_prob_reduce(s_nKmL: Tensor, a: float = 1.0, b: float = 0.0) -> Tensor:
     return torch.sigmoid(a * s_nKmL + b).mean(dim=(1, 3))
 
 
-REDUCERS: dict[str, Callable[..., Tensor]] = {
-    "smooth_chamfer": smooth_chamfer_reduce,
-    "chamfer": chamfer_reduce,
-    "mil": mil_reduce,
-    "match_prob": match_prob_reduce,
-}
+REDUCERS: Registry[Callable[..., Tensor]] = Registry(
+    "similarity reduction",
+    {
+        "smooth_chamfer": smooth_chamfer_reduce,
+        "chamfer": chamfer_reduce,
+        "mil": mil_reduce,
+        "match_prob": match_prob_reduce,
+    },
+)
 
 
 # --- the block driver -------------------------------------------------------------------------
@@ -125,8 +132,6 @@ def blockwise(
     """
     _check_sets(x, y)
     bs = block_size or DEFAULT_BLOCK_SIZE
-    if bs <= 0:
-        raise ValueError(f"block_size must be > 0, got {bs}")
     N, M = x.shape[0], y.shape[0]
     if not _needs_grad(x, y):
         out = x.new_empty(N, M, dtype=_reduce_dtype(x.dtype))
@@ -178,8 +183,6 @@ def smooth_chamfer(
     x: Tensor, y: Tensor, alpha: float = 16.0, block_size: int | None = None
 ) -> Tensor:
     """Smooth-Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
     fused = None
     if (
         not _needs_grad(x, y)
@@ -210,18 +213,20 @@ def match_prob(
     return blockwise(functools.partial(match_prob_reduce, a=a, b=b), x, y, block_size)
 
 
-SIMILARITIES: dict[str, SetSimilarity] = {
-    "smooth_chamfer": smooth_chamfer,
-    "chamfer": chamfer,
-    "mil": mil,
-    "match_prob": match_prob,
-}
+SIMILARITIES: Registry[SetSimilarity] = Registry(
+    "similarity",
+    {
+        "smooth_chamfer": smooth_chamfer,
+        "chamfer": chamfer,
+        "mil": mil,
+        "match_prob": match_prob,
+    },
+)
+"""The names `similarity.name` accepts."""
 
 
 def get(name: str) -> SetSimilarity:
-    """The similarity function registered as `name`."""
-    if name not in SIMILARITIES:
-        raise ValueError(f"unknown similarity '{name}'; registered: {sorted(SIMILARITIES)}")
+    """The similarity function registered as `name` (ValueError naming the registered ones)."""
     return SIMILARITIES[name]
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from setdiv import cli
 from setdiv import config as config_lib
+from setdiv.errors import UserError
 from setdiv.model import build_model
 
 ROOT = Path(__file__).parents[1]
@@ -127,3 +128,70 @@ def test_user_errors_exit_2_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"setdiv {argv[0]}: error:") and expected in err[0]
     assert not (tmp_path / "R" / "config.yaml").exists()
+
+
+# --- a bug keeps its traceback; only user errors become one line (issue 12) ---------------------
+
+
+class DivergedError(ValueError):
+    exit_code = 3
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError("a bug, not bad input"), RuntimeError("an invariant broke"), KeyError("k")]
+)
+def test_an_internal_error_propagates_with_its_traceback(
+    error: Exception, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_vocab", broken)
+    with pytest.raises(type(error)) as raised:
+        cli.main(["vocab", "--shards", "x.tar", "--out", "v.json"])
+    assert raised.value is error
+    assert raised.traceback[-1].name == "broken"  # where it happened, not where it was caught
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UserError("bad input: fix it"), 2),
+        (config_lib.ConfigError("bad config key 'a.b': fix it"), 2),
+        (FileNotFoundError("nope.json: not found"), 2),
+        (DivergedError("diverged at step 3"), 3),
+    ],
+)
+def test_a_user_error_is_one_line_and_its_exit_code(
+    error: Exception,
+    code: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def refuses(args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_vocab", refuses)
+    assert cli.main(["vocab", "--shards", "x.tar", "--out", "v.json"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"setdiv vocab: error: {error}"]
+
+
+def _user_error_on_rank_zero() -> None:
+    from setdiv.distributed import on_all_ranks, process_group
+
+    def claim(rank: int) -> None:
+        if rank == 0:
+            raise UserError("the run directory is taken")
+
+    with process_group() as job:
+        on_all_ranks(lambda: claim(job.rank), "claiming")
+
+
+def test_a_user_error_on_rank_zero_of_a_2_process_job_keeps_its_class() -> None:
+    from setdiv.distributed import spawn_local
+
+    with pytest.raises(UserError, match="the run directory is taken") as raised:
+        spawn_local(_user_error_on_rank_zero, 2)
+    assert cli.user_exit_code(raised.value) == 2

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from setdiv import config as config_lib
 
@@ -143,3 +144,72 @@ def test_encoder_choices_are_the_registries() -> None:
 
     assert set(config_lib._CHOICES["model.image.name"]) == set(IMAGE_ENCODERS)
     assert set(config_lib._CHOICES["model.text.name"]) == set(TEXT_ENCODERS)
+
+
+# --- names and choices live in the types (issue 12) ---------------------------------------------
+
+REGISTRIES = [
+    ("similarity.name", "setdiv.similarity", "SIMILARITIES"),
+    ("model.image_set.name", "setdiv.model.set_modules", "SET_MODULES"),
+    ("model.text_set.name", "setdiv.model.set_modules", "SET_MODULES"),
+    ("model.image.name", "setdiv.model.encoders", "IMAGE_ENCODERS"),
+    ("model.text.name", "setdiv.model.encoders", "TEXT_ENCODERS"),
+    ("model.text.tokenizer", "setdiv.data.vocab", "TOKENIZERS"),
+]
+"""Every config key that names a registry entry, and the registry it names."""
+
+
+def nested_yaml(key: str, value: str) -> str:
+    """`a.b.c`, `v` -> "a:\\n  b:\\n    c: v\\n"."""
+    *sections, leaf = key.split(".")
+    lines = [f"{'  ' * depth}{name}:" for depth, name in enumerate(sections)]
+    return "\n".join([*lines, f"{'  ' * len(sections)}{leaf}: {value}"]) + "\n"
+
+
+@pytest.mark.parametrize(("key", "module", "registry"), REGISTRIES, ids=lambda v: str(v))
+def test_an_unregistered_name_in_a_file_fails_at_load_listing_the_registry(
+    key: str, module: str, registry: str, tmp_path: Path
+) -> None:
+    import importlib
+
+    names = list(getattr(importlib.import_module(module), registry))
+    assert names
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(nested_yaml(key, "not_registered"))
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.load([bad])
+    msg = str(err.value)
+    assert str(bad) in msg and f"'{key}'" in msg and "not_registered" in msg
+    assert all(f"'{name}'" in msg for name in names), (msg, names)
+    # Every registered name loads (the type and the registry agree both ways).
+    for name in names:
+        bad.write_text(nested_yaml(key, name))
+        assert OmegaConf.select(OmegaConf.structured(config_lib.load([bad])), key) == name
+
+
+@pytest.mark.parametrize("key", sorted(config_lib._CHOICES))
+def test_every_choice_key_rejects_other_values_listing_its_choices(key: str) -> None:
+    choices = config_lib._CHOICES[key]
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.load([], [f"{key}=not_a_choice"])
+    msg = str(err.value)
+    assert f"bad config key '{key}': 'not_a_choice' is not one of" in msg
+    assert all(repr(c) in msg for c in choices)
+
+
+def test_range_and_conflict_errors_name_the_key() -> None:
+    with pytest.raises(config_lib.ConfigError, match=r"'model\.image_set\.dropout': must be in"):
+        config_lib.load([], ["model.image_set.dropout=1.0"])
+    with pytest.raises(config_lib.ConfigError, match=r"'optim\.lr_mult': multipliers must be"):
+        config_lib.load([], ["optim.lr_mult.text_set=-1"])
+    with pytest.raises(config_lib.ConfigError, match=r"'model\.text\.vocab_size': .*vocab_path"):
+        config_lib.load([], ["model.text.vocab_path=v.json", "model.text.vocab_size=10"])
+    with pytest.raises(config_lib.ConfigError, match=r"'train\.zero_stage': 4 is not one of"):
+        config_lib.load([], ["train.zero_stage=4"])
+
+
+def test_config_errors_are_user_errors() -> None:
+    from setdiv.errors import UserError
+
+    assert issubclass(config_lib.ConfigError, UserError)
+    assert config_lib.ConfigError("x").exit_code == 2

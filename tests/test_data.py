@@ -21,14 +21,8 @@ from PIL import Image
 from setdiv import cli
 from setdiv import config as config_lib
 from setdiv.data import convert, synthetic
-from setdiv.data.reader import (
-    EvalReader,
-    SampleOptions,
-    ShardSet,
-    TrainReader,
-    image_file_pixels,
-    plan_epoch,
-)
+from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader, plan_epoch
+from setdiv.data.samples import image_file_pixels
 from setdiv.data.shards import ShardIndex, write_shards
 from setdiv.data.text import Tokenizer, build_tokenizer, word_dropout
 from setdiv.data.vocab import SPECIALS, Vocab
@@ -320,6 +314,7 @@ def test_a_resumed_epoch_is_the_rest_of_the_epoch_and_skips_without_decoding(
     (with dropouts, random crops and a shuffle buffer), for resume points that fall mid-chunk
     and mid-round of the workers' round robin; the skipped samples are not decoded."""
     from setdiv.data import reader as reader_mod
+    from setdiv.data import samples as samples_mod
 
     make_synth(tmp_path, 60 if kind == "image" else 120, 10, kind=kind)
     opts = SampleOptions(kind, SYNTH_TOK, True, 32, region_dropout=0.3, word_dropout=0.2)
@@ -334,8 +329,8 @@ def test_a_resumed_epoch_is_the_rest_of_the_epoch_and_skips_without_decoding(
             assert torch.equal(a.images, b.images)
     if workers == 0:  # decoding happens in this process: count it
         decoded = []
-        real = reader_mod._decode
-        monkeypatch.setattr(reader_mod, "_decode", lambda *a: decoded.append(1) or real(*a))
+        real = samples_mod._decode
+        monkeypatch.setattr(samples_mod, "_decode", lambda *a: decoded.append(1) or real(*a))
         start = len(full) - 3
         assert len(list(reader.epoch(1, start))) == 3
         assert len(decoded) <= 3 * 7 + reader_mod.CHUNK  # not the 14 batches before
@@ -422,6 +417,7 @@ def test_all_corrupt_shards_fail_after_one_pass_naming_them(
     """Every sample bad: one pass, then an error naming the shards and the real count (the
     reader used to re-read them up to 1000 times)."""
     from setdiv.data import reader as reader_mod
+    from setdiv.data import samples as samples_mod
 
     make_synth(tmp_path, 40, 10)
     for i in range(4):
@@ -431,8 +427,8 @@ def test_all_corrupt_shards_fail_after_one_pass_naming_them(
     opened = []
     real = reader_mod._shard_samples
     monkeypatch.setattr(reader_mod, "_shard_samples", lambda p: opened.append(p) or real(p))
-    warner = reader_mod._Warner()
-    monkeypatch.setattr(reader_mod, "_WARN", warner)
+    warner = samples_mod._Warner()
+    monkeypatch.setattr(samples_mod, "WARN", warner)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)
     train = TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=0, verify=False)
     with pytest.raises(ValueError, match=r"no readable training sample .*4 shard\(s\)") as err:
@@ -454,12 +450,12 @@ def test_closing_an_epoch_shuts_its_workers_down_then_and_there(
 ) -> None:
     """An exception raised while the workers shut down (a requeue signal handler's
     SystemExit) must reach whoever closed the epoch, not be swallowed by a finaliser."""
-    from setdiv.data import reader as reader_mod
+    from setdiv import distributed
 
     class RequeueError(Exception):
         pass
 
-    real_start = reader_mod._start_workers
+    real_start = distributed.start_data_workers
 
     def start(loader: object) -> object:
         it = real_start(loader)
@@ -474,7 +470,7 @@ def test_closing_an_epoch_shuts_its_workers_down_then_and_there(
         it._shutdown_workers = shutdown_then_signal
         return it
 
-    monkeypatch.setattr(reader_mod, "_start_workers", start)
+    monkeypatch.setattr(distributed, "start_data_workers", start)
     make_synth(tmp_path, 40, 10)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)
     batches = TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=1).epoch(0)
@@ -597,7 +593,7 @@ def test_image_transforms_match_the_official_pipeline(
 ) -> None:
     import torchvision.transforms as T
 
-    from setdiv.data.reader import image_transform_steps
+    from setdiv.data.samples import image_transform_steps
 
     train = image_transform_steps(size, True, style)
     test = image_transform_steps(size, False, style)

@@ -326,3 +326,57 @@ def test_export_that_does_not_fit_its_config_or_is_truncated(
     weights.write_bytes(weights.read_bytes()[:1000])
     assert eval_main(setup, data, checkpoint=export) == 2
     assert f"{weights} is not a readable safetensors file" in capsys.readouterr().err
+
+
+# --- dotted overrides on the command line (issue 12) --------------------------------------------
+
+
+def test_eval_takes_dotted_overrides_between_its_flags(
+    setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "chamfer"
+    data = f"{setup}/test/test-*.tar"
+    argv = ["eval", str(setup / "export"), "similarity.name=chamfer", "--data", data,
+            "similarity.block_size=7", "--protocol", "coco", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert json.loads((out / "sims_meta.json").read_text())["similarity"]["name"] == "chamfer"
+    # Reference: Chamfer on the whole (N,K,M,L) element tensor of a direct encoding.
+    ex = load_exported(setup / "export")
+    samples = list(synthetic_samples("test", 60, 0))
+    regions = torch.from_numpy(np.stack([s.regions for s in samples]))
+    ids = [ex.tokenizer.encode(c) for s in samples for c in s.captions]
+    T = max(map(len, ids))
+    tokens = torch.tensor([t + [0] * (T - len(t)) for t in ids])
+    with torch.no_grad():
+        img = ex.model.encode_image(regions).embeds.double()
+        txt = ex.model.encode_text(tokens, tokens != 0).embeds.double()
+    s = torch.einsum("nkd,mld->nkml", img, txt)
+    ref = 0.5 * (s.amax(dim=3).mean(dim=1) + s.amax(dim=1).mean(dim=2))
+    np.testing.assert_allclose(np.load(out / "sims.npy"), ref.numpy(), atol=2e-5)
+    # A name that is not registered fails before any work: one line naming the key and names.
+    argv = ["eval", str(setup / "export"), "--data", data, "similarity.name=cosine",
+            "--protocol", "coco", "--out", str(tmp_path / "bad")]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("setdiv eval: error:")
+    assert "'similarity.name': 'cosine' is not one of" in err[0]
+    assert all(f"'{name}'" in err[0] for name in sim.SIMILARITIES)
+    assert not (tmp_path / "bad" / "sims.npy").exists()
+
+
+def test_a_user_error_in_a_2_process_eval_is_one_line(
+    setup: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The ranks raise it; it reaches the launcher with its class, as one line and exit 2."""
+    from test_data import rewrite_member
+
+    data = copy_test_shards(setup, tmp_path / "shards")
+    rewrite_member(tmp_path / "shards/test-000001.tar", "test0000030.npy", b"not an npy file")
+    out = tmp_path / "out"
+    args = ("--out", str(out), "data.verify_checksums=false", "--nproc", "2")
+    assert eval_main(setup, data, *args) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("setdiv eval: error:")]
+    assert len(errors) == 1 and "59 of the 60 test images" in errors[0], err[-3000:]
+    assert "Traceback" not in err  # not the launcher's, not a rank's

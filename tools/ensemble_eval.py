@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
+from setdiv.config import Protocol
+from setdiv.errors import UserError
 from setdiv.eval.ensemble import ensemble
 from setdiv.eval.evaluator import format_table, write_result
 
@@ -21,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sims", nargs="+", type=Path, help="sims.npy files")
     parser.add_argument(
         "--protocol",
-        choices=("coco", "f30k"),
+        choices=get_args(Protocol),
         default=None,
         help="default: the protocol the members were evaluated with (sims_meta.json)",
     )
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows, result = ensemble(args.sims, args.protocol)
-    except (ValueError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"ensemble_eval: error: {exc}", file=sys.stderr)
         return 2
     protocol = result.meta["protocol"]

@@ -16,6 +16,7 @@ import numpy as np
 
 from setdiv.data import synthetic
 from setdiv.data.shards import CAPTIONS_PER_IMAGE, Sample
+from setdiv.errors import UserError
 
 __all__ = ["DropCounter", "karpathy_samples", "precomp_samples", "synthetic_samples"]
 
@@ -53,17 +54,17 @@ def precomp_samples(root: str | Path, split: str, dtype: str = "float16") -> Ite
     if len(ids) == CAPTIONS_PER_IMAGE * n:
         ids = ids[::CAPTIONS_PER_IMAGE]
     if len(ids) != n:
-        raise ValueError(
+        raise UserError(
             f"{ids_path}: {len(ids)} ids for {n} images (need one per image or per caption)"
         )
     if len(caps) < CAPTIONS_PER_IMAGE * n:
         short = len(caps) // CAPTIONS_PER_IMAGE
-        raise ValueError(
+        raise UserError(
             f"{root / f'{split}_caps.txt'}: image {ids[short].strip()} (row {short}) has "
             f"{len(caps) - CAPTIONS_PER_IMAGE * short} captions, need 5"
         )
     if len(caps) > CAPTIONS_PER_IMAGE * n:
-        raise ValueError(f"{split}_caps.txt has {len(caps)} lines for {n} images: layout mismatch")
+        raise UserError(f"{split}_caps.txt has {len(caps)} lines for {n} images: layout mismatch")
     for i in range(n):
         c0 = CAPTIONS_PER_IMAGE * i
         yield Sample(
@@ -102,7 +103,7 @@ def karpathy_samples(
         sentences = img["sentences"]
         if len(sentences) < CAPTIONS_PER_IMAGE:
             if not drop_short:
-                raise ValueError(
+                raise UserError(
                     f"{json_path}: image {image_id} has {len(sentences)} captions, need 5 "
                     "(pass --min-captions to drop such images)"
                 )

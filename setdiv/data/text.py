@@ -14,6 +14,7 @@ import numpy as np
 
 from setdiv.config import TextEncoderConfig
 from setdiv.data.vocab import SPECIALS, Vocab
+from setdiv.errors import UserError
 
 __all__ = ["Tokenizer", "build_tokenizer", "word_dropout"]
 
@@ -62,7 +63,7 @@ def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Token
         )
     if vocab is None:
         if cfg.vocab_path is None:
-            raise ValueError(
+            raise UserError(
                 "bigru tokenisation needs 'model.text.vocab_path' or a built vocabulary"
             )
         if not Path(cfg.vocab_path).is_file():
@@ -72,7 +73,7 @@ def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Token
         vocab = Vocab.load(cfg.vocab_path)
     if vocab.tokenizer != cfg.tokenizer:
         source = cfg.vocab_path or "the given vocabulary"
-        raise ValueError(
+        raise UserError(
             f"{source} was built with the {vocab.tokenizer!r} tokenizer but "
             f"'model.text.tokenizer' is {cfg.tokenizer!r}: set model.text.tokenizer="
             f"{vocab.tokenizer} or rebuild the vocabulary (`setdiv vocab --tokenizer "

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from setdiv.data.shards import CAPTIONS_PER_IMAGE
+from setdiv.errors import UserError
 from setdiv.eval.evaluator import EvalResult, protocol_metrics
 
 __all__ = ["ensemble", "load_sims"]
@@ -27,18 +28,18 @@ def load_sims(path: str | Path) -> tuple[np.ndarray, dict]:
     try:
         sims = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable .npy matrix: {exc}") from None
+        raise UserError(f"{path}: not a readable .npy matrix: {exc}") from None
     try:
         meta = json.loads(meta_path.read_text())
         n_img, n_cap = len(meta["image_ids"]), len(meta["caption_ids"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{meta_path}: not an evaluation's metadata ({exc!r})") from None
+        raise UserError(f"{meta_path}: not an evaluation's metadata ({exc!r})") from None
     if sims.ndim != 2 or sims.shape[1] != CAPTIONS_PER_IMAGE * sims.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"{path}: shape {sims.shape} is not N x {CAPTIONS_PER_IMAGE}N (images x captions)"
         )
     if sims.shape != (n_img, n_cap):
-        raise ValueError(
+        raise UserError(
             f"{path}: shape {sims.shape} does not match the {n_img} image and {n_cap} caption "
             f"ids of {meta_path}"
         )
@@ -61,10 +62,10 @@ def ensemble(
     first_sims, first_meta = loaded[0]
     for path, (sims, meta) in zip(paths[1:], loaded[1:], strict=True):
         if sims.shape != first_sims.shape:
-            raise ValueError(f"{path}: shape {sims.shape} differs from {first_sims.shape}")
+            raise UserError(f"{path}: shape {sims.shape} differs from {first_sims.shape}")
         for key in ("image_ids", "caption_ids"):
             if meta[key] != first_meta[key]:
-                raise ValueError(f"{path}: {key} differ from {paths[0]}")
+                raise UserError(f"{path}: {key} differ from {paths[0]}")
     mean = np.mean(np.stack([s for s, _ in loaded]), axis=0, dtype=np.float64).astype(np.float32)
     ids = (first_meta["image_ids"], first_meta["caption_ids"])
     rows: dict[str, dict[str, float]] = {}
@@ -81,10 +82,10 @@ def _protocol(paths: list[Path], metas: list[dict], asked: str | None) -> str:
     """The protocol the members were evaluated with (older metadata without one: `asked`)."""
     found = {str(p): m["protocol"] for p, m in zip(paths, metas, strict=True) if "protocol" in m}
     if len(set(found.values())) > 1:
-        raise ValueError(f"members were evaluated with different protocols: {found}")
+        raise UserError(f"members were evaluated with different protocols: {found}")
     recorded = next(iter(found.values()), None)
     if asked is not None and recorded is not None and asked != recorded:
-        raise ValueError(f"--protocol {asked}, but the members were evaluated with {recorded}")
+        raise UserError(f"--protocol {asked}, but the members were evaluated with {recorded}")
     if recorded is None and asked is None:
-        raise ValueError("the members' sims_meta.json name no protocol: pass --protocol")
+        raise UserError("the members' sims_meta.json name no protocol: pass --protocol")
     return recorded or asked  # type: ignore[return-value]

@@ -18,13 +18,14 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from setdiv.config import Protocol
 from setdiv.data.reader import Batch
 from setdiv.distributed import all_gather_list, all_gather_rows
 from setdiv.eval.metrics import coco_1k, recall_at_k
@@ -155,8 +156,8 @@ def protocol_metrics(
 ) -> dict[str, dict[str, float]]:
     """The protocol's metric sets: COCO full set (5K) + 1K folds (+ ECCV/CxC for COCO ids),
     Flickr30K test; each a `recall_at_k` dict."""
-    if protocol not in ("coco", "f30k"):
-        raise ValueError(f"protocol must be coco or f30k, got {protocol!r}")
+    if protocol not in get_args(Protocol):
+        raise ValueError(f"protocol must be one of {get_args(Protocol)}, got {protocol!r}")
     N = sims.shape[0]
     out = {full_set_key(protocol, N): recall_at_k(sims)}
     if protocol == "coco" and N % 1000 == 0 and N > 1000:

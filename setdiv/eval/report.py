@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from setdiv.data.reader import IMAGENET_MEAN, IMAGENET_STD, Batch  # noqa: E402
+from setdiv.data.samples import IMAGENET_MEAN, IMAGENET_STD, Batch  # noqa: E402
 from setdiv.distributed import all_gather_rows, is_initialized  # noqa: E402
 from setdiv.eval.analysis import circular_variance, slot_specialisation  # noqa: E402
 from setdiv.eval.evaluator import Encoded  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -12,6 +13,7 @@ from setdiv import config as config_lib
 from setdiv.data.reader import ShardSet, build_eval_reader
 from setdiv.distributed import (
     all_reduce_sum,
+    is_rank_zero,
     limit_cpu_threads,
     log_as_rank,
     pick_device,
@@ -19,6 +21,7 @@ from setdiv.distributed import (
     rank_and_world,
     spawn_local,
 )
+from setdiv.errors import UserError
 from setdiv.eval.evaluator import (
     STANDARD_SIZE,
     EvalResult,
@@ -45,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="dotted overrides of the export's similarity.* / data.* keys, e.g. similarity.alpha=8",
     )
     p.add_argument("--data", required=True, help="test shards (brace pattern or glob)")
-    p.add_argument("--protocol", choices=("coco", "f30k"), required=True)
+    p.add_argument("--protocol", choices=get_args(config_lib.Protocol), required=True)
     p.add_argument("--nproc", type=int, default=1, help="local processes sharing the image rows")
     p.add_argument(
         "--out",
@@ -81,7 +84,7 @@ def evaluate_export(
     kind = IMAGE_INPUT_KIND[cfg.model.image.name]
     reader = build_eval_reader(cfg.data, data, kind, exported.tokenizer, rank, world)
     model = exported.model.to(device)
-    enc = encode(model, reader, device, progress=progress and rank == 0)
+    enc = encode(model, reader, device, progress=progress and is_rank_zero(rank))
     expected = reader.shards.num_samples
     read = int(all_reduce_sum(torch.tensor([len(enc.image_ids)]))[0])
     _check_test_set(data, protocol, read, expected, allow_partial)
@@ -117,7 +120,7 @@ def _check_test_set(data: str, protocol: str, read: int, expected: int, partial:
             f"read ({expected - read} corrupt or missing, see the warnings above)"
         )
         if not partial:
-            raise ValueError(f"{msg}; metrics on a partial test set are not comparable: fix the "
+            raise UserError(f"{msg}; metrics on a partial test set are not comparable: fix the "
                              "shards, or pass --allow-partial to score what was read")  # fmt: skip
         log.warning("%s; --allow-partial: scoring them anyway", msg)
     key, standard = full_set_key(protocol, read), full_set_key(protocol, STANDARD_SIZE[protocol])
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything that can be checked before any work -- overrides, export, shards and
     their checksums, the output directory -- then evaluate on 1 or `--nproc` processes."""
     if args.nproc < 1:
-        raise ValueError("--nproc must be >= 1")
+        raise UserError("--nproc must be >= 1")
     for item in args.overrides:
         if not item.startswith(EVAL_OVERRIDABLE):
             raise config_lib.ConfigError(
@@ -193,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"--out {out}: cannot create the output directory: {exc}") from None
+        raise UserError(f"--out {out}: cannot create the output directory: {exc}") from None
     args.out = str(out)
     if args.nproc == 1:  # a lone process, or one rank of a job torchrun / srun started
         _worker(args)

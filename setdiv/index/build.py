@@ -14,6 +14,7 @@ from setdiv.data.reader import ShardSet, build_eval_reader
 from setdiv.distributed import (
     all_gather_list,
     all_gather_rows,
+    is_rank_zero,
     limit_cpu_threads,
     log_as_rank,
     pick_device,
@@ -21,6 +22,7 @@ from setdiv.distributed import (
     rank_and_world,
     spawn_local,
 )
+from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode
 from setdiv.export import ExportedModel, load_exported
 from setdiv.index.search import export_identity
@@ -65,11 +67,13 @@ def encode_gallery(
     rank, world = rank_and_world()
     kind = IMAGE_INPUT_KIND[exported.cfg.model.image.name]
     reader = build_eval_reader(exported.cfg.data, data, kind, exported.tokenizer, rank, world)
-    enc = encode(exported.model.to(device), reader, device, progress=rank == 0, modality=modality)
+    enc = encode(
+        exported.model.to(device), reader, device, progress=is_rank_zero(rank), modality=modality
+    )
     sets = all_gather_rows(enc.images if modality == "image" else enc.captions)
     image_ids = all_gather_list(enc.image_ids)
     caption_ids, texts = all_gather_list(enc.caption_ids), all_gather_list(enc.captions_text)
-    if rank != 0:
+    if not is_rank_zero(rank):
         return None
     if enc.skipped or len(image_ids) < reader.shards.num_samples:
         log.warning(
@@ -87,12 +91,12 @@ def _check_existing(out: Path, sha: str, modality: str) -> None:
         return
     meta = SetIndexStore.open(out).meta
     if meta.export_sha256 != sha:
-        raise ValueError(
+        raise UserError(
             f"{out} was built with another export ({meta.export_path}): append with the same "
             "export, or build a new index"
         )
     if meta.modality != modality:
-        raise ValueError(f"{out} holds {meta.modality} items, not {modality}")
+        raise UserError(f"{out} holds {meta.modality} items, not {modality}")
 
 
 def _open_or_create(args: argparse.Namespace, K: int, D: int) -> SetIndexStore:
@@ -128,7 +132,7 @@ def _worker(args: argparse.Namespace) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Check the export, shards and index spec before any encoding, then build."""
     if args.nproc < 1:
-        raise ValueError("--nproc must be >= 1")
+        raise UserError("--nproc must be >= 1")
     AnnSpec(args.kind, args.nlist, args.m, args.codec, args.nprobe, args.ef_search)
     _check_existing(Path(args.out), export_identity(args.export)[1], args.modality)
     ShardSet.resolve(args.data).verify()

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from setdiv.data.reader import build_eval_reader, image_file_pixels
+from setdiv.data.reader import build_eval_reader
+from setdiv.data.samples import image_file_pixels
+from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode
 from setdiv.index.search import Hits, SetSearcher
 from setdiv.model.encoders import IMAGE_INPUT_KIND
@@ -52,9 +54,9 @@ def _image_query(searcher: SetSearcher, args: argparse.Namespace) -> torch.Tenso
                 i = batch.image_ids.index(image_id)
                 mask = batch.image_mask[i : i + 1] if batch.image_mask is not None else None
                 return searcher.encode_images(batch.images[i : i + 1], mask)
-        raise ValueError(f"{shards}: no sample with image id {image_id!r}")
+        raise UserError(f"{shards}: no sample with image id {image_id!r}")
     if kind != "image":
-        raise ValueError(
+        raise UserError(
             f"the export's image encoder ({cfg.model.image.name}) reads region features, not "
             "image files: query with --sample SHARDS IMAGE_ID"
         )
@@ -65,11 +67,11 @@ def _image_query(searcher: SetSearcher, args: argparse.Namespace) -> torch.Tenso
 def run_search(args: argparse.Namespace) -> int:
     given = [x is not None for x in (args.text, args.image, args.sample)]
     if sum(given) != 1:
-        raise ValueError("give exactly one query: TEXT, --image PATH or --sample SHARDS IMAGE_ID")
+        raise UserError("give exactly one query: TEXT, --image PATH or --sample SHARDS IMAGE_ID")
     searcher = SetSearcher(args.index, args.export)
     wants = "image" if args.text is not None else "text"
     if searcher.modality != wants:
-        raise ValueError(
+        raise UserError(
             f"{args.index} holds {searcher.modality} items: query it with "
             + ("text" if searcher.modality == "image" else "--image or --sample")
         )

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from setdiv.data.shards import sha256_file
+from setdiv.errors import UserError
 from setdiv.export import ExportedModel, load_exported
 from setdiv.index.store import SetIndexStore
 from setdiv.similarity import build_similarity
@@ -65,7 +66,7 @@ def two_stage_top_k(
     """Per query element the `candidates` nearest gallery elements by inner product (the ANN
     index), then the union of their items re-scored exactly with `similarity`."""
     if k < 1 or candidates < 1:
-        raise ValueError(f"k and candidates must be >= 1, got {k}, {candidates}")
+        raise UserError(f"k and candidates must be >= 1, got {k}, {candidates}")
     k = min(k, len(store))
     cands = store.candidates(queries_QLD, candidates)
     scores = torch.full((len(cands), k), -torch.inf)
@@ -89,7 +90,7 @@ class SetSearcher:
         path = Path(export) if export is not None else Path(meta.export_path)
         self.exported: ExportedModel = load_exported(path)
         if self.exported.sha256 != meta.export_sha256:
-            raise ValueError(
+            raise UserError(
                 f"{index} was built with the export {meta.export_path} (sha256 "
                 f"{meta.export_sha256[:12]}...); {path} holds other weights (sha256 "
                 f"{self.exported.sha256[:12]}...): rebuild the index with this export"
@@ -106,7 +107,7 @@ class SetSearcher:
     def encode_texts(self, texts: list[str]) -> Tensor:
         """(Q, L, D) caption sets of `texts` (queries against an image gallery)."""
         if not texts or any(not t.strip() for t in texts):
-            raise ValueError("an empty text query")
+            raise UserError("an empty text query")
         tok = self.exported.tokenizer
         ids = [tok.encode(t) for t in texts]
         T = max(map(len, ids))

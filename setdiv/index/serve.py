@@ -111,7 +111,7 @@ class Service:
                 HTTPStatus.BAD_REQUEST,
                 f"this index's model ({cfg.model.image.name}) reads region features, not images",
             )
-        from setdiv.data.reader import image_file_pixels
+        from setdiv.data.samples import image_file_pixels
 
         pixels = []
         for i, blob in enumerate(blobs):
@@ -207,74 +207,78 @@ if (q) { document.getElementById('q').value = q; form.onsubmit(); }
 </script></body></html>"""
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP over a `Service`: GET the page, /health, /openapi.json; POST /search."""
+
+    service: Service  # bound per server by `make_server`
+    timeout = TIMEOUT_S  # a stalled client is dropped
+    server_version = "setdiv"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    def _send(self, status: HTTPStatus, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: HTTPStatus, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
+        path = urlsplit(self.path).path
+        if path == "/health":
+            self._json(HTTPStatus.OK, self.service.health())
+        elif path == "/openapi.json":
+            self._json(HTTPStatus.OK, openapi())
+        elif path in ("/", "/index.html"):
+            self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
+        else:
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {self.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            if self.path != "/search":
+                raise RequestError(HTTPStatus.NOT_FOUND, f"no such path: {self.path}")
+            self._json(HTTPStatus.OK, self.service.search(self._body()))
+        except RequestError as exc:
+            self.close_connection = True
+            self._json(exc.status, {"error": str(exc)})
+        except Exception:  # a bug: logged with its traceback, the client gets a 500
+            log.exception("search failed")
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+
+    def _body(self) -> Any:
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip()
+        if ctype != "application/json":
+            raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+        if int(length) > MAX_BODY:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"bodies are limited to {MAX_BODY} bytes"
+            )
+        raw = self.rfile.read(int(length))
+        if len(raw) < int(length):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the body is shorter than announced")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"not JSON: {exc}") from None
+
+    def _unsupported(self) -> None:
+        self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "GET or POST only"})
+
+    do_PUT = do_DELETE = do_PATCH = _unsupported  # noqa: N815
+
+
 def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
     """A server bound to (host, port) (port 0: any free one); `serve_forever()` runs it."""
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = TIMEOUT_S  # a stalled client is dropped
-        server_version = "setdiv"
-
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.info("%s %s", self.address_string(), fmt % args)
-
-        def _send(self, status: HTTPStatus, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: HTTPStatus, obj: Any) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json")
-
-        def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
-            path = urlsplit(self.path).path
-            if path == "/health":
-                self._json(HTTPStatus.OK, service.health())
-            elif path == "/openapi.json":
-                self._json(HTTPStatus.OK, openapi())
-            elif path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
-            else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {self.path}"})
-
-        def do_POST(self) -> None:  # noqa: N802
-            try:
-                if self.path != "/search":
-                    raise RequestError(HTTPStatus.NOT_FOUND, f"no such path: {self.path}")
-                self._json(HTTPStatus.OK, service.search(self._body()))
-            except RequestError as exc:
-                self.close_connection = True
-                self._json(exc.status, {"error": str(exc)})
-            except Exception:  # a bug: logged with its traceback, the client gets a 500
-                log.exception("search failed")
-                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
-
-        def _body(self) -> Any:
-            ctype = self.headers.get("Content-Type", "").split(";")[0].strip()
-            if ctype != "application/json":
-                raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
-            if int(length) > MAX_BODY:
-                raise RequestError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"bodies are limited to {MAX_BODY} bytes"
-                )
-            raw = self.rfile.read(int(length))
-            if len(raw) < int(length):
-                raise RequestError(HTTPStatus.BAD_REQUEST, "the body is shorter than announced")
-            try:
-                return json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"not JSON: {exc}") from None
-
-        def _unsupported(self) -> None:
-            self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "GET or POST only"})
-
-        do_PUT = do_DELETE = do_PATCH = _unsupported  # noqa: N815
-
-    server = ThreadingHTTPServer((host, port), Handler)
+    handler = type("Handler", (_Handler,), {"service": service})
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
 

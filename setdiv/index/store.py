@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from setdiv.errors import UserError
+
 __all__ = ["FORMAT", "AnnSpec", "IndexMeta", "SetIndexStore"]
 
 log = logging.getLogger(__name__)
@@ -68,13 +70,13 @@ class AnnSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"index kind must be one of {KINDS}, got {self.kind!r}")
+            raise UserError(f"index kind must be one of {KINDS}, got {self.kind!r}")
         pq = self.codec.startswith("pq") and self.codec[2:].isdigit()
         if self.codec not in CODECS and not pq:
-            raise ValueError(f"index codec must be one of {CODECS} or pq<M>, got {self.codec!r}")
+            raise UserError(f"index codec must be one of {CODECS} or pq<M>, got {self.codec!r}")
         for name in ("nlist", "m", "nprobe", "ef_search"):
             if getattr(self, name) < 1:
-                raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"index {name} must be >= 1, got {getattr(self, name)}")
 
     def factory(self) -> str:
         """The FAISS index_factory string."""
@@ -113,10 +115,10 @@ class IndexMeta:
         try:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+                raise UserError(f"format {data.get('format')!r}, expected {FORMAT!r}")
             return cls(**{**data, "ann": AnnSpec(**data["ann"])})
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{path}: not a setdiv index ({exc})") from None
+            raise UserError(f"{path}: not a setdiv index ({exc})") from None
 
 
 class SetIndexStore:
@@ -139,7 +141,7 @@ class SetIndexStore:
     def create(cls, root: str | Path, meta: IndexMeta) -> SetIndexStore:
         root = Path(root)
         if (root / "meta.json").exists():
-            raise ValueError(f"{root} already holds an index")
+            raise UserError(f"{root} already holds an index")
         root.mkdir(parents=True, exist_ok=True)
         ann = _faiss().index_factory(meta.dim, meta.ann.factory(), _faiss().METRIC_INNER_PRODUCT)
         store = cls(root, meta, ann)
@@ -158,9 +160,9 @@ class SetIndexStore:
         try:
             ann = _faiss().read_index(str(ann_path))
         except RuntimeError as exc:
-            raise ValueError(f"{ann_path}: not a readable FAISS index ({exc})") from None
+            raise UserError(f"{ann_path}: not a readable FAISS index ({exc})") from None
         if ann.ntotal != meta.count * meta.num_embeds:
-            raise ValueError(
+            raise UserError(
                 f"{root}: ann.faiss holds {ann.ntotal} elements, meta.json says "
                 f"{meta.count} items x {meta.num_embeds}"
             )
@@ -191,7 +193,7 @@ class SetIndexStore:
         if len(items) != n:
             raise ValueError(f"{n} element sets but {len(items)} items")
         if n == 0:
-            raise ValueError(f"{source}: nothing to add (no readable item)")
+            raise UserError(f"{source}: nothing to add (no readable item)")
         data = elements_NKD.detach().float().cpu().numpy()
         flat = np.ascontiguousarray(data.reshape(n * K, D), dtype=np.float32)
         if not self.ann.is_trained:

@@ -12,18 +12,23 @@ from a local directory). Nothing is ever downloaded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torchvision
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from setdiv.config import ImageEncoderConfig, TextEncoderConfig
 from setdiv.data.vocab import Vocab, load_glove
 from setdiv.distributed import is_initialized
+from setdiv.errors import UserError
 from setdiv.model.positional import sine_positions_1d, sine_positions_2d
+from setdiv.registry import Registry
+
+if TYPE_CHECKING:  # setdiv.config reads the registries' names: type hints only, no cycle
+    from setdiv.config import ImageEncoderConfig, TextEncoderConfig
 
 __all__ = [
     "IMAGE_ENCODERS",
@@ -144,7 +149,7 @@ def load_state_dict_file(path: str | Path, key: str | None = None) -> dict[str, 
         try:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 -- safetensors raises its own error classes
-            raise ValueError(
+            raise UserError(
                 f"{where}{path} is not a readable safetensors file (truncated or damaged: "
                 f"{str(exc).splitlines()[0][:200]})"
             ) from None
@@ -152,7 +157,7 @@ def load_state_dict_file(path: str | Path, key: str | None = None) -> dict[str, 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- pickle, zip and EOF errors alike
         # torch's own text suggests weights_only=False, i.e. running the file's code: not here.
-        raise ValueError(
+        raise UserError(
             f"{where}{path} is not a weights-only checkpoint ({type(exc).__name__}): it is "
             "damaged, or it holds Python objects besides tensors and plain containers. Save "
             "its state_dict alone (torch.save(model.state_dict(), ...)) or as .safetensors"
@@ -160,7 +165,7 @@ def load_state_dict_file(path: str | Path, key: str | None = None) -> dict[str, 
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{where}{path} does not hold a state dict of tensors")
+        raise UserError(f"{where}{path} does not hold a state dict of tensors")
     return state
 
 
@@ -179,7 +184,7 @@ class CNNGridEncoder(nn.Module):
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:
-                raise ValueError(
+                raise UserError(
                     f"config key 'model.image.weights': {cfg.weights} does not fit {arch}: "
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
@@ -230,7 +235,7 @@ class BiGRUEncoder(nn.Module):
                 )
             vocab = Vocab.load(cfg.vocab_path)
         if vocab is None and cfg.vocab_size is None:
-            raise ValueError("bigru needs 'model.text.vocab_path' (or 'model.text.vocab_size')")
+            raise UserError("bigru needs 'model.text.vocab_path' (or 'model.text.vocab_size')")
         num_words = len(vocab) if vocab is not None else int(cfg.vocab_size)  # type: ignore[arg-type]
         self.embed = nn.Embedding(num_words, cfg.word_dim, padding_idx=0)
         if cfg.glove_path is not None and pretrained:
@@ -239,7 +244,7 @@ class BiGRUEncoder(nn.Module):
                     f"config key 'model.text.glove_path': not found: {cfg.glove_path}"
                 )
             if vocab is None:
-                raise ValueError("'model.text.glove_path' needs 'model.text.vocab_path'")
+                raise UserError("'model.text.glove_path' needs 'model.text.vocab_path'")
             weights, _ = load_glove(cfg.glove_path, vocab, cfg.word_dim)
             self.embed.weight.data.copy_(weights)
         self.gru = nn.GRU(
@@ -304,12 +309,15 @@ def _resnext101(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> C
     return CNNGridEncoder(cfg, dim, "resnext101_32x8d", pretrained)
 
 
-IMAGE_ENCODERS = {
-    "region": RegionEncoder,
-    "resnet152": _resnet152,
-    "resnext101_32x8d": _resnext101,
-}
-TEXT_ENCODERS = {"bigru": BiGRUEncoder, "bert": BertEncoder}
+IMAGE_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
+    "image encoder",
+    {"region": RegionEncoder, "resnet152": _resnet152, "resnext101_32x8d": _resnext101},
+)
+"""The names `model.image.name` accepts."""
+TEXT_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
+    "text encoder", {"bigru": BiGRUEncoder, "bert": BertEncoder}
+)
+"""The names `model.text.name` accepts."""
 IMAGE_INPUT_KIND = {"region": "regions", "resnet152": "image", "resnext101_32x8d": "image"}
 """What each image encoder reads from the shards: region features or JPEG pixels."""
 
@@ -319,10 +327,6 @@ def build_image_encoder(cfg: ImageEncoderConfig, dim: int, pretrained: bool = Tr
 
     `pretrained=False` builds the architecture only (no weights file is read).
     """
-    if cfg.name not in IMAGE_ENCODERS:
-        raise ValueError(
-            f"unknown 'model.image.name={cfg.name}'; registered: {sorted(IMAGE_ENCODERS)}"
-        )
     return IMAGE_ENCODERS[cfg.name](cfg, dim, pretrained)
 
 
@@ -331,8 +335,4 @@ def build_text_encoder(cfg: TextEncoderConfig, dim: int, pretrained: bool = True
 
     `pretrained=False` skips GloVe / BERT weights (the vocabulary or BERT config is still read).
     """
-    if cfg.name not in TEXT_ENCODERS:
-        raise ValueError(
-            f"unknown 'model.text.name={cfg.name}'; registered: {sorted(TEXT_ENCODERS)}"
-        )
     return TEXT_ENCODERS[cfg.name](cfg, dim, pretrained)

@@ -6,12 +6,15 @@ Shape legend: B batch, R inputs, K / L set sizes, D embedding width.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from setdiv.config import ModelConfig
 from setdiv.model.encoders import build_image_encoder, build_text_encoder
 from setdiv.model.set_modules import SetOutput, build_set_module
+
+if TYPE_CHECKING:  # setdiv.config imports this package for its registries' names
+    from setdiv.config import ModelConfig
 
 __all__ = ["SetRetrievalModel", "build_model"]
 

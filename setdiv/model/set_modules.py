@@ -11,13 +11,17 @@ Every module maps `(local_BRDin, mask_BR, global_BD, pos_BRDin)` to a `SetOutput
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from setdiv.config import SetModuleConfig
+from setdiv.registry import Registry
+
+if TYPE_CHECKING:  # setdiv.config reads the registry's names: type hints only, no cycle
+    from setdiv.config import SetModuleConfig
 
 __all__ = [
     "SET_MODULES",
@@ -175,19 +179,12 @@ def _transformer(cfg: SetModuleConfig, dim_in: int, dim: int) -> SlotSetModule:
     return SlotSetModule(cfg, dim_in, dim, axis="inputs")
 
 
-SET_MODULES = {
-    "slot": SlotSetModule,
-    "transformer": _transformer,
-    "pienet": PIENet,
-}
+SET_MODULES: Registry[Callable[[SetModuleConfig, int, int], nn.Module]] = Registry(
+    "set module", {"slot": SlotSetModule, "transformer": _transformer, "pienet": PIENet}
+)
+"""The names `model.image_set.name` and `model.text_set.name` accept."""
 
 
 def build_set_module(cfg: SetModuleConfig, dim_in: int, dim: int) -> nn.Module:
     """The set module registered as `cfg.name`, reading inputs of width dim_in into D = dim."""
-    if cfg.name not in SET_MODULES:
-        raise ValueError(
-            f"unknown set module 'model.*_set.name={cfg.name}'; registered: {sorted(SET_MODULES)}"
-        )
-    if cfg.num_heads < 1 or cfg.head_dim < 1:
-        raise ValueError("set module num_heads and head_dim must be >= 1")
     return SET_MODULES[cfg.name](cfg, dim_in, dim)

@@ -1,0 +1,220 @@
+"""Samples: a raw shard sample decoded into arrays (image pixels through the official DivE
+transforms, or region features; captions tokenised, with the training dropouts), and decoded
+samples collated into a `Batch`.
+
+Shape legend: B images per batch, R regions, C region width, T tokens, 5B captions.
+
+Randomness (region and word dropout, random crops) comes from a seed per sample, so what a
+sample becomes does not depend on which rank or data worker reads it, nor on what was read
+before it. A sample that fails to decode is skipped, counted and warned about (`WARN`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from setdiv.data.shards import decode_meta
+from setdiv.data.text import Tokenizer, word_dropout
+from setdiv.errors import UserError
+
+__all__ = [
+    "Batch",
+    "SampleOptions",
+    "WARN",
+    "collate",
+    "decode_sample",
+    "image_file_pixels",
+    "image_transform",
+    "image_transform_steps",
+]
+
+log = logging.getLogger(__name__)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Warner:
+    """Rate-limited warnings: one line every `every` seconds at most, with the running count."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every, self.last, self.count = every, -1e9, 0
+
+    def __call__(self, msg: str, bad: int = 1) -> bool:
+        self.count += bad
+        if time.monotonic() - self.last >= self.every:
+            log.warning("%s (%d bad samples so far in this reader process)", msg, self.count)
+            self.last = time.monotonic()
+        return True  # as a webdataset handler: skip and go on
+
+
+WARN = _Warner()
+"""The process's bad-sample warner (rate-limited; `WARN.count` is the running total)."""
+
+
+# --- samples ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleOptions:
+    kind: str
+    tokenizer: Tokenizer
+    train: bool
+    image_size: int = 224
+    image_transform: str = "crop"
+    hflip: bool = True
+    region_dropout: float = 0.0
+    word_dropout: float = 0.0
+
+
+def image_transform_steps(
+    size: int, train: bool, style: str = "crop", hflip: bool = True
+) -> list[Callable]:
+    """The torchvision v2 steps of the official DivE image pipeline (before normalisation).
+
+    crop:   train RandomResizedCrop(size) (default scale 0.08-1), test Resize(size / 0.875) +
+            CenterCrop(size) (224 -> 256 -> 224).
+    gpo512: train RandomResizedCrop(size, scale=(0.36, 1)), test Resize((size, size)) (the
+            official `gpo_aug` 512-pixel setting).
+    Training adds a horizontal flip when `hflip` (official, though captions say left/right).
+    """
+    from torchvision.transforms import v2
+
+    if train:
+        scale = (0.36, 1.0) if style == "gpo512" else (0.08, 1.0)
+        steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
+        return steps + ([v2.RandomHorizontalFlip()] if hflip else [])
+    if style == "gpo512":
+        return [v2.Resize((size, size), antialias=True)]
+    return [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
+
+
+def image_transform(opts: SampleOptions, train: bool) -> Callable[[Image.Image], np.ndarray]:
+    """PIL image -> (3,size,size) uint8; normalisation happens batched in `collate`."""
+    from torchvision.transforms import v2
+
+    steps = image_transform_steps(opts.image_size, train, opts.image_transform, opts.hflip)
+    pipeline = v2.Compose([v2.ToImage(), *steps])
+    return lambda im: pipeline(im).numpy()
+
+
+def image_file_pixels(path: str | Path | BinaryIO, size: int, style: str = "crop") -> Tensor:
+    """(1,3,size,size) normalised pixels of an image file (or file object), as evaluation
+    reads a test image. Raises UserError for anything Pillow cannot (or will not) decode."""
+    opts = SampleOptions("image", None, False, size, style)  # type: ignore[arg-type]
+    try:
+        with Image.open(path) as im:
+            pixels = image_transform(opts, False)(im.convert("RGB"))
+    except (OSError, Image.DecompressionBombError) as exc:
+        name = path if isinstance(path, (str, Path)) else "image"
+        raise UserError(f"{name}: not a readable image ({exc})") from None
+    return _normalise(torch.from_numpy(pixels)[None])
+
+
+def _normalise(pixels_B3HW: Tensor) -> Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return (pixels_B3HW.float() - mean) / std
+
+
+def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: list[int]) -> dict:
+    """A raw sample -> {"image", "tokens", ...}; raises on anything corrupt. The sample's own
+    seed drives its region / word dropout and (in a forked torch RNG) its random crop."""
+    meta, rng = decode_meta(raw), np.random.default_rng(seed)
+    if opts.kind == "regions":  # stays numpy until collation: cheaper between processes
+        regions_RC = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
+        if regions_RC.ndim != 2 or not np.isfinite(regions_RC).all():
+            raise ValueError(f"region array of shape {regions_RC.shape} (or non-finite values)")
+        image = _drop_regions(regions_RC, opts.region_dropout, rng)
+    else:
+        with Image.open(io.BytesIO(raw["jpg"])) as im, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**62)))
+            image = transform(im.convert("RGB"))  # type: ignore[misc]
+    ids = [opts.tokenizer.encode(c) for c in meta["captions"]]
+    if opts.word_dropout > 0:
+        ids = [word_dropout(t, opts.tokenizer, opts.word_dropout, rng) for t in ids]
+    keys = ("image_id", "caption_ids", "captions")
+    return {"image": image, "tokens": ids, **{k: meta[k] for k in keys}}
+
+
+def _drop_regions(regions_RC: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Drop each region independently with probability p, keeping at least one."""
+    if p <= 0:
+        return regions_RC
+    keep = rng.random(regions_RC.shape[0]) >= p
+    if not keep.any():
+        keep[rng.integers(regions_RC.shape[0])] = True
+    return regions_RC[keep]
+
+
+def decode_sample(
+    raw: dict, opts: SampleOptions, transform: Callable | None, seed: list[int]
+) -> dict | None:
+    """`_decode`, or None (warned and counted) for a sample that does not decode."""
+    try:
+        return _decode(raw, opts, transform, seed)
+    except Exception as exc:  # noqa: BLE001 -- any decode failure skips just this sample
+        key = raw.get("__key__")
+        WARN(f"{raw.get('__url__')}: skipping corrupt sample {key!r}: {type(exc).__name__}: {exc}")
+        return None
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    images: Tensor
+    """(B,R,C) padded region features, or (B,3,H,W) pixels."""
+    image_mask: Tensor | None
+    """(B,R) bool validity of regions; None for pixels."""
+    tokens: Tensor
+    """(5B,T) token ids, image-major: caption c belongs to image c // 5."""
+    token_mask: Tensor
+    """(5B,T) bool validity of tokens."""
+    image_ids: list[str]
+    caption_ids: list[Any]
+    skipped: int = 0
+    """Corrupt samples skipped while this batch was read."""
+    captions: list[str] = field(default_factory=list)
+    """The 5B caption texts, image-major."""
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Batch:
+    """Stack B decoded samples into a `Batch` (regions and tokens right-padded); `skipped`
+    adds to the samples' own "skipped" counts."""
+    images = [s["image"] for s in samples]
+    if images[0].ndim == 2:  # regions (R, C), R varies under region dropout
+        batch_images = torch.zeros(len(images), max(x.shape[0] for x in images), images[0].shape[1])
+        image_mask = torch.zeros(batch_images.shape[:2], dtype=torch.bool)
+        for i, x in enumerate(images):
+            batch_images[i, : x.shape[0]] = torch.from_numpy(x)
+            image_mask[i, : x.shape[0]] = True
+    else:  # uint8 pixels (3, H, W)
+        batch_images, image_mask = _normalise(torch.from_numpy(np.stack(images))), None
+    captions = [t for s in samples for t in s["tokens"]]
+    tokens = torch.full((len(captions), max(map(len, captions))), pad_id, dtype=torch.long)
+    token_mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    for i, t in enumerate(captions):
+        tokens[i, : len(t)] = torch.tensor(t)
+        token_mask[i, : len(t)] = True
+    return Batch(
+        batch_images,
+        image_mask,
+        tokens,
+        token_mask,
+        image_ids=[s["image_id"] for s in samples],
+        caption_ids=[c for s in samples for c in s["caption_ids"]],
+        skipped=skipped + sum(s.get("skipped", 0) for s in samples),
+        captions=[c for s in samples for c in s["captions"]],
+    )
