@@ -30,7 +30,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # pinned submitit==1.5.4; 
 from cluster.jobs import TrainJob
 from setdiv import config as config_lib
 from setdiv.errors import UserError
-from setdiv.train import rundir
+from setdiv.train import checkpoint, rundir
 
 __all__ = ["build_parser", "executor_parameters", "main", "sbatch_script"]
 
@@ -146,7 +146,7 @@ def _warn_missing_paths(cfg: config_lib.Config) -> None:
 
 def _run_dir(args: argparse.Namespace, name: str) -> Path:
     run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    holds_run = (run_dir / "checkpoints" / "latest").is_file()
+    holds_run = checkpoint.latest_tag(run_dir) is not None
     if holds_run and not args.resume:
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it")
     if args.resume and not holds_run:

@@ -42,22 +42,13 @@ def model_summary(model: nn.Module, depth: int = 2) -> str:
     return "\n".join(lines)
 
 
-def _random_init_overrides(cfg: config_lib.Config, vocab_size: int) -> list[str]:
-    """Overrides that drop every weights file so a full-size model builds anywhere."""
-    out = ["model.image.weights=null", "model.text.glove_path=null", "model.text.bert_path=null"]
-    if cfg.model.text.name == "bigru" and cfg.model.text.vocab_path is not None:
-        out += ["model.text.vocab_path=null", f"model.text.vocab_size={vocab_size}"]
-    return out
-
-
 def cmd_info(args: argparse.Namespace) -> int:
+    from setdiv.export import architecture_only
     from setdiv.model import build_model
 
     cfg = config_lib.load([args.config], args.overrides)
-    if args.random_init:
-        cfg = config_lib.load(
-            [args.config], [*args.overrides, *_random_init_overrides(cfg, args.vocab_size)]
-        )
+    if args.random_init:  # no weights, GloVe, vocabulary or BERT file: builds anywhere
+        cfg = architecture_only(cfg, vocab_size=args.vocab_size)
     model = build_model(cfg.model)
     m, s = cfg.model, cfg.similarity
     print(f"config: {args.config}")

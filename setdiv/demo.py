@@ -131,8 +131,8 @@ def _train_and_evaluate(
     model's slot specialisation (each slot's mean largest attention weight, and uniform's)."""
     from setdiv.distributed import pick_device
     from setdiv.eval.run import evaluate_export
-    from setdiv.export import load_exported
-    from setdiv.train.trainer import Trainer, export_run
+    from setdiv.export import export_run, load_exported
+    from setdiv.train.trainer import Trainer
 
     base = [
         f"model.text.vocab_path={vocab_path}",

@@ -5,8 +5,9 @@
     vocab.json          bi-GRU vocabulary (bigru models)
     bert/               BERT config.json + tokenizer files, no weights (bert models)
 
-`load_exported` rebuilds the architecture without reading any backbone / GloVe file and loads
-the weights, so an export runs on any machine.
+`export_run` writes one from a training run's checkpoint; `load_exported` rebuilds the
+architecture without reading any backbone / GloVe file (`architecture_only`) and loads the
+weights, so an export runs on any machine.
 """
 
 from __future__ import annotations
@@ -23,10 +24,20 @@ from setdiv import config as config_lib
 from setdiv.data.shards import sha256_file
 from setdiv.data.text import Tokenizer, build_tokenizer
 from setdiv.data.vocab import Vocab
+from setdiv.errors import UserError
 from setdiv.model import SetRetrievalModel, build_model
 from setdiv.model.encoders import load_state_dict_file
+from setdiv.train import checkpoint
 
-__all__ = ["WEIGHTS", "ExportedModel", "export_model", "find_export", "load_exported"]
+__all__ = [
+    "WEIGHTS",
+    "ExportedModel",
+    "architecture_only",
+    "export_model",
+    "export_run",
+    "find_export",
+    "load_exported",
+]
 
 WEIGHTS = "model.safetensors"
 
@@ -52,7 +63,7 @@ def export_model(
     if text.name == "bigru":
         if vocab is None:
             if text.vocab_path is None:
-                raise ValueError("exporting a bigru model needs its vocabulary")
+                raise UserError("exporting a bigru model needs its vocabulary")
             vocab = Vocab.load(text.vocab_path)
         vocab.save(out / "vocab.json")
     elif text.bert_path is not None:
@@ -63,6 +74,40 @@ def export_model(
                 shutil.copy2(f, bert_out / f.name)
     config_lib.save(cfg, out / "config.yaml")
     return out
+
+
+def architecture_only(
+    cfg: config_lib.Config, assets: str | Path | None = None, vocab_size: int | None = None
+) -> config_lib.Config:
+    """`cfg` with no pretrained-weights file to read (image weights, GloVe), for a model whose
+    weights are loaded afterwards or left random. The text assets come from the directory
+    `assets` (an export, a run): its `vocab.json` (bigru), its `bert/` (BERT config and
+    tokenizer) where present. With `assets=None` nothing is read at all: no BERT directory,
+    and a bigru with a vocabulary file gets `vocab_size` words instead."""
+    text = replace(cfg.model.text, glove_path=None)
+    root = Path(assets) if assets is not None else None
+    if text.name == "bigru":
+        if root is not None:
+            text = replace(text, vocab_path=str(root / "vocab.json"), vocab_size=None)
+        elif text.vocab_path is not None:
+            text = replace(text, vocab_path=None, vocab_size=vocab_size)
+    elif root is None:
+        text = replace(text, bert_path=None)
+    elif (root / "bert").is_dir():
+        text = replace(text, bert_path=str(root / "bert"))
+    image = replace(cfg.model.image, weights=None)
+    return replace(cfg, model=replace(cfg.model, text=text, image=image))
+
+
+def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None) -> Path:
+    """Consolidated fp32 weights of a run's checkpoint (default `latest`) -> `RUN/export/`."""
+    run_dir = Path(run_dir)
+    cfg = config_lib.load([run_dir / "config.yaml"])
+    state = checkpoint.consolidated_weights(run_dir, tag)
+    model = build_model(architecture_only(cfg, run_dir).model, pretrained=False)
+    model.load_state_dict(state)
+    vocab = Vocab.load(run_dir / "vocab.json") if (run_dir / "vocab.json").is_file() else None
+    return export_model(model, cfg, out or run_dir / "export", vocab)
 
 
 def find_export(path: str | Path) -> Path:
@@ -79,25 +124,18 @@ def find_export(path: str | Path) -> Path:
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
     """Rebuild and load an exported model (eval mode) with its tokenizer."""
     root = find_export(path)
-    cfg = config_lib.load([root / "config.yaml"])
-    text = cfg.model.text
-    if text.name == "bigru":
-        text = replace(text, vocab_path=str(root / "vocab.json"), vocab_size=None, glove_path=None)
-    elif (root / "bert").is_dir():
-        text = replace(text, bert_path=str(root / "bert"))
-    image = replace(cfg.model.image, weights=None)
-    cfg = replace(cfg, model=replace(cfg.model, text=text, image=image))
+    cfg = architecture_only(config_lib.load([root / "config.yaml"]), root)
     model = build_model(cfg.model, pretrained=False)
     state = load_state_dict_file(root / WEIGHTS)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes differ: torch lists every tensor
         lines = [x.strip() for x in str(exc).splitlines() if "size mismatch" in x]
-        raise ValueError(
+        raise UserError(
             f"{root / WEIGHTS} does not fit {root / 'config.yaml'}: {'; '.join(lines[:3])}"
         ) from None
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{root / WEIGHTS} does not fit {root / 'config.yaml'}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )

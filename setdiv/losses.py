@@ -58,10 +58,28 @@ def triplet_loss(
     i2t: every (image, positive caption) pair against the image's hardest (or mean) negative
     caption; t2i: every caption against its hardest (or mean) negative image.
     """
-    i2t_P = _row_hinges(sims_NM, pos_NM, margin, hardest)
-    t2i_P = _row_hinges(sims_NM.T, pos_NM.T, margin, hardest)
-    reduce = torch.mean if reduction == "mean" else torch.sum
-    return {"i2t_loss": reduce(i2t_P), "t2i_loss": reduce(t2i_P)}
+    num_pairs = int(pos_NM.sum())
+    return _triplet_terms(sims_NM, pos_NM, sims_NM, pos_NM, margin, hardest, reduction, num_pairs)
+
+
+def _triplet_terms(
+    rows_nM: Tensor,
+    pos_nM: Tensor,
+    cols_Nm: Tensor,
+    pos_Nm: Tensor,
+    margin: float,
+    hardest: bool,
+    reduction: str,
+    num_pairs: int,
+) -> dict[str, Tensor]:
+    """A share of the triplet loss: i2t over the image rows (n,M) against all captions, t2i
+    over the caption columns (N,m) against all images. `mean` divides by `num_pairs`, the
+    positive pairs of the whole (N,M) batch, so the shares sum to the whole loss."""
+    i2t = _row_hinges(rows_nM, pos_nM, margin, hardest).sum()
+    t2i = _row_hinges(cols_Nm.T, pos_Nm.T, margin, hardest).sum()
+    if reduction == "mean":
+        i2t, t2i = i2t / num_pairs, t2i / num_pairs
+    return {"i2t_loss": i2t, "t2i_loss": t2i}
 
 
 def _kernel_sum(a_PD: Tensor, b_QD: Tensor) -> Tensor:
@@ -75,21 +93,17 @@ def _kernel_sum(a_PD: Tensor, b_QD: Tensor) -> Tensor:
 
 def mmd_loss(x_PD: Tensor, y_QD: Tensor) -> Tensor:
     """Biased MMD estimate between element clouds x (P,D) and y (Q,D), k = exp(-0.5 ||x - y||)."""
+    return _mmd_rows(x_PD, x_PD, y_QD, y_QD)
+
+
+def _mmd_rows(x_pD: Tensor, x_PD: Tensor, y_qD: Tensor, y_QD: Tensor) -> Tensor:
+    """A share of `mmd_loss(x_PD, y_QD)`: the rows x_pD, y_qD of the three kernel sums (all
+    rows: the whole estimate)."""
     P, Q = x_PD.shape[0], y_QD.shape[0]
     return (
-        _kernel_sum(x_PD, x_PD) / P**2
-        + _kernel_sum(y_QD, y_QD) / Q**2
-        - 2 * _kernel_sum(x_PD, y_QD) / (P * Q)
-    )
-
-
-def _mmd_rows(x_local: Tensor, x_all: Tensor, y_local: Tensor, y_all: Tensor) -> Tensor:
-    """This rank's share of `mmd_loss(x_all, y_all)`: its rows of the three kernel sums."""
-    P, Q = x_all.shape[0], y_all.shape[0]
-    return (
-        _kernel_sum(x_local, x_all) / P**2
-        + _kernel_sum(y_local, y_all) / Q**2
-        - 2 * _kernel_sum(x_local, y_all) / (P * Q)
+        _kernel_sum(x_pD, x_PD) / P**2
+        + _kernel_sum(y_qD, y_QD) / Q**2
+        - 2 * _kernel_sum(x_pD, y_QD) / (P * Q)
     )
 
 
@@ -138,23 +152,20 @@ class SetRetrievalLoss(nn.Module):
         img_all, txt_all = all_gather_with_grad(image.embeds), all_gather_with_grad(text.embeds)
         n, m = image.embeds.shape[0], text.embeds.shape[0]
         N, M = img_all.shape[0], txt_all.shape[0]
-        if M % N:
-            raise ValueError(f"{M} captions do not split evenly over {N} images")
-        per = M // N
+        pos_NM = positive_mask(N, M, image.embeds.device)
         rows_nM = self.similarity(image.embeds, txt_all)
         cols_Nm = rows_nM if world == 1 else self.similarity(img_all, text.embeds)
-        owner_M = torch.arange(M, device=rows_nM.device) // per
-        pos_rows = owner_M[None, :] == (rank * n + torch.arange(n, device=rows_nM.device))[:, None]
-        pos_cols = (
-            owner_M[None, rank * m : (rank + 1) * m]
-            == torch.arange(N, device=rows_nM.device)[:, None]
-        )
         hardest = cfg.hardest_negatives and epoch >= cfg.mean_negative_epochs
-        i2t = _row_hinges(rows_nM, pos_rows, cfg.margin, hardest).sum()
-        t2i = _row_hinges(cols_Nm.T, pos_cols.T, cfg.margin, hardest).sum()
-        if cfg.reduction == "mean":
-            i2t, t2i = i2t / int(pos_rows.sum() * world), t2i / M
-        terms = {"i2t_loss": i2t, "t2i_loss": t2i}
+        terms = _triplet_terms(
+            rows_nM,
+            pos_NM[rank * n : (rank + 1) * n],
+            cols_Nm,
+            pos_NM[:, rank * m : (rank + 1) * m],
+            cfg.margin,
+            hardest,
+            cfg.reduction,
+            num_pairs=M,  # image-major: every caption is one positive pair
+        )
         if cfg.mmd_weight:
             D = image.embeds.shape[-1]
             x, y = _wide(image.embeds.reshape(-1, D)), _wide(text.embeds.reshape(-1, D))
@@ -169,6 +180,4 @@ class SetRetrievalLoss(nn.Module):
 
 def build_loss(cfg: LossConfig, similarity: Callable[[Tensor, Tensor], Tensor]) -> SetRetrievalLoss:
     """The training objective with the given (configured) set similarity."""
-    if cfg.margin < 0:
-        raise ValueError(f"'loss.margin' must be >= 0, got {cfg.margin}")
     return SetRetrievalLoss(cfg, similarity)

@@ -10,6 +10,7 @@ import pytest
 from setdiv import cli
 from setdiv import config as config_lib
 from setdiv.errors import UserError
+from setdiv.export import architecture_only
 from setdiv.model import build_model
 
 ROOT = Path(__file__).parents[1]
@@ -87,15 +88,9 @@ def test_info_lists_param_groups_with_lr_and_freezing(capsys: pytest.CaptureFixt
     argv = ["info", str(ROOT / "configs/resnet_bigru.yaml"), "--random-init", *tiny]
     assert cli.main([*argv, "model.text.hidden_dim=16"]) == 0
     out = capsys.readouterr().out
-    cfg = config_lib.load(
-        [ROOT / "configs/resnet_bigru.yaml"],
-        [
-            *tiny,
-            "model.text.hidden_dim=16",
-            *cli._random_init_overrides(
-                config_lib.load([ROOT / "configs/resnet_bigru.yaml"]), 11354
-            ),
-        ],
+    cfg = architecture_only(
+        config_lib.load([ROOT / "configs/resnet_bigru.yaml"], [*tiny, "model.text.hidden_dim=16"]),
+        vocab_size=11354,
     )
     model = build_model(cfg.model)
     cnn = sum(p.numel() for p in model.image_encoder.backbone.parameters())

@@ -19,7 +19,7 @@ from setdiv.data.shards import write_shards
 from setdiv.data.vocab import Vocab
 from setdiv.eval.evaluator import eccv_metrics, protocol_metrics
 from setdiv.eval.metrics import recall_at_k
-from setdiv.eval.report import element_rsums
+from setdiv.eval.set_analysis import element_rsums
 from setdiv.export import export_model, load_exported
 from setdiv.model import build_model
 
@@ -196,7 +196,7 @@ def test_attention_figure_for_a_grid_model() -> None:
     from conftest import tiny_config
 
     from setdiv.data.reader import Batch
-    from setdiv.eval.report import attention_figure
+    from setdiv.eval.set_analysis import attention_figure
 
     model = build_model(tiny_config("model.image.name=resnet152").model).eval()
     batch = Batch(

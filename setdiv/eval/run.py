@@ -91,7 +91,7 @@ def evaluate_export(
     similarity = build_similarity(cfg.similarity)
     result = gather_and_score(enc, similarity, cfg.data.eval_batch_size, protocol)
     if analysis:
-        from setdiv.eval.report import analyse
+        from setdiv.eval.set_analysis import analyse
 
         analysis_out = analyse(model, reader, enc, similarity, device)
         if result is not None and analysis_out is not None:

@@ -3,12 +3,15 @@
     RUN/checkpoints/step00001234/   DeepSpeed engine state (model, optimizer, scheduler,
                                     loss scaler; ZeRO partitions) + client state
                                     + rng_rank{r}.pt for every rank
+        *zero_pp_rank_*optim_states.pt   ZeRO / half weights: the fp32 master partitions
+        mp_rank_00_model_states.pt       the module's weights (ZeRO 0: the fp32 weights)
     RUN/checkpoints/latest          name of the newest complete checkpoint
     RUN/checkpoints/best/           the checkpoint with the best validation RSUM
 
 Every rank writes its part, then after a barrier rank 0 points `latest` at the new tag with
 an atomic rename: a crash mid-write leaves `latest` on the previous complete checkpoint.
-Only the newest `keep_last` step checkpoints are kept (plus `best`).
+Only the newest `keep_last` step checkpoints are kept (plus `best`). `Checkpointer` decides
+when the trainer saves; `consolidated_weights` reads a checkpoint's fp32 weights back out.
 """
 
 from __future__ import annotations
@@ -24,9 +27,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from setdiv.distributed import is_initialized, rank_and_world
+from setdiv.distributed import is_initialized, is_rank_zero, rank_and_world
+from setdiv.errors import UserError
+from setdiv.train import engine as ds
 
-__all__ = ["TrainState", "latest_tag", "load", "save", "step_tag"]
+__all__ = [
+    "Checkpointer",
+    "TrainState",
+    "consolidated_weights",
+    "latest_tag",
+    "load",
+    "save",
+    "step_tag",
+]
+
+_ZERO_OPTIM_STATES = "*zero_pp_rank_*optim_states.pt"
+_MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 @dataclass
@@ -85,10 +101,12 @@ def _root(run_dir: Path) -> Path:
 
 
 def step_tag(step: int) -> str:
+    """The tag of the checkpoint taken after `step` training steps."""
     return f"step{step:08d}"
 
 
 def latest_tag(run_dir: Path) -> str | None:
+    """The tag `latest` points at (the newest complete checkpoint), or None without one."""
     f = _root(run_dir) / "latest"
     return f.read_text().strip() if f.is_file() else None
 
@@ -106,7 +124,7 @@ def save(
     )
     torch.save(_rng_state(), root / writing / f"rng_rank{rank}.pt")
     _barrier()
-    if rank == 0:
+    if is_rank_zero(rank):
         if final == "best":  # swap in with renames: a crash leaves best or best.old intact
             if (root / "best").exists():
                 shutil.rmtree(root / "best.old", ignore_errors=True)
@@ -141,11 +159,11 @@ def load(engine: Any, run_dir: Path, which: str) -> TrainState | None:
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if client is None:
-        raise ValueError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+        raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
     rank, world = rank_and_world()
     state = TrainState(**client["train_state"])
     if state.world_size != world:
-        raise ValueError(
+        raise UserError(
             f"{root / tag} was written by {state.world_size} ranks, this job has {world}: "
             "resume with the same number of ranks (the data order depends on it)"
         )
@@ -153,3 +171,56 @@ def load(engine: Any, run_dir: Path, which: str) -> TrainState | None:
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return state
+
+
+def consolidated_weights(run_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """fp32 model weights of checkpoint `tag` (None or "latest": the newest complete one),
+    without a process group: the ZeRO fp32 partitions merged (stages 1-3, half weights), or the
+    module states (stage 0)."""
+    run_dir = Path(run_dir)
+    if tag in (None, "latest"):
+        tag = latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
+    root = _root(run_dir)
+    if not (root / tag).is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {root / tag}")
+    if list((root / tag).glob(_ZERO_OPTIM_STATES)):  # ZeRO / half weights: fp32 master copies
+        state = ds.zero_fp32_state_dict(root, tag)
+    else:  # stage 0 without a master copy: the module itself holds the weights
+        # DeepSpeed's own pickle inside this run's directory (not a file users exchange).
+        blob = torch.load(root / tag / _MODEL_STATES, map_location="cpu", weights_only=False)
+        state = blob["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+class Checkpointer:
+    """One run's checkpoints for the trainer: restores them, saves them, and decides when --
+    every `every` steps and at every epoch end."""
+
+    def __init__(self, engine: Any, run_dir: Path, every: int, keep_last: int) -> None:
+        self.engine, self.run_dir = engine, Path(run_dir)
+        self.every, self.keep_last = every, keep_last
+
+    def load(self, which: str) -> TrainState | None:
+        """Restore from `latest`, a tag or a checkpoint directory (see `load`)."""
+        return load(self.engine, self.run_dir, which)
+
+    def should_save(self, step: int) -> bool:
+        """Whether the step just taken ends with a step checkpoint."""
+        return step % self.every == 0
+
+    def should_save_epoch_end(self, step: int) -> bool:
+        """An epoch ends at `step`: save, unless this step was just saved (`latest` must never
+        point at a directory being rewritten in place). Resuming from the step checkpoint of
+        an epoch's last batch simply finds that epoch's stream exhausted."""
+        return latest_tag(self.run_dir) != step_tag(step)
+
+    def save(self, state: TrainState, tag: str | None = None) -> str:
+        """Checkpoint on every rank (a step tag, or `best`); returns the tag."""
+        return save(self.engine, self.run_dir, state, self.keep_last, tag=tag)
+
+    def latest_path(self) -> Path | None:
+        """The newest complete checkpoint's directory, or None before the first."""
+        tag = latest_tag(self.run_dir)
+        return None if tag is None else _root(self.run_dir) / tag

@@ -3,8 +3,8 @@
 Builds the DeepSpeed config from our typed config (ZeRO stage; bf16 / fp16 as autocast over
 fp32 weights, or as half-precision weights; gradient clipping), wraps model + torch optimizer +
 LR schedule into an engine on the process group `setdiv.distributed.process_group` joined,
-resets a param group's optimizer state, and reads consolidated fp32 weights back out of a
-checkpoint.
+resets a param group's optimizer state, and merges a ZeRO checkpoint's fp32 partitions
+(`setdiv.train.checkpoint` knows which files a checkpoint holds).
 """
 
 from __future__ import annotations
@@ -18,12 +18,7 @@ from torch import nn
 
 from setdiv.config import OptimConfig, TrainConfig
 
-__all__ = [
-    "consolidated_state_dict",
-    "deepspeed_config",
-    "initialize",
-    "reset_optimizer_state",
-]
+__all__ = ["deepspeed_config", "initialize", "reset_optimizer_state", "zero_fp32_state_dict"]
 
 _REPO_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
 
@@ -105,21 +100,10 @@ def reset_optimizer_state(engine: Any, group_index: int) -> int:
     return sum(inner.state.pop(p, None) is not None for p in held)
 
 
-def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 model weights from a DeepSpeed checkpoint, without a process group: the ZeRO
-    fp32 partitions merged (stages 1-3), or the module states (stage 0)."""
+def zero_fp32_state_dict(checkpoint_root: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 model weights merged from the ZeRO partitions of checkpoint `tag` under
+    `checkpoint_root`, without a process group (DeepSpeed's zero_to_fp32)."""
     _environment()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    root = Path(checkpoint_dir) / tag
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {root}")
-    if list(root.glob("*zero_pp_rank_*optim_states.pt")):  # ZeRO / bf16: fp32 master copies
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    else:  # stage 0 without a master copy: the module itself holds the weights
-        # DeepSpeed's own pickle inside this run's directory (not a file users exchange).
-        blob = torch.load(
-            root / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )
-        state = blob["module"]
-    return {k: v.float() for k, v in state.items()}
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)

@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from setdiv import config as config_lib
-from setdiv.distributed import log_as_rank, on_all_ranks, process_group, spawn_local
+from setdiv.distributed import (
+    is_rank_zero,
+    log_as_rank,
+    on_all_ranks,
+    process_group,
+    spawn_local,
+)
+from setdiv.errors import UserError
 from setdiv.train import rundir
 
 __all__ = ["add_export_arguments", "add_train_arguments", "run_export", "run_train", "train"]
@@ -49,7 +56,7 @@ def train(
         on_all_ranks(
             lambda: (
                 owned.enter_context(rundir.claim(run_dir, cfg, resume, overwrite))
-                if job.rank == 0
+                if is_rank_zero(job.rank)
                 else None
             ),
             "claiming the run directory",
@@ -60,7 +67,7 @@ def train(
 def run_train(args: argparse.Namespace) -> int:
     config_lib.load([args.config], args.overrides)  # bad keys fail here, before any spawn
     if args.nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        raise UserError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
     job_args = (args.config, list(args.overrides), args.run_dir, args.resume, args.overwrite)
     if args.nproc_per_node > 1:
         spawn_local(train, args.nproc_per_node, *job_args)
@@ -76,7 +83,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from setdiv.train.trainer import export_run
+    from setdiv.export import export_run
 
     out = export_run(args.run_dir, args.tag, args.out)
     print(f"exported {out}")

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from setdiv import config as config_lib
+from setdiv.errors import UserError
 
 __all__ = [
     "LOCK_FILE",
@@ -55,7 +56,7 @@ RESUME_MAY_CHANGE = frozenset(
 """Config keys a resume may change: how often to log and save, not what is trained or how."""
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The run directory cannot be trained into as asked (a user error: exit code 2)."""
 
 

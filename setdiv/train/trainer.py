@@ -1,44 +1,48 @@
 """The training loop: DeepSpeed engine, streaming shards, global hardest negatives, logging,
 validation, checkpoints and resume.
 
-`Trainer(cfg, run_dir).train()` runs on every rank of an initialised job (or alone).
+`Trainer(cfg, run_dir).train()` runs on every rank of an initialised job (or alone). It decides
+what a step does; when to log is the `MetricsWriter`'s call, when to save the `Checkpointer`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from setdiv import config as config_lib
-from setdiv.data.reader import Batch, build_eval_reader, build_train_reader
+from setdiv.data.reader import (
+    Batch,
+    build_eval_reader,
+    build_train_reader,
+    per_rank_batch_size,
+)
 from setdiv.data.text import build_tokenizer
 from setdiv.data.vocab import Vocab
 from setdiv.distributed import (
     all_gather_list,
     all_reduce_sum,
     broadcast_float,
+    is_rank_zero,
     limit_cpu_threads,
     on_all_ranks,
     pick_device,
     rank_and_world,
 )
+from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode, full_set_key, gather_and_score
-from setdiv.export import export_model
 from setdiv.losses import build_loss
 from setdiv.model import build_model
 from setdiv.model.encoders import IMAGE_INPUT_KIND
 from setdiv.similarity import build_similarity
-from setdiv.train import checkpoint
 from setdiv.train import engine as ds
-from setdiv.train.checkpoint import TrainState
+from setdiv.train.checkpoint import Checkpointer, TrainState
+from setdiv.train.metrics_writer import MetricsWriter
 from setdiv.train.optim import build_optimizer, group_lr_lambdas
 
 __all__ = ["MarginStall", "NonFiniteLossError", "Trainer"]
@@ -46,9 +50,9 @@ __all__ = ["MarginStall", "NonFiniteLossError", "Trainer"]
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(UserError):
     """Too many consecutive non-finite losses, or non-finite weights at a checkpoint: training
-    stops, the last (finite) checkpoint is kept."""
+    stops, the last (finite) checkpoint is kept. Reported as one line, like any user error."""
 
     exit_code = 3
     """`setdiv train` exits with this code, so a scheduler can tell divergence from a crash."""
@@ -65,6 +69,7 @@ class MarginStall:
         self.sums = {"i2t_loss": 0.0, "t2i_loss": 0.0}
 
     def update(self, terms: dict[str, float]) -> None:
+        """Count one finite step's global loss terms."""
         if not self.enabled or not all(k in terms for k in self.sums):
             return
         self.steps += 1
@@ -74,9 +79,11 @@ class MarginStall:
             self.at_margin += 1
 
     def mean(self, key: str) -> float:
+        """The epoch's mean of `i2t_loss` or `t2i_loss` so far."""
         return self.sums[key] / max(self.steps, 1)
 
     def whole_epoch(self) -> bool:
+        """Whether every step counted sat at the margin."""
         return self.steps > 0 and self.at_margin == self.steps
 
 
@@ -93,6 +100,59 @@ class Trainer:
         # User errors (shards, checksums, ranks x workers, weights paths) surface here, before
         # any training, and on every rank at once so none waits in a collective.
         model = on_all_ranks(lambda: self._build(cfg), "building data and model")
+        self.engine = self._engine(model)
+        self.checkpointer = Checkpointer(
+            self.engine, self.run_dir, cfg.train.ckpt_every, cfg.train.keep_last
+        )
+        torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # independent dropout per rank
+        # Inputs in the weights' dtype: fp32 under autocast, bf16/fp16 with half weights.
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        self.dtype = half if cfg.train.half_weights and half is not None else torch.float32
+        self.state = TrainState(world_size=self.world)
+        if resume is not None:  # a checkpoint that does not fit fails before RUN is written
+            self._resume(resume)
+        if is_rank_zero(self.rank):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_lib.save(cfg, self.run_dir / "config.yaml")
+            if self.vocab is not None:
+                self.vocab.save(self.run_dir / "vocab.json")
+        self.metrics = MetricsWriter(self.run_dir, cfg.train.log_every, is_rank_zero(self.rank))
+        if resume is not None:  # records past the restart point (all, when fresh) are redone
+            self.metrics.truncate(self.state.step)
+
+    def _build(self, cfg: config_lib.Config) -> torch.nn.Module:
+        """Tokenizer, training reader, model (same init on every rank), similarity, loss."""
+        text = cfg.model.text
+        self.vocab = (
+            Vocab.load(text.vocab_path) if text.name == "bigru" and text.vocab_path else None
+        )
+        if text.name == "bigru" and self.vocab is None:
+            raise UserError(
+                "training a bigru model needs 'model.text.vocab_path' (see `setdiv demo`)"
+            )
+        self.tokenizer = build_tokenizer(text, self.vocab)
+        self.cfg, self.kind = cfg, IMAGE_INPUT_KIND[cfg.model.image.name]
+        self.batch_size = per_rank_batch_size(cfg.data, self.world)
+        if is_rank_zero(self.rank):
+            log.info(
+                "batch: %d images per rank x %d ranks = %d (data.batch_size)",
+                self.batch_size,
+                self.world,
+                cfg.data.batch_size,
+            )
+        self.reader = build_train_reader(
+            cfg.data, self.kind, self.tokenizer, self.rank, self.world, cfg.train.seed,
+            batch_size=self.batch_size,
+        )  # fmt: skip
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
+        model = build_model(cfg.model)
+        self.similarity = build_similarity(cfg.similarity)
+        self.loss_fn = build_loss(cfg.loss, self.similarity)
+        return model
+
+    def _engine(self, model: torch.nn.Module) -> Any:
+        """Optimizer and per-step LR schedule around `model`, wrapped in a DeepSpeed engine."""
+        cfg = self.cfg
         optimizer = build_optimizer(model, cfg.optim)
         lambdas = group_lr_lambdas(
             cfg.optim, optimizer.param_groups, self.reader.batches_per_epoch, cfg.train.epochs
@@ -107,49 +167,13 @@ class Trainer:
             for i, g in enumerate(optimizer.param_groups)
             if g["name"] in frozen
         ]
-        micro = cfg.data.batch_size // self.world
-        self.engine = ds.initialize(
-            model, optimizer, scheduler, ds.deepspeed_config(cfg.train, cfg.optim, micro)
-        )
-        torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # independent dropout per rank
-        # Inputs in the weights' dtype: fp32 under autocast, bf16/fp16 with half weights.
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-        self.dtype = half if cfg.train.half_weights and half is not None else torch.float32
-        self.state = TrainState(world_size=self.world)
-        if resume is not None:  # a checkpoint that does not fit fails before RUN is written
-            self._resume(resume)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_lib.save(cfg, self.run_dir / "config.yaml")
-            if self.vocab is not None:
-                self.vocab.save(self.run_dir / "vocab.json")
-        self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.rank == 0 else None
-
-    def _build(self, cfg: config_lib.Config) -> torch.nn.Module:
-        """Tokenizer, training reader, model (same init on every rank), similarity, loss."""
-        text = cfg.model.text
-        self.vocab = (
-            Vocab.load(text.vocab_path) if text.name == "bigru" and text.vocab_path else None
-        )
-        if text.name == "bigru" and self.vocab is None:
-            raise ValueError(
-                "training a bigru model needs 'model.text.vocab_path' (see `setdiv demo`)"
-            )
-        self.tokenizer = build_tokenizer(text, self.vocab)
-        self.cfg, self.kind = cfg, IMAGE_INPUT_KIND[cfg.model.image.name]
-        self.reader = build_train_reader(
-            cfg.data, self.kind, self.tokenizer, self.rank, self.world, cfg.train.seed
-        )
-        torch.manual_seed(cfg.train.seed)  # same init on every rank
-        model = build_model(cfg.model)
-        self.similarity = build_similarity(cfg.similarity)
-        self.loss_fn = build_loss(cfg.loss, self.similarity)
-        return model
+        ds_config = ds.deepspeed_config(cfg.train, cfg.optim, self.batch_size)
+        return ds.initialize(model, optimizer, scheduler, ds_config)
 
     # --- resume ------------------------------------------------------------------------------
 
     def _resume(self, which: str) -> None:
-        state = checkpoint.load(self.engine, self.run_dir, which)
+        state = self.checkpointer.load(which)
         if state is None:
             log.info("--resume %s: no checkpoint in %s, starting fresh", which, self.run_dir)
         else:
@@ -160,18 +184,6 @@ class Trainer:
                 state.batch_in_epoch,
                 state.step,
             )
-        if self.rank == 0:  # records past the restart point (all, when fresh) are redone
-            self._truncate_metrics(self.state.step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= step
-            ]
-            path.write_text("".join(k + "\n" for k in kept))
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -201,85 +213,93 @@ class Trainer:
     # --- loop ----------------------------------------------------------------------------------
 
     def train(self) -> TrainState:
+        """Train from the current state to `train.epochs`: each epoch streams its batches
+        through `train_step`, then validates. The metrics writer decides which steps are
+        recorded, the checkpointer which are saved (every `ckpt_every` steps, epoch ends)."""
         cfg, st = self.cfg, self.state
-        per_epoch = self.reader.batches_per_epoch
+        total = self.reader.batches_per_epoch * cfg.train.epochs
         log.info(
             "training from step %d (epoch %d, batch %d) to step %d",
             st.step,
             st.epoch,
             st.batch_in_epoch,
-            per_epoch * cfg.train.epochs,
+            total,
         )
         bar = tqdm(
-            total=per_epoch * cfg.train.epochs,
+            total=total,
             initial=st.step,
-            disable=self.rank != 0,
+            disable=not is_rank_zero(self.rank),
             unit="step",
             dynamic_ncols=True,
         )
         self.consecutive_bad = 0
         while st.epoch < cfg.train.epochs:
             self._apply_freeze()
-            t_last, n_last = time.perf_counter(), 0
+            self.metrics.start_timing()
             stalled = MarginStall(cfg.loss.margin, cfg.loss.reduction)
             for batch in self.reader.epoch(st.epoch, start_batch=st.batch_in_epoch):
                 st.skipped_samples += int(all_reduce_sum(torch.tensor([batch.skipped]))[0])
                 result = self.train_step(batch)
-                st.step += 1
-                st.batch_in_epoch += 1
-                n_last += batch.images.shape[0] * self.world
+                st.step, st.batch_in_epoch = st.step + 1, st.batch_in_epoch + 1
+                self.metrics.count(batch.images.shape[0] * self.world)
                 bar.update(1)
-                if result is None:
-                    st.nonfinite_steps += 1
-                    self.consecutive_bad += 1
-                    log.warning(
-                        "non-finite loss at step %d: step skipped (%d in a row)",
-                        st.step,
-                        self.consecutive_bad,
-                    )
-                    if self.consecutive_bad >= cfg.train.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{self.consecutive_bad} consecutive non-finite losses at step "
-                            f"{st.step}; {self._last_finite()}"
-                        )
-                else:
-                    self.consecutive_bad = 0
+                self._track_nonfinite(result)
+                if result is not None:
                     stalled.update(result)
-                    if st.step % cfg.train.log_every == 0:
-                        now = time.perf_counter()
-                        rate = n_last / max(now - t_last, 1e-9)
-                        self._log(result, rate)
+                    if self.metrics.should_log(st.step):
+                        rate = self.metrics.log_train(st, result, self._lr())
                         bar.set_postfix(loss=f"{result['loss']:.4f}", img_s=f"{rate:.0f}")
-                        t_last, n_last = now, 0
-                if st.step % cfg.train.ckpt_every == 0:
+                if self.checkpointer.should_save(st.step):
                     self._save()
-            if stalled.whole_epoch() and self.rank == 0:
-                hardest = cfg.loss.hardest_negatives and st.epoch >= cfg.loss.mean_negative_epochs
-                log.warning(
-                    "epoch %d: the triplet terms sat at the margin %.3g for all %d steps "
-                    "(i2t %.4f, t2i %.4f): positives score no higher than the %s negatives, "
-                    "the similarities are collapsing to a constant. Remedies (BENCHMARKS.md): "
-                    "more mean-negative epochs (loss.mean_negative_epochs) or mean negatives "
-                    "throughout (loss.hardest_negatives=false), less input dropout "
-                    "(data.region_dropout, data.word_dropout), a lower LR.",
-                    st.epoch,
-                    cfg.loss.margin,
-                    stalled.steps,
-                    stalled.mean("i2t_loss"),
-                    stalled.mean("t2i_loss"),
-                    "hardest" if hardest else "mean",
-                )
+            self._warn_if_stalled(stalled)
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             self._validate()
-            # Epoch-end checkpoint, unless this step was just saved: `latest` must never point
-            # at a directory being rewritten in place. (Resuming from the step checkpoint of
-            # an epoch's last batch simply finds that epoch's stream exhausted.)
-            if checkpoint.latest_tag(self.run_dir) != checkpoint.step_tag(st.step):
+            if self.checkpointer.should_save_epoch_end(st.step):
                 self._save()
         bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.metrics.close()
         return st
+
+    def _track_nonfinite(self, result: dict[str, float] | None) -> None:
+        """Count a skipped (non-finite) step; stop after `train.max_nonfinite` in a row."""
+        if result is not None:
+            self.consecutive_bad = 0
+            return
+        st = self.state
+        st.nonfinite_steps += 1
+        self.consecutive_bad += 1
+        log.warning(
+            "non-finite loss at step %d: step skipped (%d in a row)",
+            st.step,
+            self.consecutive_bad,
+        )
+        if self.consecutive_bad >= self.cfg.train.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_bad} consecutive non-finite losses at step "
+                f"{st.step}; {self._last_finite()}"
+            )
+
+    def _warn_if_stalled(self, stalled: MarginStall) -> None:
+        """At an epoch end: a warning, with remedies, when the triplet terms sat at the margin
+        for the whole epoch."""
+        if not stalled.whole_epoch() or not is_rank_zero(self.rank):
+            return
+        loss, epoch = self.cfg.loss, self.state.epoch
+        hardest = loss.hardest_negatives and epoch >= loss.mean_negative_epochs
+        log.warning(
+            "epoch %d: the triplet terms sat at the margin %.3g for all %d steps "
+            "(i2t %.4f, t2i %.4f): positives score no higher than the %s negatives, "
+            "the similarities are collapsing to a constant. Remedies (BENCHMARKS.md): "
+            "more mean-negative epochs (loss.mean_negative_epochs) or mean negatives "
+            "throughout (loss.hardest_negatives=false), less input dropout "
+            "(data.region_dropout, data.word_dropout), a lower LR.",
+            epoch,
+            loss.margin,
+            stalled.steps,
+            stalled.mean("i2t_loss"),
+            stalled.mean("t2i_loss"),
+            "hardest" if hardest else "mean",
+        )
 
     def _apply_freeze(self) -> None:
         """At an epoch start: during the first `optim.freeze_epochs` the `freeze_groups` do not
@@ -303,31 +323,14 @@ class Trainer:
             log.info("epoch %d: %s %s", st.epoch, names, "frozen" if frozen else "unfrozen")
 
     def _lr(self) -> float:
+        """The text encoder's current LR (the base LR x its multiplier), else the first
+        group's: the LR the records show."""
         groups = self.engine.optimizer.param_groups
         return float(
             next((g["lr"] for g in groups if g.get("name") == "text_encoder"), groups[0]["lr"])
         )
 
-    def _log(self, result: dict[str, float], samples_per_s: float) -> None:
-        if self.rank != 0:
-            return
-        st = self.state
-        record = {
-            "step": st.step,
-            "epoch": st.epoch,
-            **result,
-            "lr": self._lr(),
-            "samples_per_s": samples_per_s,
-            "skipped_samples": st.skipped_samples,
-            "nonfinite_steps": st.nonfinite_steps,
-        }
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k not in ("step", "epoch"):
-                self.writer.add_scalar(f"train/{k}", v, st.step)
-
-    # --- validation and export -----------------------------------------------------------------
+    # --- validation --------------------------------------------------------------------------
 
     def _validate(self) -> None:
         """Validation RSUM through the evaluator on every rank; a better one becomes `best`."""
@@ -359,16 +362,9 @@ class Trainer:
             return result.metrics[full_set_key(protocol, len(result.image_ids))]["rsum"]
 
         rsum_value = broadcast_float(on_all_ranks(score, "validation"))
-        if self.rank == 0:
+        if is_rank_zero(self.rank):
             log.info("epoch %d validation RSUM %.2f", self.state.epoch, rsum_value)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(
-                    json.dumps(
-                        {"step": self.state.step, "epoch": self.state.epoch, "val_rsum": rsum_value}
-                    )
-                    + "\n"
-                )
-            self.writer.add_scalar("val/rsum", rsum_value, self.state.step)
+        self.metrics.log_validation(self.state, rsum_value)
         if rsum_value > self.state.best_rsum:  # NaN never is
             previous, self.state.best_rsum = self.state.best_rsum, rsum_value
             if not self._save(tag="best"):
@@ -392,7 +388,7 @@ class Trainer:
                 f"step {self.state.step}: the model holds non-finite values ({shown}); "
                 f"not checkpointed; {self._last_finite()}"
             )
-        checkpoint.save(self.engine, self.run_dir, self.state, self.cfg.train.keep_last, tag=tag)
+        self.checkpointer.save(self.state, tag=tag)
         return True
 
     def _nonfinite_tensors(self) -> list[str]:
@@ -407,29 +403,5 @@ class Trainer:
         return sorted(set(all_gather_list(names)))
 
     def _last_finite(self) -> str:
-        tag = checkpoint.latest_tag(self.run_dir)
-        if tag is None:
-            return "no checkpoint was written"
-        return f"last finite checkpoint: {self.run_dir / 'checkpoints' / tag}"
-
-
-def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None) -> Path:
-    """Consolidated fp32 weights of a run's checkpoint (default `latest`) -> `RUN/export/`."""
-    run_dir = Path(run_dir)
-    cfg = config_lib.load([run_dir / "config.yaml"])
-    if tag in (None, "latest"):  # the pointer to the newest complete checkpoint
-        tag = checkpoint.latest_tag(run_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
-    state = ds.consolidated_state_dict(run_dir / "checkpoints", tag)
-    model = build_model(_architecture_only(cfg, run_dir).model, pretrained=False)
-    model.load_state_dict(state)
-    vocab = Vocab.load(run_dir / "vocab.json") if (run_dir / "vocab.json").is_file() else None
-    return export_model(model, cfg, out or run_dir / "export", vocab)
-
-
-def _architecture_only(cfg: config_lib.Config, run_dir: Path) -> config_lib.Config:
-    text = cfg.model.text
-    if text.name == "bigru" and (run_dir / "vocab.json").is_file():
-        text = replace(text, vocab_path=str(run_dir / "vocab.json"), vocab_size=None)
-    return replace(cfg, model=replace(cfg.model, text=text))
+        path = self.checkpointer.latest_path()
+        return "no checkpoint was written" if path is None else f"last finite checkpoint: {path}"

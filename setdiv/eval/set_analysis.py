@@ -18,10 +18,10 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from setdiv.data.samples import IMAGENET_MEAN, IMAGENET_STD, Batch  # noqa: E402
-from setdiv.distributed import all_gather_rows, is_initialized  # noqa: E402
-from setdiv.eval.analysis import circular_variance, slot_specialisation  # noqa: E402
+from setdiv.distributed import all_gather_rows, is_rank_zero  # noqa: E402
 from setdiv.eval.evaluator import Encoded  # noqa: E402
 from setdiv.eval.metrics import recall_at_k  # noqa: E402
+from setdiv.eval.set_statistics import circular_variance, slot_specialisation  # noqa: E402
 from setdiv.model import SetRetrievalModel  # noqa: E402
 
 __all__ = ["analyse", "attention_figure", "element_rsums", "specialisation_figure"]
@@ -115,7 +115,7 @@ def analyse(
 ) -> tuple[dict[str, float], dict[str, Any]] | None:
     """Rank 0 (or a lone process) gets (numbers, {"attention": figure}); other ranks None."""
     images, captions = all_gather_rows(enc.images), all_gather_rows(enc.captions)
-    if is_initialized() and torch.distributed.get_rank() != 0:
+    if not is_rank_zero():
         return None
     numbers = {
         "circular_variance_image": float(circular_variance(images).mean()),

@@ -1,4 +1,5 @@
-"""Analysis of embedding sets (SPEC §6)."""
+"""Statistics of embedding sets and of the slot attention that builds them (SPEC §6): how
+spread out a set's elements are, how much each slot concentrates."""
 
 from __future__ import annotations
 

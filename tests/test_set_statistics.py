@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from setdiv.eval.analysis import circular_variance
+from setdiv.eval.set_statistics import circular_variance
 
 
 def test_circular_variance_hand_cases() -> None:
@@ -29,7 +29,7 @@ def test_circular_variance_rejects_bad_shape() -> None:
 
 
 def test_slot_specialisation_hand_worked() -> None:
-    from setdiv.eval.analysis import slot_specialisation
+    from setdiv.eval.set_statistics import slot_specialisation
 
     # Image 0: 4 valid inputs; slot 0 puts all weight on one, slot 1 is uniform.
     # Image 1: 2 valid inputs of 4 (the last two padded); slot 0 0.75/0.25, slot 1 uniform.
