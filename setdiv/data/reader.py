@@ -229,9 +229,11 @@ class TrainReader:
         the samples of the first `start_batch` batches are skipped without being decoded."""
         items = self._samples(epoch, start_batch * self.batch_size)
         batch = functools.partial(collate, pad_id=self.opts.tokenizer.pad_id)
-        batches = wds.batched(self.batch_size, collation_fn=batch, partial=False)(items)
+        # Cut the samples, not the batches: webdataset's batcher sends a batch once the next
+        # sample arrives, which at the epoch's end would start another pass for nothing.
+        wanted = islice(items, (self.batches_per_epoch - start_batch) * self.batch_size)
         with contextlib.closing(items):  # (see `_samples`)
-            yield from islice(batches, self.batches_per_epoch - start_batch)
+            yield from wds.batched(self.batch_size, collation_fn=batch, partial=False)(wanted)
 
 
 def _as_is(item: Any) -> Any:

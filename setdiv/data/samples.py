@@ -138,7 +138,9 @@ def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: li
         image = _drop_regions(regions_RC, opts.region_dropout, rng)
     else:
         with Image.open(io.BytesIO(raw["jpg"])) as im, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.integers(2**62)))
+            # The CPU generator only: torch.manual_seed would also queue a CUDA seeding call
+            # (with its stack trace) on a CUDA build, for every sample.
+            torch.default_generator.manual_seed(int(rng.integers(2**62)))
             image = transform(im.convert("RGB"))  # type: ignore[misc]
     ids = [opts.tokenizer.encode(c) for c in meta["captions"]]
     if opts.word_dropout > 0:
