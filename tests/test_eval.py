@@ -55,6 +55,20 @@ def run_eval(root: Path, out: str, *extra: str) -> Path:
     return root / out
 
 
+def direct_encoding(setup: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,K,D) image and (M,L,D) caption sets of the 60 synthetic test samples, encoded by the
+    export in one batch per modality, without the reader or the evaluator."""
+    ex = load_exported(setup / "export")
+    samples = list(synthetic_samples("test", 60, 0))
+    regions = torch.from_numpy(np.stack([s.regions for s in samples]))
+    ids = [ex.tokenizer.encode(c) for s in samples for c in s.captions]
+    T = max(map(len, ids))
+    tokens = torch.tensor([t + [0] * (T - len(t)) for t in ids])
+    with torch.no_grad():
+        img = ex.model.encode_image(regions).embeds
+        return img, ex.model.encode_text(tokens, tokens != 0).embeds
+
+
 def test_sims_match_direct_encoding_and_naive_similarity(setup: Path) -> None:
     out = run_eval(setup, "one")
     sims = np.load(out / "sims.npy")
@@ -64,16 +78,8 @@ def test_sims_match_direct_encoding_and_naive_similarity(setup: Path) -> None:
     assert meta["caption_ids"] == list(range(300))
     assert len(meta["checkpoint_sha256"]) == 64 and meta["similarity"]["name"] == "smooth_chamfer"
     # Reference: encode all samples in one batch per modality, whole (N,K,M,L) tensor at once.
-    ex = load_exported(setup / "export")
-    samples = list(synthetic_samples("test", 60, 0))
-    regions = torch.from_numpy(np.stack([s.regions for s in samples]))
-    ids = [ex.tokenizer.encode(c) for s in samples for c in s.captions]
-    T = max(map(len, ids))
-    tokens = torch.tensor([t + [0] * (T - len(t)) for t in ids])
-    with torch.no_grad():
-        img = ex.model.encode_image(regions).embeds
-        txt = ex.model.encode_text(tokens, tokens != 0).embeds
-        ref = sim.smooth_chamfer_reduce(torch.einsum("nkd,mld->nkml", img.double(), txt.double()))
+    img, txt = direct_encoding(setup)
+    ref = sim.smooth_chamfer_reduce(torch.einsum("nkd,mld->nkml", img.double(), txt.double()))
     np.testing.assert_allclose(sims, ref.numpy(), atol=2e-5)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["coco_60"] == pytest.approx(recall_at_k(sims))
@@ -341,15 +347,7 @@ def test_eval_takes_dotted_overrides_between_its_flags(
     assert cli.main(argv) == 0
     assert json.loads((out / "sims_meta.json").read_text())["similarity"]["name"] == "chamfer"
     # Reference: Chamfer on the whole (N,K,M,L) element tensor of a direct encoding.
-    ex = load_exported(setup / "export")
-    samples = list(synthetic_samples("test", 60, 0))
-    regions = torch.from_numpy(np.stack([s.regions for s in samples]))
-    ids = [ex.tokenizer.encode(c) for s in samples for c in s.captions]
-    T = max(map(len, ids))
-    tokens = torch.tensor([t + [0] * (T - len(t)) for t in ids])
-    with torch.no_grad():
-        img = ex.model.encode_image(regions).embeds.double()
-        txt = ex.model.encode_text(tokens, tokens != 0).embeds.double()
+    img, txt = (e.double() for e in direct_encoding(setup))
     s = torch.einsum("nkd,mld->nkml", img, txt)
     ref = 0.5 * (s.amax(dim=3).mean(dim=1) + s.amax(dim=1).mean(dim=2))
     np.testing.assert_allclose(np.load(out / "sims.npy"), ref.numpy(), atol=2e-5)
