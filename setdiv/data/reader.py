@@ -155,14 +155,20 @@ class TrainReader:
                 f"{pattern}: too few samples for one batch of {batch_size} on each of {world} ranks"
             )
 
-    def _worker_shards(self, epoch: int, worker: int, attempt: int) -> list[str]:
+    def _pass_shards(self, epoch: int, attempt: int) -> list[list[str]]:
+        """Each data worker's shards for one pass (the rank's plan is shuffled once)."""
         if self.resampled:
-            key = zlib.crc32(f"{self.seed}/{epoch}/{self.rank}/{worker}/{attempt}".encode())
             draws = max(len(self.urls) // (self.world * self.workers), 1)
-            shards = wds.ResampledShards(self.urls, draws, key, lambda: 0, deterministic=True)
-            return [d["url"] for d in shards]
+            keys = [f"{self.seed}/{epoch}/{self.rank}/{w}/{attempt}" for w in range(self.workers)]
+            return [
+                [d["url"] for d in wds.ResampledShards(
+                    self.urls, draws, zlib.crc32(k.encode()), lambda: 0, deterministic=True
+                )]
+                for k in keys
+            ]  # fmt: skip
         mine = plan_epoch(self.shards, self.seed, epoch, self.world, attempt=attempt)[self.rank]
-        return [self.urls[i] for i in wds.slice(worker, None, self.workers)(mine)]
+        return [[self.urls[i] for i in wds.slice(w, None, self.workers)(mine)]
+                for w in range(self.workers)]  # fmt: skip
 
     def _samples(self, epoch: int, consumed: int) -> Iterator[dict]:
         """The rank's good samples of `epoch` after its first `consumed`, each with the count of
@@ -170,7 +176,7 @@ class TrainReader:
         are read again with a fresh shuffle. A whole pass without one good sample stops it:
         reading the same bad shards again would not help."""
         for attempt in range(MAX_PASSES):
-            shards = [self._worker_shards(epoch, w, attempt) for w in range(self.workers)]
+            shards = self._pass_shards(epoch, attempt)
             totals = [sum(self.expected[u] for u in urls) for urls in shards]
             if consumed >= sum(totals):  # (resuming an epoch that took several passes)
                 consumed -= sum(totals)
