@@ -425,8 +425,8 @@ def test_all_corrupt_shards_fail_after_one_pass_naming_them(
         for j in range(10):
             rewrite_member(shard, f"train{10 * i + j:07d}.npy", b"garbage")
     opened = []
-    real = reader_mod._shard_samples
-    monkeypatch.setattr(reader_mod, "_shard_samples", lambda p: opened.append(p) or real(p))
+    real = reader_mod.read_shard
+    monkeypatch.setattr(reader_mod, "read_shard", lambda p, h: opened.append(p) or real(p, h))
     warner = samples_mod._Warner()
     monkeypatch.setattr(samples_mod, "WARN", warner)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)

@@ -1,15 +1,9 @@
-"""Shard readers built from webdataset's stages: training batches (split by rank and data
-worker, seeded shuffles, the same number of batches on every rank) and evaluation batches
-(every image once, in index order).
-
-Training, on rank r of `world`, data worker w of W (`_PassStream`):
+"""Shard readers on webdataset's stages. Training, on rank r of `world`, data worker w of W:
     shards -> (seed, epoch) shuffle -> slice r::world -> slice w::W -> tar samples
     -> sample shuffle -> resume skip -> decode -> chunks -> (rank) batches of B
-The shard index gives every shard's sample count, so all ranks agree on `batches_per_epoch` (the
-smallest share any rank can get) without talking; a rank whose share runs short of good samples
-reads its shards again with another shuffle. A resumed epoch replays the workers' round robin
-over chunks to find what each had given, and drops those samples before decoding them.
-Corrupt samples and truncated tars are skipped, counted (`Batch.skipped`) and warned about.
+Every rank reads the same `batches_per_epoch` (from the shard index), reading its shards again
+if corrupt data leaves it short. Evaluation reads every image once, in index order. Corrupt
+samples and unreadable tar tails are skipped, counted (`Batch.skipped`) and warned about.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ import random
 import zlib
 from collections.abc import Iterator
 from itertools import islice
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,33 +38,28 @@ CHUNK = 16
 """Samples per message from a data worker to its rank."""
 MAX_PASSES = 100
 """Reads of its shards a rank may need to fill one epoch from partly corrupt data."""
-
-
-def _shard_samples(path: str) -> Iterator[dict]:
-    return read_shard(path, lambda exc: samples.WARN(f"{path}: unreadable tar: {exc}", bad=0))
+_LOST = {"__lost__": True}
 
 
 def _read_shards(src: Iterator[dict], expected: dict[str, int]) -> Iterator[dict]:
-    """Stage: each shard's raw samples, then {"__lost__": k} for the k samples its index
-    lists that it did not deliver (a truncated or unreadable tar)."""
+    """Stage: each shard's raw samples, then one `_LOST` for each sample its index lists that
+    it did not deliver (a truncated or unreadable tar), so positions match the index."""
     for item in src:
         url, seen = item["url"], 0
-        for raw in _shard_samples(url):
+        for raw in read_shard(url, lambda e, u=url: samples.WARN(f"{u}: unreadable tar: {e}", 0)):
             seen += 1
             yield raw
         if (lost := expected[url] - seen) > 0:
             samples.WARN(f"{url}: {lost} of {expected[url]} samples unreadable", lost)
-            yield {"__lost__": lost}
+            yield from [_LOST] * lost
 
 
 def plan_epoch(
-    shards: ShardSet, seed: int, epoch: int, world: int, shuffle: bool = True, attempt: int = 0
+    shards: ShardSet, seed: int, epoch: int, world: int, attempt: int = 0
 ) -> list[list[int]]:
     """Shard indices per rank: a (seed, epoch, attempt)-seeded shuffle, then each rank's slice."""
-    order = iter(range(n := len(shards.paths)))
-    if shuffle:
-        order = wds.shuffle(n, n, rng=random.Random(f"shards/{seed}/{epoch}/{attempt}"))(order)
-    order = list(order)
+    rng = random.Random(f"shards/{seed}/{epoch}/{attempt}")
+    order = list(wds.shuffle(n := len(shards.paths), n, rng=rng)(iter(range(n))))
     return [list(wds.slice(r, None, world)(order)) for r in range(world)]
 
 
@@ -93,14 +81,16 @@ def _resume_point(totals: list[int], consumed: int) -> tuple[int, list[int]]:
 
 class _PassStream(IterableDataset):
     """One pass of a rank over its shards: data worker i plays worker (first + i) % W, drops
-    its first `skip[w]` samples undecoded, and sends (sample or None, lost) items in chunks
-    that end at multiples of `CHUNK` of its samples."""
+    its first `skip[w]` samples undecoded, and sends its decoded samples (None for a bad one)
+    in chunks that end at multiples of `CHUNK` of its samples."""
 
-    def __init__(self, reader: TrainReader, key: list[int], shards: list[list[str]]) -> None:
-        self.reader, self.key, self.shards = reader, key, shards
-        self.first, self.skip = 0, [0] * len(shards)
+    def __init__(
+        self, reader: TrainReader, key: list[int], shards: list[list[str]], first: int,
+        skip: list[int],
+    ) -> None:  # fmt: skip
+        self.reader, self.key, self.shards, self.first, self.skip = reader, key, shards, first, skip
 
-    def __iter__(self) -> Iterator[list[tuple[dict | None, int]]]:
+    def __iter__(self) -> Iterator[list[dict | None]]:
         info, reader = get_worker_info(), self.reader
         w = (self.first + (info.id if info else 0)) % len(self.shards)
         stages = [wds.SimpleShardList(self.shards[w])]
@@ -109,21 +99,15 @@ class _PassStream(IterableDataset):
             rng = random.Random("samples/" + "/".join(map(str, [*self.key, w])))
             stages.append(wds.shuffle(reader.buffer, reader.buffer, rng=rng))
         transform = image_transform(reader.opts, True) if reader.opts.kind == "image" else None
-        pos, chunk = self.skip[w], []
-        for raw in islice(wds.DataPipeline(*stages), self.skip[w], None):
-            if "__lost__" in raw:
-                chunk.append((None, raw["__lost__"]))
-                continue
-            # Seeded by the sample, not by who reads it: the same augmentation whatever the
-            # number of ranks and workers, and whatever a resume skipped.
-            seed = [*self.key[:2], self.key[3], zlib.crc32(raw["__key__"].encode())]
-            sample = decode_sample(raw, reader.opts, transform, seed)
-            chunk.append((sample, int(sample is None)))
-            if (pos := pos + 1) % CHUNK == 0:
-                yield chunk
-                chunk = []
-        if chunk:
+        seed = [*self.key[:2], self.key[3]]  # (+ the sample's key: not the rank's nor worker's)
+        decoded = (
+            None if raw is _LOST else decode_sample(raw, reader.opts, transform, seed)
+            for raw in islice(wds.DataPipeline(*stages), self.skip[w], None)
+        )
+        size = -self.skip[w] % CHUNK or CHUNK
+        while chunk := list(islice(decoded, size)):
             yield chunk
+            size = CHUNK
 
 
 class TrainReader:
@@ -156,19 +140,17 @@ class TrainReader:
             )
 
     def _pass_shards(self, epoch: int, attempt: int) -> list[list[str]]:
-        """Each data worker's shards for one pass (the rank's plan is shuffled once)."""
+        """Each data worker's shards for one pass (`resampled`: drawn with replacement)."""
         if self.resampled:
             draws = max(len(self.urls) // (self.world * self.workers), 1)
             keys = [f"{self.seed}/{epoch}/{self.rank}/{w}/{attempt}" for w in range(self.workers)]
+            draw = functools.partial(wds.ResampledShards, self.urls, draws, worker_seed=lambda: 0)
             return [
-                [d["url"] for d in wds.ResampledShards(
-                    self.urls, draws, zlib.crc32(k.encode()), lambda: 0, deterministic=True
-                )]
-                for k in keys
-            ]  # fmt: skip
+                [d["url"] for d in draw(zlib.crc32(k.encode()), deterministic=True)] for k in keys
+            ]
         mine = plan_epoch(self.shards, self.seed, epoch, self.world, attempt=attempt)[self.rank]
-        return [[self.urls[i] for i in wds.slice(w, None, self.workers)(mine)]
-                for w in range(self.workers)]  # fmt: skip
+        split = [wds.slice(w, None, self.workers)(mine) for w in range(self.workers)]
+        return [[self.urls[i] for i in shards] for shards in split]
 
     def _samples(self, epoch: int, consumed: int) -> Iterator[dict]:
         """The rank's good samples of `epoch` after its first `consumed`, each with the count of
@@ -181,16 +163,15 @@ class TrainReader:
             if consumed >= sum(totals):  # (resuming an epoch that took several passes)
                 consumed -= sum(totals)
                 continue
-            stream = _PassStream(self, [self.seed, epoch, self.rank, attempt], shards)
-            stream.first, stream.skip = _resume_point(totals, consumed)
-            consumed, good, bad, pending = 0, 0, 0, 0
-            # Closed explicitly when this generator is, so that its workers shut down here and
-            # not in the garbage collector (which would swallow a requeue's SystemExit).
-            with contextlib.closing(self._pass(stream, attempt)) as items:
-                for sample, lost in items:
-                    bad, pending = bad + lost, pending + lost
-                    if sample is not None:
-                        good, sample["skipped"], pending = good + 1, pending, 0
+            key = [self.seed, epoch, self.rank, attempt]
+            stream = _PassStream(self, key, shards, *_resume_point(totals, consumed))
+            consumed, good, bad = 0, 0, 0  # bad: since the last good sample
+            with contextlib.closing(self._pass(stream)) as items:  # (see `_pass`)
+                for sample in items:
+                    if sample is None:
+                        bad += 1
+                    else:
+                        good, sample["skipped"], bad = good + 1, bad, 0
                         yield sample
             if good == 0:
                 names = [u for urls in shards for u in urls]
@@ -205,17 +186,18 @@ class TrainReader:
             "most samples are corrupt (see the warnings above)"
         )
 
-    def _pass(self, stream: _PassStream, attempt: int) -> Iterator[tuple[dict | None, int]]:
-        """One read of the rank's shards through the DataLoader's workers."""
-        seed = np.random.default_rng([*stream.key, attempt]).integers(2**62)
+    def _pass(self, stream: _PassStream) -> Iterator[dict | None]:
+        """One read of the rank's shards through the DataLoader's workers, which are shut down
+        when this generator is closed: an epoch usually ends before its pass does, and a
+        finaliser would swallow an exception raised meanwhile (a requeue's SystemExit)."""
         loader = DataLoader(
             stream,
             batch_size=None,
             num_workers=self.num_workers,
-            collate_fn=_as_is,  # keep numpy arrays numpy: no per-sample tensor conversion
+            collate_fn=list,  # numpy stays numpy: no per-sample tensor conversion
             # Its own generator: creating workers must not draw from the global RNG, or a
             # resumed run's model dropout would drift from the uninterrupted run's.
-            generator=torch.Generator().manual_seed(int(seed)),
+            generator=torch.Generator().manual_seed(zlib.crc32(str(stream.key).encode())),
             prefetch_factor=4 if self.num_workers else None,
             worker_init_fn=functools.partial(distributed.data_worker_init, rank_pid=os.getpid()),
         )
@@ -224,9 +206,6 @@ class TrainReader:
             for chunk in workers:
                 yield from chunk
         finally:
-            # Shut the workers down here (an epoch usually ends before the stream does), not
-            # in the iterator's __del__, which would swallow an exception raised meanwhile (a
-            # requeue signal handler's SystemExit).
             if (shutdown := getattr(workers, "_shutdown_workers", None)) is not None:
                 shutdown()
 
@@ -238,12 +217,8 @@ class TrainReader:
         # Cut the samples, not the batches: webdataset's batcher sends a batch once the next
         # sample arrives, which at the epoch's end would start another pass for nothing.
         wanted = islice(items, (self.batches_per_epoch - start_batch) * self.batch_size)
-        with contextlib.closing(items):  # (see `_samples`)
+        with contextlib.closing(items):  # (see `_pass`)
             yield from wds.batched(self.batch_size, collation_fn=batch, partial=False)(wanted)
-
-
-def _as_is(item: Any) -> Any:
-    return item
 
 
 class EvalReader:
@@ -273,31 +248,27 @@ class EvalReader:
         return -(-len(self) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        starts = np.cumsum([0] + [s.samples for s in self.shards.infos])
-        mine = [i for i in range(len(starts) - 1) if starts[i + 1] > self.start]
-        self.skipped = 0
-        if not mine or self.start >= self.stop:
-            return
-        expected = {str(self.shards.paths[i]): self.shards.infos[i].samples for i in mine}
+        ends = np.cumsum([info.samples for info in self.shards.infos])
+        first = int(np.searchsorted(ends, self.start, side="right"))  # the shard of `start`
+        offset = int(ends[first - 1]) if first else 0
+        expected = {
+            str(p): i.samples for p, i in zip(self.shards.paths, self.shards.infos, strict=True)
+        }
+        stream = _read_shards(iter(wds.SimpleShardList(list(expected)[first:])), expected)
         transform = image_transform(self.opts, False) if self.opts.kind == "image" else None
-        pos, pending, skipped = int(starts[mine[0]]), [], 0
-        stream = _read_shards(iter(wds.SimpleShardList(list(expected))), expected)
-        with contextlib.closing(stream):
-            for raw in stream:
-                if pos >= self.stop:
-                    break
-                width, sample = raw.get("__lost__", 1), None
-                if "__lost__" not in raw and pos >= self.start:
-                    sample = decode_sample(raw, self.opts, transform, [0])
-                if sample is not None:
-                    pending.append(sample)
-                else:  # what was lost inside the slice
-                    lost = max(0, min(pos + width, self.stop) - max(pos, self.start))
-                    skipped, self.skipped = skipped + lost, self.skipped + lost
-                pos += width
-                if len(pending) == self.batch_size or (pending and pos >= self.stop):
-                    yield collate(pending, self.opts.tokenizer.pad_id, skipped)
+        self.skipped, pending, skipped, pad_id = 0, [], 0, self.opts.tokenizer.pad_id
+        with contextlib.closing(stream):  # (its tar files, whose tail the slice may not read)
+            for raw in islice(stream, self.start - offset, self.stop - offset):
+                sample = None if raw is _LOST else decode_sample(raw, self.opts, transform, [0])
+                if sample is None:
+                    skipped, self.skipped = skipped + 1, self.skipped + 1
+                    continue
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield collate(pending, pad_id, skipped)
                     pending, skipped = [], 0
+        if pending:
+            yield collate(pending, pad_id, skipped)
 
 
 def per_rank_batch_size(cfg: DataConfig, world: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from setdiv.data.shards import decode_meta
 from setdiv.data.text import Tokenizer, word_dropout
@@ -128,9 +130,10 @@ def _normalise(pixels_B3HW: Tensor) -> Tensor:
 
 
 def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: list[int]) -> dict:
-    """A raw sample -> {"image", "tokens", ...}; raises on anything corrupt. The sample's own
-    seed drives its region / word dropout and (in a forked torch RNG) its random crop."""
-    meta, rng = decode_meta(raw), np.random.default_rng(seed)
+    """A raw sample -> {"image", "tokens", ...}; raises on anything corrupt. `seed` + the
+    sample's key drive its region / word dropout and (in a forked torch RNG) its random crop."""
+    rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode())])
+    meta = decode_meta(raw)
     if opts.kind == "regions":  # stays numpy until collation: cheaper between processes
         regions_RC = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
         if regions_RC.ndim != 2 or not np.isfinite(regions_RC).all():
@@ -197,19 +200,14 @@ def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Bat
     adds to the samples' own "skipped" counts."""
     images = [s["image"] for s in samples]
     if images[0].ndim == 2:  # regions (R, C), R varies under region dropout
-        batch_images = torch.zeros(len(images), max(x.shape[0] for x in images), images[0].shape[1])
-        image_mask = torch.zeros(batch_images.shape[:2], dtype=torch.bool)
-        for i, x in enumerate(images):
-            batch_images[i, : x.shape[0]] = torch.from_numpy(x)
-            image_mask[i, : x.shape[0]] = True
+        batch_images = pad_sequence([torch.from_numpy(x) for x in images], batch_first=True)
+        image_mask = torch.arange(batch_images.shape[1]) < torch.tensor([[len(x)] for x in images])
+        batch_images = batch_images.float()
     else:  # uint8 pixels (3, H, W)
         batch_images, image_mask = _normalise(torch.from_numpy(np.stack(images))), None
-    captions = [t for s in samples for t in s["tokens"]]
-    tokens = torch.full((len(captions), max(map(len, captions))), pad_id, dtype=torch.long)
-    token_mask = torch.zeros(tokens.shape, dtype=torch.bool)
-    for i, t in enumerate(captions):
-        tokens[i, : len(t)] = torch.tensor(t)
-        token_mask[i, : len(t)] = True
+    captions = [torch.tensor(t, dtype=torch.long) for s in samples for t in s["tokens"]]
+    tokens = pad_sequence(captions, batch_first=True, padding_value=pad_id)
+    token_mask = torch.arange(tokens.shape[1]) < torch.tensor([[len(t)] for t in captions])
     return Batch(
         batch_images,
         image_mask,
