@@ -411,6 +411,43 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(tmp_path: Path
     assert sum(b.skipped for b in batches) >= 7
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_over_corrupt_samples_lands_on_the_next_batch(
+    tmp_path: Path, workers: int
+) -> None:
+    """Corrupt samples and a truncated tar before the resume point: resuming from the
+    `position` read after batch s-1 gives batches s.. of the uninterrupted epoch (same samples,
+    tensors and skipped counts), also in the refill pass; resuming by batch count alone lands
+    early by the corrupt samples before it."""
+    make_synth(tmp_path, 80, 10)
+    for name in ("train0000012.npy", "train0000017.npy"):
+        rewrite_member(tmp_path / "train-000001.tar", name, b"not an npy file")
+    truncated = tmp_path / "train-000003.tar"
+    with tarfile.open(truncated) as tar:
+        cut = tar.getmember("train0000034.npy").offset_data + 100
+    truncated.write_bytes(truncated.read_bytes()[:cut])
+    opts = SampleOptions("regions", SYNTH_TOK, True, region_dropout=0.3, word_dropout=0.2)
+    pattern = f"{tmp_path}/train-*.tar"
+    reader = TrainReader(pattern, opts, 6, num_workers=workers, shuffle_buffer=9, verify=False)
+    full, positions = [], []
+    for batch in reader.epoch(1):
+        full.append(batch)
+        positions.append(reader.position)
+    assert sum(b.skipped for b in full) >= 8  # 2 corrupt + 6 truncated: a second pass
+    assert positions[-1] > 80
+    by_count_differs = False
+    for start in range(1, len(full)):
+        rest = list(reader.epoch(1, start, positions[start - 1]))
+        assert len(rest) == len(full) - start
+        for a, b in zip(full[start:], rest, strict=True):
+            assert a.image_ids == b.image_ids and a.skipped == b.skipped
+            assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+        if sum(b.skipped for b in full[:start]) and start == len(full) - 1:
+            by_count = next(reader.epoch(1, start))
+            by_count_differs = by_count.image_ids != full[start].image_ids
+    assert by_count_differs
+
+
 def test_all_corrupt_shards_fail_after_one_pass_naming_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

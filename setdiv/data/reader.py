@@ -134,6 +134,9 @@ class TrainReader:
         counts = sorted(self.expected.values())  # a rank's smallest possible share:
         per_rank = sum(counts) // world if resampled else sum(counts[: n // world])
         self.batches_per_epoch = per_rank // batch_size
+        self.position = 0
+        """Positions (good and corrupt samples) of the epoch read up to the last batch handed
+        out: the `start_position` that resumes right after it."""
         if self.batches_per_epoch < 1:
             raise UserError(
                 f"{pattern}: too few samples for one batch of {batch_size} on each of {world} ranks"
@@ -153,13 +156,16 @@ class TrainReader:
         return [[self.urls[i] for i in shards] for shards in split]
 
     def _samples(self, epoch: int, consumed: int) -> Iterator[dict]:
-        """The rank's good samples of `epoch` after its first `consumed`, each with the count of
-        bad ones before it ("skipped"); when corrupt data leaves the epoch short, the shards
-        are read again with a fresh shuffle. A whole pass without one good sample stops it:
-        reading the same bad shards again would not help."""
+        """The rank's good samples of `epoch` after its first `consumed` positions (good and bad
+        samples), each with the count of bad ones before it ("skipped") and its "position";
+        when corrupt data leaves the epoch short, the shards are read again with a fresh
+        shuffle. A whole pass without one good sample stops it: reading the same bad shards
+        again would not help."""
+        position = 0  # of the epoch, over all its passes
         for attempt in range(MAX_PASSES):
             shards = self._pass_shards(epoch, attempt)
             totals = [sum(self.expected[u] for u in urls) for urls in shards]
+            position += min(consumed, sum(totals))
             if consumed >= sum(totals):  # (resuming an epoch that took several passes)
                 consumed -= sum(totals)
                 continue
@@ -168,10 +174,12 @@ class TrainReader:
             consumed, good, bad = 0, 0, 0  # bad: since the last good sample
             with contextlib.closing(self._pass(stream)) as items:  # (see `_pass`)
                 for sample in items:
+                    position += 1
                     if sample is None:
                         bad += 1
                     else:
-                        good, sample["skipped"], bad = good + 1, bad, 0
+                        sample["skipped"], sample["position"] = bad, position
+                        good, bad = good + 1, 0
                         yield sample
             if good == 0:
                 names = [u for urls in shards for u in urls]
@@ -209,11 +217,20 @@ class TrainReader:
             if (shutdown := getattr(workers, "_shutdown_workers", None)) is not None:
                 shutdown()
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+    def epoch(
+        self, epoch: int, start_batch: int = 0, start_position: int | None = None
+    ) -> Iterator[Batch]:
         """Exactly `batches_per_epoch - start_batch` batches of epoch `epoch` (deterministic);
-        the samples of the first `start_batch` batches are skipped without being decoded."""
-        items = self._samples(epoch, start_batch * self.batch_size)
-        batch = functools.partial(collate, pad_id=self.opts.tokenizer.pad_id)
+        the samples of the first `start_batch` batches are skipped without being decoded.
+        With corrupt data, pass the `position` read after batch `start_batch - 1` as
+        `start_position` to land exactly on batch `start_batch`."""
+        self.position = start_batch * self.batch_size if start_position is None else start_position
+        items = self._samples(epoch, self.position)
+
+        def batch(samples: list[dict]) -> Batch:
+            self.position = samples[-1]["position"]
+            return collate(samples, self.opts.tokenizer.pad_id)
+
         # Cut the samples, not the batches: webdataset's batcher sends a batch once the next
         # sample arrives, which at the epoch's end would start another pass for nothing.
         wanted = islice(items, (self.batches_per_epoch - start_batch) * self.batch_size)

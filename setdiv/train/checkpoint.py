@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,9 @@ class TrainState:
     best_rsum: float = float("-inf")
     world_size: int = 1
     """Ranks of the run: the data plan depends on it, so a resume must use the same number."""
+    data_positions: list[int] = field(default_factory=list)
+    """Per rank, the positions of `epoch` (good and corrupt samples) read by `batch_in_epoch`:
+    where each rank's data stream resumes (empty at an epoch boundary)."""
 
 
 def _barrier() -> None:

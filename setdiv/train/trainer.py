@@ -237,7 +237,8 @@ class Trainer:
             self._apply_freeze()
             self.metrics.start_timing()
             stalled = MarginStall(cfg.loss.margin, cfg.loss.reduction)
-            for batch in self.reader.epoch(st.epoch, start_batch=st.batch_in_epoch):
+            start = st.data_positions[self.rank] if st.data_positions else None
+            for batch in self.reader.epoch(st.epoch, st.batch_in_epoch, start):
                 st.skipped_samples += int(all_reduce_sum(torch.tensor([batch.skipped]))[0])
                 result = self.train_step(batch)
                 st.step, st.batch_in_epoch = st.step + 1, st.batch_in_epoch + 1
@@ -252,7 +253,7 @@ class Trainer:
                 if self.checkpointer.should_save(st.step):
                     self._save()
             self._warn_if_stalled(stalled)
-            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            st.epoch, st.batch_in_epoch, st.data_positions = st.epoch + 1, 0, []
             self._validate()
             if self.checkpointer.should_save_epoch_end(st.step):
                 self._save()
@@ -388,6 +389,8 @@ class Trainer:
                 f"step {self.state.step}: the model holds non-finite values ({shown}); "
                 f"not checkpointed; {self._last_finite()}"
             )
+        positions = all_gather_list([self.reader.position])  # (a collective: on every rank)
+        self.state.data_positions = positions if self.state.batch_in_epoch else []
         self.checkpointer.save(self.state, tag=tag)
         return True
 
