@@ -540,6 +540,8 @@ def test_eval_reader_ranks_take_contiguous_slices(tmp_path: Path) -> None:
     ]
     assert [len(p) for p in parts] == [16, 16, 15]
     assert parts[0] + parts[1] + parts[2] == [f"test{i:07d}" for i in range(47)]
+    aligned = [EvalReader(f"{tmp_path}/test-*.tar", opts, 5, r, 4, align=16) for r in range(4)]
+    assert [len(all_ids(r)) for r in aligned] == [16, 16, 15, 0]  # the last rank has none
 
 
 _SIGNAL_SCRIPT = """

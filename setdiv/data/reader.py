@@ -265,6 +265,9 @@ class EvalReader:
         return -(-len(self) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
+        self.skipped = 0
+        if self.start >= self.stop:  # (a rank past the end of a small set)
+            return
         ends = np.cumsum([info.samples for info in self.shards.infos])
         first = int(np.searchsorted(ends, self.start, side="right"))  # the shard of `start`
         offset = int(ends[first - 1]) if first else 0
@@ -273,7 +276,7 @@ class EvalReader:
         }
         stream = _read_shards(iter(wds.SimpleShardList(list(expected)[first:])), expected)
         transform = image_transform(self.opts, False) if self.opts.kind == "image" else None
-        self.skipped, pending, skipped, pad_id = 0, [], 0, self.opts.tokenizer.pad_id
+        pending, skipped, pad_id = [], 0, self.opts.tokenizer.pad_id
         with contextlib.closing(stream):  # (its tar files, whose tail the slice may not read)
             for raw in islice(stream, self.start - offset, self.stop - offset):
                 sample = None if raw is _LOST else decode_sample(raw, self.opts, transform, [0])
