@@ -343,6 +343,30 @@ def test_resampled_reader_gives_planned_batches(tmp_path: Path) -> None:
     assert len(list(reader.epoch(0))) == reader.batches_per_epoch == 60 // 16
 
 
+def test_a_shard_drawn_twice_is_augmented_differently_each_time(tmp_path: Path) -> None:
+    """Resampled, a pass may draw the same shard twice; each draw's samples get their own
+    region and word dropout (they used to repeat the first draw's exactly)."""
+    make_synth(tmp_path, 20, 10)
+    opts = SampleOptions("regions", SYNTH_TOK, True, region_dropout=0.5, word_dropout=0.3)
+    pattern = f"{tmp_path}/train-*.tar"
+    seed = next(  # a seed whose first pass draws one shard twice
+        s for s in range(100)
+        if len({d["url"] for d in TrainReader(pattern, opts, 5, num_workers=0, seed=s,
+                                              resampled=True)._pass_shards(0, 0)[0]}) == 1
+    )  # fmt: skip
+    reader = TrainReader(pattern, opts, 5, num_workers=0, seed=seed, resampled=True)
+    batches = list(reader.epoch(0))
+    seen: dict[str, list[tuple]] = {}
+    for b in batches:
+        for i, image_id in enumerate(b.image_ids):
+            regions = b.images[i][b.image_mask[i]].numpy().tobytes()
+            rows = range(5 * i, 5 * i + 5)
+            words = tuple(tuple(b.tokens[r][b.token_mask[r]].tolist()) for r in rows)
+            seen.setdefault(image_id, []).append((regions, words))
+    assert len(seen) == 10 and all(len(v) == 2 for v in seen.values())
+    assert sum(a != b for a, b in seen.values()) >= 9
+
+
 def test_region_and_word_dropout_in_training(tmp_path: Path) -> None:
     make_synth(tmp_path, 40, 10)
     opts = SampleOptions("regions", SYNTH_TOK, train=True, region_dropout=0.5, word_dropout=0.3)

@@ -42,12 +42,13 @@ _LOST = {"__lost__": True}
 
 
 def _read_shards(src: Iterator[dict], expected: dict[str, int]) -> Iterator[dict]:
-    """Stage: each shard's raw samples, then one `_LOST` for each sample its index lists that
-    it did not deliver (a truncated or unreadable tar), so positions match the index."""
+    """Stage: each shard's raw samples (with the shard item's "draw", if any, as "__draw__"),
+    then one `_LOST` for each sample its index lists that it did not deliver (a truncated or
+    unreadable tar), so positions match the index."""
     for item in src:
         url, seen = item["url"], 0
         for raw in read_shard(url, lambda e, u=url: samples.WARN(f"{u}: unreadable tar: {e}", 0)):
-            seen += 1
+            seen, raw["__draw__"] = seen + 1, item.get("draw", ())
             yield raw
         if (lost := expected[url] - seen) > 0:
             samples.WARN(f"{url}: {lost} of {expected[url]} samples unreadable", lost)
@@ -85,7 +86,7 @@ class _PassStream(IterableDataset):
     in chunks that end at multiples of `CHUNK` of its samples."""
 
     def __init__(
-        self, reader: TrainReader, key: list[int], shards: list[list[str]], first: int,
+        self, reader: TrainReader, key: list[int], shards: list[list[dict]], first: int,
         skip: list[int],
     ) -> None:  # fmt: skip
         self.reader, self.key, self.shards, self.first, self.skip = reader, key, shards, first, skip
@@ -93,7 +94,7 @@ class _PassStream(IterableDataset):
     def __iter__(self) -> Iterator[list[dict | None]]:
         info, reader = get_worker_info(), self.reader
         w = (self.first + (info.id if info else 0)) % len(self.shards)
-        stages = [wds.SimpleShardList(self.shards[w])]
+        stages = [functools.partial(iter, self.shards[w])]  # (a list would be taken as stages)
         stages.append(functools.partial(_read_shards, expected=reader.expected))
         if reader.buffer > 1:
             rng = random.Random("samples/" + "/".join(map(str, [*self.key, w])))
@@ -101,7 +102,9 @@ class _PassStream(IterableDataset):
         transform = image_transform(reader.opts, True) if reader.opts.kind == "image" else None
         seed = [*self.key[:2], self.key[3]]  # (+ the sample's key: not the rank's nor worker's)
         decoded = (
-            None if raw is _LOST else decode_sample(raw, reader.opts, transform, seed)
+            None
+            if raw is _LOST
+            else decode_sample(raw, reader.opts, transform, [*seed, *raw["__draw__"]])
             for raw in islice(wds.DataPipeline(*stages), self.skip[w], None)
         )
         size = -self.skip[w] % CHUNK or CHUNK
@@ -142,18 +145,22 @@ class TrainReader:
                 f"{pattern}: too few samples for one batch of {batch_size} on each of {world} ranks"
             )
 
-    def _pass_shards(self, epoch: int, attempt: int) -> list[list[str]]:
-        """Each data worker's shards for one pass (`resampled`: drawn with replacement)."""
+    def _pass_shards(self, epoch: int, attempt: int) -> list[list[dict]]:
+        """Each data worker's shards ({"url"}) for one pass. `resampled`: drawn with
+        replacement, each with a "draw" (rank, worker, i) that also seeds its samples'
+        augmentation, so a shard drawn twice is not augmented twice the same way."""
         if self.resampled:
-            draws = max(len(self.urls) // (self.world * self.workers), 1)
+            n = max(len(self.urls) // (self.world * self.workers), 1)
             keys = [f"{self.seed}/{epoch}/{self.rank}/{w}/{attempt}" for w in range(self.workers)]
-            draw = functools.partial(wds.ResampledShards, self.urls, draws, worker_seed=lambda: 0)
+            draw = functools.partial(wds.ResampledShards, self.urls, n, worker_seed=lambda: 0)
             return [
-                [d["url"] for d in draw(zlib.crc32(k.encode()), deterministic=True)] for k in keys
-            ]
+                [{**d, "draw": (self.rank, w, i + 1)} for i, d in enumerate(
+                    draw(zlib.crc32(key.encode()), deterministic=True))]
+                for w, key in enumerate(keys)
+            ]  # fmt: skip
         mine = plan_epoch(self.shards, self.seed, epoch, self.world, attempt=attempt)[self.rank]
         split = [wds.slice(w, None, self.workers)(mine) for w in range(self.workers)]
-        return [[self.urls[i] for i in shards] for shards in split]
+        return [[{"url": self.urls[i]} for i in shards] for shards in split]
 
     def _samples(self, epoch: int, consumed: int) -> Iterator[dict]:
         """The rank's good samples of `epoch` after its first `consumed` positions (good and bad
@@ -164,7 +171,7 @@ class TrainReader:
         position = 0  # of the epoch, over all its passes
         for attempt in range(MAX_PASSES):
             shards = self._pass_shards(epoch, attempt)
-            totals = [sum(self.expected[u] for u in urls) for urls in shards]
+            totals = [sum(self.expected[s["url"]] for s in mine) for mine in shards]
             position += min(consumed, sum(totals))
             if consumed >= sum(totals):  # (resuming an epoch that took several passes)
                 consumed -= sum(totals)
@@ -182,7 +189,7 @@ class TrainReader:
                         good, bad = good + 1, 0
                         yield sample
             if good == 0:
-                names = [u for urls in shards for u in urls]
+                names = [s["url"] for mine in shards for s in mine]
                 raise UserError(
                     f"no readable training sample in a whole pass over rank {self.rank}'s "
                     f"{len(names)} shard(s) of {self.pattern!r} ({', '.join(names[:4])}"
