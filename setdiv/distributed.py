@@ -26,6 +26,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -63,6 +64,7 @@ __all__ = [
     "process_group",
     "rank_and_world",
     "spawn_local",
+    "deferred_job_signals",
     "start_data_workers",
 ]
 
@@ -289,12 +291,37 @@ def data_worker_init(_worker_id: int, rank_pid: int | None = None) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
 
 
+@contextlib.contextmanager
+def deferred_job_signals() -> Iterator[None]:
+    """Hold the job signals' Python handlers back for the block, then run those that arrived.
+    Starting and freeing data worker processes runs multiprocessing finalisers, and what a
+    handler raises there (submitit's requeue exits) would be swallowed; after the block it
+    reaches the caller. (Masking the main thread is not enough: another thread may take the
+    signal and the main thread still runs the handler.) Off the main thread: no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {s: h for s in JOB_SIGNALS if callable(h := signal.getsignal(s))}
+    for sig in held:
+        signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
 def start_data_workers(loader: Iterable[T]) -> Iterator[T]:
     """`iter(loader)` with the job signals blocked while its workers are forked, so none runs
-    an inherited handler before `data_worker_init`; the rank gets any held back right after."""
+    an inherited handler before `data_worker_init`, and their handlers deferred in the rank
+    (`deferred_job_signals`); the rank gets any held back right after."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
     try:
-        return iter(loader)
+        with deferred_job_signals():
+            return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 

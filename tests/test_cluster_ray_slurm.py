@@ -32,7 +32,7 @@ def stand_ins(bin_dir: Path, log: Path) -> None:
         "python": (  # the driver; `python -c` (the token generator) goes to the real one
             f'if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
             # workers join while the driver starts (Tune uses them as they come): wait for them
-            f'for _ in $(seq 100); do [ "$(grep -c "ray start" {log})" -ge 3 ] && break; '
+            f'for _ in $(seq 600); do [ "$(grep -c "ray start" {log})" -ge 3 ] && break; '
             "sleep 0.1; done\n"
             f'echo "driver $* auth=$RAY_AUTH_MODE token=$(cat $RAY_AUTH_TOKEN_PATH)" >> {log}\n'
             "exit 7\n"
@@ -58,7 +58,7 @@ def test_ray_head_workers_token_and_driver(tmp_path: Path) -> None:
     }
     r = subprocess.run(
         ["bash", str(SCRIPT), "cluster/sweep.py", "configs/demo.yaml", "--samples", "8"],
-        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
     )  # fmt: skip
     assert r.returncode == 7, r.stderr  # the driver's own exit code
     calls = log.read_text().splitlines()

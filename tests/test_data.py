@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -538,6 +539,43 @@ def test_closing_an_epoch_shuts_its_workers_down_then_and_there(
     next(batches)
     with pytest.raises(RequeueError):
         batches.close()
+
+
+def test_a_requeue_signal_in_a_worker_finaliser_reaches_the_epoch_closer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job signal arriving while a pass's workers are freed (multiprocessing finalisers run
+    then, and would swallow what the handler raises: submitit's requeue SystemExit) is handled
+    once they are done, and its exception reaches whoever closed the epoch."""
+    import weakref
+
+    from setdiv import distributed
+
+    class RequeueError(Exception):
+        pass
+
+    def requeue(_signum: int, _frame: object) -> None:
+        raise RequeueError
+
+    real_start = distributed.start_data_workers
+
+    def start(loader: object) -> object:
+        workers = real_start(loader)
+        weakref.finalize(workers, os.kill, os.getpid(), signal.SIGUSR2)  # signal in a finaliser
+        return workers
+
+    monkeypatch.setattr(distributed, "start_data_workers", start)
+    make_synth(tmp_path, 40, 10)
+    opts = SampleOptions("regions", SYNTH_TOK, train=True)
+    batches = TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=1).epoch(0)
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        next(batches)
+        with pytest.raises(RequeueError):
+            batches.close()
+        assert signal.getsignal(signal.SIGUSR2) is requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_missing_shard_checksum_and_too_few_shards_fail_early(tmp_path: Path) -> None:

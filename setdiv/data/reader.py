@@ -221,8 +221,11 @@ class TrainReader:
             for chunk in workers:
                 yield from chunk
         finally:
-            if (shutdown := getattr(workers, "_shutdown_workers", None)) is not None:
-                shutdown()
+            # Shut down and freed (their processes' finalisers run) with the job signals held
+            # back: a requeue's SystemExit raised in a finaliser would be lost.
+            with distributed.deferred_job_signals():
+                getattr(workers, "_shutdown_workers", lambda: None)()  # (none with 0 workers)
+                del workers
 
     def epoch(
         self, epoch: int, start_batch: int = 0, start_position: int | None = None
