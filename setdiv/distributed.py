@@ -51,6 +51,7 @@ __all__ = [
     "broadcast_float",
     "cpu_threads",
     "data_worker_init",
+    "deferred_job_signals",
     "die_with_parent",
     "expand_hostlist",
     "free_port",
@@ -64,7 +65,6 @@ __all__ = [
     "process_group",
     "rank_and_world",
     "spawn_local",
-    "deferred_job_signals",
     "start_data_workers",
 ]
 

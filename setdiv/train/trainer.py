@@ -389,9 +389,10 @@ class Trainer:
                 f"step {self.state.step}: the model holds non-finite values ({shown}); "
                 f"not checkpointed; {self._last_finite()}"
             )
-        positions = all_gather_list([self.reader.position])  # (a collective: on every rank)
-        self.state.data_positions = positions if self.state.batch_in_epoch else []
-        self.checkpointer.save(self.state, tag=tag)
+        # Mid-epoch, where each rank's data stream stands (batch_in_epoch is the same on all).
+        st = self.state
+        st.data_positions = all_gather_list([self.reader.position]) if st.batch_in_epoch else []
+        self.checkpointer.save(st, tag=tag)
         return True
 
     def _nonfinite_tensors(self) -> list[str]:
