@@ -25,9 +25,17 @@ from typing import get_args
 from cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
 from cluster.ray_cluster import add_arguments as add_ray_arguments
 from cluster.ray_cluster import ray_session
-from cluster.trials import NonFiniteTrialError, TrialSpec, run_dir_for, run_training, trial_tuner
+from cluster.trials import (
+    USER_ERROR_MARK,
+    NonFiniteTrialError,
+    TrialSpec,
+    TrialUserError,
+    run_dir_for,
+    run_training,
+    trial_tuner,
+)
 from setdiv import config as config_lib
-from setdiv.errors import UserError
+from setdiv.errors import UserError, check_at_least
 from setdiv.eval.ensemble import ensemble
 from setdiv.eval.evaluator import format_table, write_result
 
@@ -93,8 +101,8 @@ def _train_local(spec: TrialSpec, seeds: Sequence[int], max_failures: int) -> No
             try:
                 run_training(spec, values, run_dir)
                 break
-            except NonFiniteTrialError:
-                raise
+            except (NonFiniteTrialError, TrialUserError):
+                raise  # a retry would end the same way
             except ChildFailedError as exc:
                 if attempt == max_failures:
                     raise
@@ -116,6 +124,10 @@ def _train_ray(spec: TrialSpec, seeds: Sequence[int], args: argparse.Namespace, 
         what="ensemble's training",
     )
     tuner.fit()
+    for seed in seeds:
+        refused = run_dir_for(spec, {"train.seed": seed}, "") / USER_ERROR_MARK
+        if refused.is_file():
+            raise UserError(f"seed {seed}: {refused.read_text().strip()}")
     states = {t.config["train.seed"]: t.status for t in tune.ExperimentAnalysis(str(exp)).trials}
     failed = [s for s, status in states.items() if status == "ERROR"]
     if failed:
@@ -141,7 +153,22 @@ def _evaluate(args: argparse.Namespace, run_dirs: list[str], tag: str) -> list[s
     return ray.get([remote.remote(r, *job) for r in run_dirs])
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every count, before the config is read or Ray starts."""
+    check_at_least(
+        {
+            "--max-failures": (args.max_failures, 0),
+            "--nproc-per-run": (args.nproc_per_run, 1),
+            "--cpus-per-run": (args.cpus_per_run, 1),
+            "--gpus-per-run": (args.gpus_per_run, 0),
+            "--num-cpus": (args.num_cpus, 1),
+            "--num-gpus": (args.num_gpus, 0),
+        }
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    _check(args)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:

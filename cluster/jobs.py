@@ -12,14 +12,16 @@ stopped as one process group, and so that it dies with its parent.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,9 +33,12 @@ __all__ = [
     "ChildFailedError",
     "TrainJob",
     "child_env",
+    "is_job_variable",
     "kill_group",
+    "restart_count",
     "run_child",
     "setdiv_command",
+    "submission_env",
 ]
 
 
@@ -55,8 +60,39 @@ JOB_VARIABLES = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
-"""What a child must not inherit: it starts a job of its own (the same list submitit's
-`clean_env` hides at submission, plus torchrun's)."""
+"""What describes a running job, and what a new job must not inherit from the one it is
+started in (submitit's `clean_env` list, plus torchrun's). `SBATCH_*` would override the
+script's own `#SBATCH` lines."""
+SITE_VARIABLES = ("SLURM_CONF", "SLURM_DEBUG_FLAGS")
+"""Kept, although they start with SLURM_: where the site's Slurm configuration is (a site
+that points at it only through SLURM_CONF cannot submit without it)."""
+
+
+def is_job_variable(name: str) -> bool:
+    """Whether `name` describes the job this process runs in (see `JOB_VARIABLES`)."""
+    return name not in SITE_VARIABLES and (
+        name.startswith(JOB_VARIABLE_PREFIXES) or name in JOB_VARIABLES
+    )
+
+
+@contextlib.contextmanager
+def submission_env() -> Iterator[None]:
+    """For the block, this process's environment without the job variables of a job it may
+    be running in (so that sbatch starts a job of its own), site variables kept."""
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if is_job_variable(k)}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
+def restart_count(env: Mapping[str, str] | None = None) -> int:
+    """How often Slurm has started this job before (`SLURM_RESTART_COUNT`; 0 on a first start
+    and outside Slurm). Any requeue counts: submitit's own (USR2 at the time limit or a
+    preemption), `scontrol requeue` by an admin, a node failure, a preemption without a
+    signal."""
+    value = (os.environ if env is None else env).get("SLURM_RESTART_COUNT", "")
+    return int(value) if value.strip().isdigit() else 0
 
 
 @dataclass(frozen=True)
@@ -68,24 +104,61 @@ class TrainJob:
     run_dir: str
     resume: str | None = None
     """None for the first start; "latest" once requeued."""
+    overwrite: bool = False
+    """Delete the run in RUN_DIR and start again (first start only)."""
+
+    def restarted(self) -> TrainJob:
+        """The job as any restart runs it: continuing the run from its newest complete
+        checkpoint, never overwriting it again."""
+        return replace(self, resume="latest", overwrite=False)
+
+    def started(self, env: Mapping[str, str] | None = None) -> TrainJob:
+        """The job as this start must run it: `restarted()` when Slurm has started the job
+        before (`restart_count` > 0, whatever requeued it), else as submitted (a run already
+        in RUN_DIR is then refused unless --resume or --overwrite)."""
+        return self if restart_count(env) == 0 else self.restarted()
 
     def __call__(self) -> str:
+        from setdiv.cli import user_exit_code
+        from setdiv.distributed import job_from_env, log_as_rank
         from setdiv.train.launch import train
 
-        train(self.config, [], self.run_dir, self.resume)
+        job = self.started()
+        log_as_rank(job_from_env())
+        if job is not self:
+            logging.getLogger(__name__).info(
+                "restart %d of job %s: resuming the run in %s from its newest checkpoint",
+                restart_count(), os.environ.get("SLURM_JOB_ID"), self.run_dir,
+            )  # fmt: skip
+        try:
+            train(job.config, [], job.run_dir, job.resume, job.overwrite)
+        except Exception as exc:  # a user error is one line, as from `setdiv train`
+            code = user_exit_code(exc)
+            if code is None:
+                raise
+            print(f"setdiv train: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(code) from None
         return self.run_dir
 
     def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on global rank 0 only, from its timeout / preemption signal
         handler. It saves nothing: a DeepSpeed save needs every rank (saving here would
         deadlock), and every rank already writes periodic checkpoints. It requeues this job,
-        resuming from the newest complete checkpoint."""
-        return submitit.helpers.DelayedSubmission(replace(self, resume="latest"))
+        resuming from the newest complete checkpoint. From here on this rank is leaving:
+        the SIGTERM that Slurm sends the step when it requeues is expected, and must not kill
+        submitit's `scontrol requeue` child before it is done."""
+        from setdiv.distributed import leaving
+
+        leaving("requeued by the time limit / preemption signal")
+        return submitit.helpers.DelayedSubmission(self.restarted())
 
     def command(self) -> str:
         """What every task runs, as the equivalent command line."""
         resume = ["--resume", self.resume] if self.resume else []
-        return shlex.join(["setdiv", "train", self.config, "--run-dir", self.run_dir, *resume])
+        overwrite = ["--overwrite"] * self.overwrite
+        return shlex.join(
+            ["setdiv", "train", self.config, "--run-dir", self.run_dir, *resume, *overwrite]
+        )
 
 
 def setdiv_command(*args: str) -> list[str]:
@@ -98,9 +171,7 @@ def child_env(threads: int | None = None, base: Mapping[str, str] | None = None)
     variables, so a child starts a job of its own; CUDA_VISIBLE_DEVICES (set by Ray or SLURM
     for this worker) is kept. `threads` sets OMP_NUM_THREADS."""
     env = {
-        k: v
-        for k, v in (os.environ if base is None else base).items()
-        if not k.startswith(JOB_VARIABLE_PREFIXES) and k not in JOB_VARIABLES
+        k: v for k, v in (os.environ if base is None else base).items() if not is_job_variable(k)
     }
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)

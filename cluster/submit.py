@@ -16,21 +16,25 @@ pickled job and the task logs to RUN_DIR/slurm/<job id>/.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string  # pinned submitit==1.5.4; no public API
 
+from cluster import jobs
 from cluster.jobs import TrainJob
 from setdiv import config as config_lib
-from setdiv.errors import UserError
-from setdiv.train import checkpoint, rundir
+from setdiv.errors import UserError, check_at_least
+from setdiv.train import rundir
 
 __all__ = ["build_parser", "executor_parameters", "main", "sbatch_script"]
 
@@ -73,11 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-requeues",
         type=int,
         default=10,
-        help="timeouts after which the job is not requeued again (preemptions do not count)",
+        help="requeues by the time limit / preemption signal after which submitit stops "
+        "requeueing (a signal in the last 20%% of the time limit, or its last 10 minutes if "
+        "earlier, counts; see docs/cluster.md)",
     )
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/NAME-DATE)")
     p.add_argument("--job-name", default=None, help="job name (default: setdiv-CONFIG)")
     p.add_argument("--resume", action="store_true", help="continue the run already in --run-dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--run-dir holds a run: the job deletes it and starts again (as setdiv train)",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="print the sbatch script and config, submit nothing"
     )
@@ -144,25 +155,45 @@ def _warn_missing_paths(cfg: config_lib.Config) -> None:
             )
 
 
-def _run_dir(args: argparse.Namespace, name: str) -> Path:
+SIGNAL_EARLY_S = 30
+"""Slurm may deliver the time-limit signal up to this much before --signal-delay."""
+MIN_WORK_S = 60
+"""Training time a job must get before its time-limit signal can arrive."""
+
+
+def _run_dir(args: argparse.Namespace, name: str, cfg: config_lib.Config) -> Path:
+    """The run directory, checked as `setdiv train` checks it (`rundir.check_start`)."""
     run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    holds_run = checkpoint.latest_tag(run_dir) is not None
-    if holds_run and not args.resume:
-        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it")
-    if args.resume and not holds_run:
-        raise UserError(f"--resume: {run_dir} holds no checkpoint to continue from")
+    rundir.check_start(run_dir, cfg, "latest" if args.resume else None, args.overwrite)
     return run_dir
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.nodes < 1 or args.cpus_per_task < 1:
-        raise UserError("--nodes and --cpus-per-task must be >= 1")
-    if args.gpus_per_node < 0 or (args.tasks_per_node is not None and args.tasks_per_node < 1):
-        raise UserError("--gpus-per-node must be >= 0 and --tasks-per-node >= 1")
-    if args.time <= 0 or args.signal_delay < 0 or args.max_requeues < 0:
-        raise UserError("--time must be > 0, --signal-delay and --max-requeues >= 0")
+    """Every argument, before anything is read, written or started."""
+    check_at_least(
+        {
+            "--nodes": (args.nodes, 1),
+            "--cpus-per-task": (args.cpus_per_task, 1),
+            "--gpus-per-node": (args.gpus_per_node, 0),
+            "--tasks-per-node": (args.tasks_per_node, 1),
+            "--signal-delay": (args.signal_delay, 0),
+            "--max-requeues": (args.max_requeues, 0),
+        }
+    )
+    if not (0 < args.time < math.inf):
+        raise UserError(f"--time must be a finite number of minutes > 0, got {args.time}")
     if args.local and args.nodes > 1:
         raise UserError("--local runs on this machine: --nodes must be 1")
+    limit_s = (args.time if args.local else math.ceil(args.time)) * 60
+    work_s = limit_s - args.signal_delay - SIGNAL_EARLY_S
+    if work_s < MIN_WORK_S:
+        most = int(limit_s - SIGNAL_EARLY_S - MIN_WORK_S)
+        fix = f"--signal-delay {most} or less" if most >= 0 else "a longer --time"
+        raise UserError(
+            f"--signal-delay {args.signal_delay} s does not fit --time {args.time:g} min: the "
+            f"requeue signal may arrive up to {SIGNAL_EARLY_S} s before the delay, leaving "
+            f"{max(work_s, 0):.0f} s to train (at least {MIN_WORK_S} s needed); use {fix}"
+        )
 
 
 def _executor(args: argparse.Namespace, params: dict[str, Any], folder: Path) -> Any:
@@ -172,11 +203,6 @@ def _executor(args: argparse.Namespace, params: dict[str, Any], folder: Path) ->
         local |= {"timeout_min": args.time, "signal_delay_s": args.signal_delay}
         ex.update_parameters(**local)
         return ex
-    if shutil.which("sbatch") is None:
-        raise UserError(
-            "SLURM was asked for but 'sbatch' is not on PATH: submit from a SLURM login node, "
-            "or pass --local to run on this machine"
-        )
     try:
         ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
     except RuntimeError as exc:  # e.g. sbatch without srun
@@ -193,24 +219,32 @@ def submit(args: argparse.Namespace) -> int:
     _warn_missing_paths(cfg)
     name = args.job_name or f"setdiv-{Path(args.config).stem}"
     args.job_name = name
-    run_dir = _run_dir(args, name)
-    if args.resume:  # before the run's config.yaml is rewritten below
-        rundir.check_resume_config(cfg, run_dir)
+    run_dir = _run_dir(args, name, cfg)
     params = executor_parameters(args)
     folder = run_dir / "slurm" / "%j"
-    job = TrainJob(str(run_dir / "config.yaml"), str(run_dir), "latest" if args.resume else None)
+    job = TrainJob(
+        str(run_dir / "config.yaml"),
+        str(run_dir),
+        "latest" if args.resume else None,
+        overwrite=args.overwrite,
+    )
     if args.dry_run:
         print(sbatch_script(params, folder))
         print(f"# every task runs: {job.command()}")
-        print(f"# requeued (timeout / preemption) as: {job.checkpoint().function.command()}")
+        print(f"# requeued (any requeue) as: {job.restarted().command()}")
         print(f"# resolved config ({job.config}):")
         print(config_lib.to_yaml(cfg))
         return 0
-    executor = _executor(args, params, folder)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, job.config)
-    with submitit.helpers.clean_env():  # no SLURM_* / MASTER_* of a job we may be inside
-        submitted = executor.submit(job)
+    if not args.local and shutil.which("sbatch") is None:
+        raise UserError(
+            "SLURM was asked for but 'sbatch' is not on PATH: submit from a SLURM login node, "
+            "or pass --local to run on this machine"
+        )
+    with _undone_on_failure(run_dir):
+        executor = _executor(args, params, folder)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_lib.save(cfg, job.config)
+        submitted = _submit(executor, job)
     logs = [
         str(p).replace("_0_log", "_<task>_log")
         for p in (submitted.paths.stdout, submitted.paths.stderr)
@@ -222,6 +256,48 @@ def submit(args: argparse.Namespace) -> int:
         submitted.results()  # every task's result; raises if the job failed for good
         print(f"job {submitted.job_id} finished: {submitted.state}")
     return 0
+
+
+def _submit(executor: Any, job: TrainJob) -> Any:
+    """`executor.submit(job)` with no variable of a job we may be running in (site variables
+    such as SLURM_CONF kept); sbatch refusing the job is one line naming its reason."""
+    stderr = io.StringIO()  # submitit prints sbatch's stderr before raising: ours is one line
+    try:
+        with jobs.submission_env(), contextlib.redirect_stderr(stderr):
+            submitted = executor.submit(job)
+    except submitit.core.utils.FailedJobError as exc:
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        reason = "; ".join(x.split(": ", 2)[-1] if x.startswith("sbatch:") else x for x in lines)
+        raise UserError(f"sbatch refused the job: {reason or 'no message'}") from None
+    sys.stderr.write(stderr.getvalue())
+    return submitted
+
+
+@contextlib.contextmanager
+def _undone_on_failure(run_dir: Path) -> Iterator[None]:
+    """If the block fails, leave `run_dir` as it was before: what the block created in it is
+    removed (the whole directory, if the block created it), a `config.yaml` it rewrote gets its
+    old bytes back. Either way, an empty literal `slurm/%j` that submitit makes is removed."""
+    existed, config = run_dir.exists(), run_dir / "config.yaml"
+    before = set(run_dir.rglob("*")) if existed else set()
+    saved_config = config.read_bytes() if config.is_file() else None
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            for path in sorted(set(run_dir.rglob("*")) - before, key=lambda p: -len(p.parts)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            if saved_config is not None:
+                config.write_bytes(saved_config)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            (run_dir / "slurm" / "%j").rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,9 +40,17 @@ from omegaconf import OmegaConf
 
 from cluster.ray_cluster import add_arguments as add_ray_arguments
 from cluster.ray_cluster import ray_session
-from cluster.trials import NONFINITE_MARK, TrialSpec, overrides_for, trial_tuner, val_records
+from cluster.trials import (
+    NONFINITE_MARK,
+    USER_ERROR_MARK,
+    TrialSpec,
+    overrides_for,
+    trial_node,
+    trial_tuner,
+    val_records,
+)
 from setdiv import config as config_lib
-from setdiv.errors import UserError
+from setdiv.errors import UserError, check_at_least
 
 __all__ = ["Row", "build_parser", "main", "parse_space", "results_table", "write_best"]
 
@@ -159,8 +167,10 @@ class Row:
     last: float
     epochs: int
     status: str
-    """completed | stopped early | non-finite | error | unfinished"""
+    """completed | stopped early | non-finite | user error | error | unfinished"""
     run_dir: str
+    node: str = ""
+    """Where the trial ran (its Slurm node name, else the host)."""
 
 
 def _row(trial: Any, runs_dir: Path, ties: tuple[tuple[str, str], ...], epochs: int) -> Row:
@@ -171,6 +181,8 @@ def _row(trial: Any, runs_dir: Path, ties: tuple[tuple[str, str], ...], epochs: 
     finite = [s for s in scores if math.isfinite(s)]
     if (run_dir / NONFINITE_MARK).is_file() or len(finite) < len(scores):
         status = "non-finite"
+    elif (run_dir / USER_ERROR_MARK).is_file():
+        status = "user error"
     elif trial.status == "ERROR":
         status = "error"
     elif trial.status != "TERMINATED":  # PENDING / RUNNING / PAUSED when interrupted
@@ -179,15 +191,18 @@ def _row(trial: Any, runs_dir: Path, ties: tuple[tuple[str, str], ...], epochs: 
         status = "completed" if len(scores) >= epochs else "stopped early"
     last = scores[-1] if scores else math.nan
     best = max(finite, default=math.nan)
-    return Row(trial.trial_id, values, best, last, len(scores), status, str(run_dir))
+    return Row(
+        trial.trial_id, values, best, last, len(scores), status, str(run_dir), trial_node(run_dir)
+    )
 
 
 def _columns(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
     keys = sorted({k for r in rows for k in r.values})
-    head = ["trial_id", *keys, "best_val_rsum", "last_val_rsum", "epochs", "status", "run_dir"]
+    head = ["trial_id", *keys, "best_val_rsum", "last_val_rsum", "epochs", "status"]
+    head += ["node", "run_dir"]
     body = [
         [r.trial_id, *(r.values.get(k, "") for k in keys), r.best, r.last, r.epochs, r.status]
-        + [r.run_dir]
+        + [r.node, r.run_dir]
         for r in rows
     ]
     return head, body
@@ -282,14 +297,35 @@ def _same_command(args: argparse.Namespace, exp_dir: Path) -> None:
         saved.write_text(json.dumps(command, indent=1))
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every count and range, before the config is read or Ray starts."""
+    check_at_least(
+        {
+            "--samples": (args.samples, 1),
+            "--cpus-per-trial": (args.cpus_per_trial, 1),
+            "--nproc-per-trial": (args.nproc_per_trial, 1),
+            "--gpus-per-trial": (args.gpus_per_trial, 0),
+            "--max-failures": (args.max_failures, 0),
+            "--grace-epochs": (args.grace_epochs, 1),
+            "--reduction-factor": (args.reduction_factor, 2),
+            "--num-cpus": (args.num_cpus, 1),
+            "--num-gpus": (args.num_gpus, 0),
+        }
+    )
+
+
 def sweep(args: argparse.Namespace) -> int:
-    if min(args.samples, args.cpus_per_trial, args.nproc_per_trial) < 1 or args.gpus_per_trial < 0:
-        raise UserError("--samples, --cpus-per-trial, --nproc-per-trial must be >= 1")
+    _check(args)
     dims = [parse_space(s) for s in args.space]
     ties = [tuple(t.split("=", 1)) for t in args.tie]
     if any(len(t) != 2 for t in ties):
         raise UserError("--tie expects KEY=SOURCE")
     epochs = _validate(args, dims, ties)
+    if args.scheduler == "asha" and args.grace_epochs > epochs:
+        raise UserError(
+            f"--grace-epochs {args.grace_epochs} exceeds train.epochs {epochs}: ASHA could "
+            "never stop a trial"
+        )
     args.config = str(Path(args.config).resolve())
     exp_dir = Path(args.storage).resolve() / (args.name or f"{Path(args.config).stem}-sweep")
     _same_command(args, exp_dir)
@@ -319,6 +355,15 @@ def sweep(args: argparse.Namespace) -> int:
     if best is not None:
         write_best(args.config, args.overrides, best, exp_dir / "best.yaml")
         print(f"best: trial {best.trial_id}, val_rsum {best.best:.2f} -> {exp_dir / 'best.yaml'}")
+    refused = [r for r in rows if r.status == "user error"]
+    if refused:
+        why = (Path(refused[0].run_dir) / USER_ERROR_MARK).read_text().strip()
+        print(
+            f"cluster/sweep.py: error: {len(refused)} trial(s) refused by setdiv train "
+            f"(not retried), e.g. {why}",
+            file=sys.stderr,
+        )
+        return 2
     unfinished = sum(r.status == "unfinished" for r in rows)
     if unfinished:
         print(

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,21 +29,34 @@ from cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
 __all__ = [
     "NonFiniteTrialError",
     "TrialSpec",
+    "TrialUserError",
+    "node_name",
     "overrides_for",
     "run_dir_for",
     "run_trial",
     "run_training",
+    "trial_node",
     "trial_tuner",
     "val_records",
 ]
 
+USER_ERROR_EXIT = 2
+"""`setdiv train`'s exit code for a user error (bad config, missing file, run dir in use)."""
 NONFINITE_EXIT = 3
 """`setdiv train`'s exit code for a run stopped on non-finite losses."""
 NONFINITE_MARK = "NONFINITE"
+USER_ERROR_MARK = "USER_ERROR"
 
 
 class NonFiniteTrialError(ChildFailedError):
     """The run diverged: a failed trial, never the best one."""
+
+
+class TrialUserError(ChildFailedError):
+    """`setdiv train` refused the run (exit code 2): running it again fails the same way, so
+    it is never retried; the message is its error line."""
+
+    exit_code = USER_ERROR_EXIT
 
 
 @dataclass(frozen=True)
@@ -184,8 +199,11 @@ def run_training(
     )
     if code == NONFINITE_EXIT:
         _fail_nonfinite(run_dir, "training stopped on non-finite losses")
+    tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
+    if code == USER_ERROR_EXIT:
+        error = next((x for x in reversed(tail) if ": error: " in x), tail[-1] if tail else "")
+        raise TrialUserError(f"{run_dir}: {error.strip()}")
     if code != 0:
-        tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
         raise ChildFailedError(
             f"setdiv train exited with code {code} ({run_dir / 'train.log'}):\n" + "\n".join(tail)
         )
@@ -193,17 +211,39 @@ def run_training(
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The Tune trainable (bind `spec` with `tune.with_parameters`): trains, reporting each
-    validation epoch."""
+    validation epoch. A run that `setdiv train` refuses (exit code 2) ends the trial without
+    an error, so Ray does not retry it, marked in its run directory (`USER_ERROR_MARK`) with
+    the message for the table. The node the trial ran on is recorded in `trial.json`."""
     from ray import tune
 
     values = overrides_for(config, spec.ties)
     trial_id = tune.get_context().get_trial_id()
     run_dir = run_dir_for(spec, values, trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "trial.json").write_text(json.dumps({"trial_id": trial_id, "values": values}))
+    (run_dir / "trial.json").write_text(
+        json.dumps({"trial_id": trial_id, "values": values, "node": node_name()})
+    )
     reporter = _Reporter(run_dir, _reported_epochs(), spec.epochs)
-    run_training(spec, values, run_dir, reporter.poll)
+    try:
+        run_training(spec, values, run_dir, reporter.poll)
+    except TrialUserError as exc:
+        (run_dir / USER_ERROR_MARK).write_text(str(exc) + "\n")
+        return
     reporter.poll(ended=True)
+
+
+def node_name() -> str:
+    """The node this process runs on, by its Slurm name where Slurm started it (several Slurm
+    nodes may share one host, as in tools/slurm_local.sh), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def trial_node(run_dir: Path) -> str:
+    """The node a trial's run recorded in its trial.json ("" if none)."""
+    try:
+        return str(json.loads((run_dir / "trial.json").read_text()).get("node", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def trial_tuner(

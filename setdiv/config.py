@@ -317,6 +317,11 @@ class TrainConfig:
     """Checkpoints kept besides `best`."""
     max_nonfinite: int = _positive(5)
     """Consecutive non-finite losses (each step skipped) after which training stops."""
+    dist_timeout: float = _ruled(
+        300.0, lambda v: None if 0 < v < math.inf else "must be > 0 seconds and finite"
+    )
+    """Seconds the ranks of a job wait for each other at the rendezvous before failing with a
+    message naming the master address and port (collectives keep torch's own timeout)."""
 
     def _conflict(self) -> tuple[str, str] | None:
         if self.half_weights and self.precision == "fp32":

@@ -29,6 +29,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Job",
     "PeerFailedError",
+    "RendezvousError",
+    "Terminated",
     "all_gather_list",
     "all_gather_rows",
     "all_gather_with_grad",
@@ -58,6 +61,7 @@ __all__ = [
     "is_initialized",
     "is_rank_zero",
     "job_from_env",
+    "leaving",
     "limit_cpu_threads",
     "log_as_rank",
     "on_all_ranks",
@@ -66,6 +70,7 @@ __all__ = [
     "rank_and_world",
     "spawn_local",
     "start_data_workers",
+    "stop_on_sigterm",
 ]
 
 JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -195,11 +200,39 @@ def log_as_rank(job: Job) -> None:
     )
 
 
+class RendezvousError(RuntimeError):
+    """The ranks of a job could not meet: the master address does not resolve, or not every
+    rank arrived within the timeout. One line naming the address and port, exit code 4 (not a
+    user error: a retry may succeed where a node came up late)."""
+
+    exit_code = 4
+
+
+DEFAULT_TIMEOUT_S = 300.0
+"""How long ranks wait for each other at the rendezvous (`train.dist_timeout`)."""
+
+
+def _resolve(job: Job) -> None:
+    """Fail at once, naming it, when the master address does not resolve (torch would retry
+    the lookup until its timeout, logging `gai error` lines)."""
+    try:
+        socket.getaddrinfo(job.master_addr, job.master_port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise RendezvousError(
+            f"rank {job.rank} of {job.world_size} ({job.launcher}): the master address "
+            f"{job.master_addr!r} (port {job.master_port}) does not resolve ({exc.strerror}); "
+            "the first node of the job must be resolvable from every node (DNS or /etc/hosts), "
+            "or set MASTER_ADDR to an address that is"
+        ) from None
+
+
 @contextlib.contextmanager
-def process_group(job: Job | None = None) -> Iterator[Job]:
+def process_group(job: Job | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Job]:
     """Join `job` (default: `job_from_env()`) for the duration of the block: the rank's GPU
     is made current, RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* are exported (DeepSpeed reads
-    them), and on exit the group is destroyed and the environment restored."""
+    them), and on exit the group is destroyed and the environment restored. Each rank logs
+    its place once; a master address that does not resolve, or peers that do not all arrive
+    within `timeout_s`, raise `RendezvousError` naming the address and port."""
     job = job or job_from_env()
     if job.world_size > 1 and not job.master_port:
         raise UserError(
@@ -207,6 +240,15 @@ def process_group(job: Job | None = None) -> Iterator[Job]:
             "MASTER_PORT so the ranks can meet"
         )
     device = pick_device(job)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    where = f"{job.master_addr}:{job.master_port}" if job.world_size > 1 else "none"
+    log.info(
+        "rank %d of %d, local rank %d, master %s, launcher %s, %s on %s, node %s",
+        job.rank, job.world_size, job.local_rank, where, job.launcher, backend, device,
+        os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+    )  # fmt: skip
+    if job.world_size > 1:
+        _resolve(job)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     saved = {k: os.environ.get(k) for k in JOB_VARIABLES}
@@ -217,17 +259,13 @@ def process_group(job: Job | None = None) -> Iterator[Job]:
         MASTER_ADDR=job.master_addr,
         MASTER_PORT=str(job.master_port),
     )
-    backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         if job.world_size == 1:  # no rendezvous: an in-memory store
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        else:
             dist.init_process_group(
-                backend,
-                init_method=f"tcp://{job.master_addr}:{job.master_port}",
-                rank=job.rank,
-                world_size=job.world_size,
+                backend, store=dist.HashStore(), rank=0, world_size=1, device_id=_bound(device)
             )
+        else:
+            _rendezvous(job, backend, timeout_s, device)
         yield job
         if is_initialized():
             dist.destroy_process_group()
@@ -244,6 +282,38 @@ def process_group(job: Job | None = None) -> Iterator[Job]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _bound(device: torch.device) -> torch.device | None:
+    """The GPU to bind the group to (NCCL then need not guess it from the global rank)."""
+    return device if device.type == "cuda" else None
+
+
+def _rendezvous(job: Job, backend: str, timeout_s: float, device: torch.device) -> None:
+    """Meet at the master's TCP store, every rank arriving within `timeout_s` (rank 0 waits
+    for all the others to connect, the others retry connecting for as long), then form the
+    group over it. Collectives keep torch's own (longer) timeout: a rank may legitimately wait
+    minutes in one while rank 0 writes or scores."""
+    try:
+        store = dist.TCPStore(
+            job.master_addr,
+            job.master_port,
+            job.world_size,
+            is_master=job.rank == 0,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=True,
+        )
+    except (RuntimeError, OSError) as exc:  # torch's DistStoreError / DistNetworkError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RendezvousError(
+            f"rank {job.rank} of {job.world_size} ({job.launcher}): the rendezvous at "
+            f"{job.master_addr}:{job.master_port} did not complete within {timeout_s:g} s "
+            f"({reason}); check that every rank started and can reach that address and port "
+            "(train.dist_timeout sets the wait)"
+        ) from None
+    dist.init_process_group(
+        backend, store=store, rank=job.rank, world_size=job.world_size, device_id=_bound(device)
+    )
 
 
 def free_port() -> int:
@@ -275,18 +345,19 @@ JOB_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
 
 def data_worker_init(_worker_id: int, rank_pid: int | None = None) -> None:
     """`worker_init_fn` of a rank's DataLoader. Data workers are forked from their rank and
-    would inherit its signal handlers (a launcher's requeue handler on USR1/USR2, a SIGTERM
-    that is only logged): a requeue signal sent to the whole job step is the rank's business,
-    and SIGTERM must end a worker. The rank forks with these signals blocked
-    (`start_data_workers`); one that arrived in between is discarded here. A worker never
-    outlives its rank (an orphan would block for ever on its full result pipe): if the rank
-    died before the kernel was asked to tell us (`rank_pid` is no longer the parent), the
-    worker ends now."""
+    would inherit its signal handlers (a launcher's requeue handler on USR1/USR2, the rank's
+    SIGTERM handler). The job signals are the rank's business: a launcher sends them to every
+    process of the job step (Slurm's SIGTERM at a requeue or cancel reaches the workers too),
+    and a worker that died of one would make its rank fail with `DataLoader worker ... killed`
+    instead of stopping cleanly. So a worker ignores them all, and ends when its rank shuts it
+    down or dies: it never outlives its rank (an orphan would block for ever on its full result
+    pipe), the kernel kills it then, and if the rank died before the kernel was asked to
+    (`rank_pid` is no longer the parent), the worker ends now. The rank forks with these
+    signals blocked (`start_data_workers`); one that arrived in between is discarded here."""
     die_with_parent(signal.SIGKILL)
     if rank_pid is not None and os.getppid() != rank_pid:
         os._exit(1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+    for sig in JOB_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
 
@@ -324,6 +395,61 @@ def start_data_workers(loader: Iterable[T]) -> Iterator[T]:
             return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class Terminated(SystemExit):
+    """This rank was told to stop (SIGTERM: a Slurm requeue, preemption, cancel or time limit,
+    a Ray trial stopped): it unwinds like an exit, with exit code 128 + 15."""
+
+
+_stop_reason: list[str] = []
+"""Why this rank is stopping, once it is (set by the SIGTERM handler or by a launcher)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(what: str = "training") -> Iterator[None]:
+    """For the block, SIGTERM stops this rank cleanly: the first one raises `Terminated`
+    where the rank is, which unwinds it (its data workers are shut down; nothing is saved: the
+    newest complete checkpoint stays what a resume starts from). Whatever error the unwinding
+    brings (a peer that left first breaks a collective) is reported as one line naming the
+    reason, not as a traceback; later SIGTERMs are ignored while it stops. Off the main
+    thread: no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if _stop_reason:
+            return
+        _stop_reason.append("SIGTERM (a requeue, preemption, time limit or cancel)")
+        raise Terminated(128 + signum)
+
+    _stop_reason.clear()
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except BaseException as exc:
+        if not _stop_reason:
+            raise
+        log.warning(
+            "%s stopped: %s; a resume continues from the newest complete checkpoint%s",
+            what,
+            _stop_reason[0],
+            "" if isinstance(exc, SystemExit) else f" (while stopping: {type(exc).__name__})",
+        )
+        raise (exc if isinstance(exc, SystemExit) else Terminated(128 + signal.SIGTERM)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def leaving(reason: str) -> None:
+    """This rank is leaving on its own (`reason`: a launcher's requeue handler has taken
+    over). A SIGTERM from now on is the expected end: ignored here and by the children started
+    from now on (SIG_IGN survives exec: submitit's `scontrol requeue` child must not die of the
+    step's SIGTERM before it has requeued the job)."""
+    if not _stop_reason:
+        _stop_reason.append(reason)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _spawned(

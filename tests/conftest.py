@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -36,3 +42,48 @@ def tiny_config(*overrides: str, paths: tuple[str, ...] = ()) -> config_lib.Conf
         else ["model.text.vocab_size=40"]
     )
     return config_lib.load(paths, [*TINY, *extra, *overrides])
+
+
+# --- a real Slurm of two nodes on this machine (tools/slurm_local.sh), for the `slurm` tests --
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    dir: Path
+    """State, spool, logs and pid files of the throw-away cluster."""
+    conf: str
+    """Its slurm.conf: clients find the cluster through SLURM_CONF alone."""
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        return {**base, "SLURM_CONF": self.conf}
+
+
+SLURM_LOCAL = Path(__file__).parents[1] / "tools" / "slurm_local.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """Nodes n1, n2 (partition debug) and one whose name does not resolve (partition
+    unresolvable), up for the session; stopped at its end, and checked to be gone. Skipped,
+    with the reason, only where Slurm cannot be installed (tools/slurm_local.sh exit 4)."""
+    state = Path(tempfile.mkdtemp(prefix="sdslurm", dir="/tmp"))  # short: munge's socket path
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state)}
+    env.pop("SLURM_CONF", None)
+    up = subprocess.run(
+        ["bash", str(SLURM_LOCAL), "up", "2", "--unresolvable"],
+        capture_output=True, text=True, timeout=1200, env=env,
+    )  # fmt: skip
+    if up.returncode == 4:
+        shutil.rmtree(state, ignore_errors=True)
+        pytest.skip(f"no local Slurm: {up.stderr.strip().splitlines()[-1]}")
+    pids = [int(p.read_text()) for p in (state / "run").glob("*.pid")]
+    try:
+        assert up.returncode == 0, up.stderr
+        yield SlurmCluster(state, up.stdout.strip().split("=", 1)[1])
+    finally:
+        down = subprocess.run(
+            ["bash", str(SLURM_LOCAL), "down"], capture_output=True, text=True, timeout=120, env=env
+        )
+        alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+        assert down.returncode == 0 and not alive, (down.stderr, alive)
+        shutil.rmtree(state, ignore_errors=True)

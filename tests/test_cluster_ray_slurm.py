@@ -31,9 +31,12 @@ def stand_ins(bin_dir: Path, log: Path) -> None:
         ),
         "python": (  # the driver; `python -c` (the token generator) goes to the real one
             f'if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
-            # workers join while the driver starts (Tune uses them as they come): wait for them
-            f'for _ in $(seq 600); do [ "$(grep -c "ray start" {log})" -ge 3 ] && break; '
+            # `-m cluster.ray_cluster wait`: returns once every worker's `ray start` ran
+            'if [ "$1" = -m ]; then\n'
+            f'  for _ in $(seq 600); do [ "$(grep -c "ray start" {log})" -ge 3 ] && break; '
             "sleep 0.1; done\n"
+            f'  echo "wait $*" >> {log}; exit 0\n'
+            "fi\n"
             f'echo "driver $* auth=$RAY_AUTH_MODE token=$(cat $RAY_AUTH_TOKEN_PATH)" >> {log}\n'
             "exit 7\n"
         ),

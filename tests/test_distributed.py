@@ -4,6 +4,7 @@ whole-batch loss in value and gradient; gathers tolerate empty ranks; failures r
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -289,3 +290,73 @@ def test_cpu_threads_share_the_cores_between_ranks_and_data_workers() -> None:
     assert cpu_threads(1, {"LOCAL_WORLD_SIZE": str(2 * cores)}) == 1  # never below one
     assert cpu_threads(0, {"SLURM_NTASKS_PER_NODE": "1"}) == cores
     assert cpu_threads(2, {"OMP_NUM_THREADS": "3"}) is None  # the user decided
+
+
+def test_a_master_that_does_not_resolve_fails_at_once_naming_it() -> None:
+    from setdiv.distributed import Job, RendezvousError
+
+    job = Job(1, 2, 1, "no-such-node.invalid", free_port(), "slurm")
+    start = time.monotonic()
+    with pytest.raises(RendezvousError) as err, process_group(job, timeout_s=60):
+        pass
+    assert time.monotonic() - start < 10  # not after the 60 s timeout
+    assert "'no-such-node.invalid'" in str(err.value) and f"port {job.master_port}" in str(
+        err.value
+    )
+    assert err.value.exit_code == 4 and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rendezvous_missing_a_rank_fails_within_the_timeout(rank: int) -> None:
+    """Rank 0 alone waits for the others, rank 1 alone for the master: both give up after
+    `timeout_s`, naming the address and port (torch's default would wait 30 minutes)."""
+    from setdiv.distributed import Job, RendezvousError
+
+    job = Job(rank, 2, rank, "127.0.0.1", free_port(), "spawn/torchrun")
+    start = time.monotonic()
+    with pytest.raises(RendezvousError) as err, process_group(job, timeout_s=3):
+        pass
+    assert 2.5 < time.monotonic() - start < 30
+    assert f"127.0.0.1:{job.master_port} did not complete within 3 s" in str(err.value)
+    assert not dist.is_initialized()
+
+
+_STOPPED_TRAINING = """
+import os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[3])
+from run_helpers import tiny_overrides
+from pathlib import Path
+from setdiv.train.launch import train
+data = Path(sys.argv[1])
+def stop():  # SIGTERM to the rank and its data workers, as Slurm signals a whole step
+    while not (Path(sys.argv[2]) / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(os.getpgid(0), signal.SIGTERM)
+threading.Thread(target=stop, daemon=True).start()
+train("configs/demo.yaml", [*tiny_overrides(data, epochs=50), "data.num_workers=2"], sys.argv[2])
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_a_rank_cleanly_and_its_workers_do_not_die_of_it(tmp_path: Path) -> None:
+    """What a Slurm requeue or cancel does to a step: SIGTERM to every process. The rank
+    stops with one line (exit 143), its data workers ignore the signal and are shut down by
+    the rank, so there is no `DataLoader worker ... killed` error and no traceback; the run
+    resumes from its checkpoint as usual."""
+    import subprocess
+    import sys
+
+    from run_helpers import CLEAN_ENV, ROOT, write_data
+
+    data = write_data(tmp_path / "data", train=256)
+    (tmp_path / "script.py").write_text(_STOPPED_TRAINING)
+    r = subprocess.run(
+        [sys.executable, tmp_path / "script.py", data, tmp_path / "run", Path(__file__).parent],
+        capture_output=True, text=True, timeout=240, cwd=ROOT, env=CLEAN_ENV,
+        start_new_session=True,  # its own process group, which it signals
+    )  # fmt: skip
+    assert r.returncode == 128 + 15, r.stderr[-3000:]
+    assert "training stopped: SIGTERM" in r.stderr
+    for bad in ("Traceback", "DataLoader worker", "killed by signal"):
+        assert bad not in r.stderr, r.stderr[-3000:]

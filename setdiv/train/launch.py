@@ -12,10 +12,12 @@ from pathlib import Path
 from setdiv import config as config_lib
 from setdiv.distributed import (
     is_rank_zero,
+    job_from_env,
     log_as_rank,
     on_all_ranks,
     process_group,
     spawn_local,
+    stop_on_sigterm,
 )
 from setdiv.errors import UserError
 from setdiv.train import rundir
@@ -45,14 +47,20 @@ def train(
     resume: str | None = None,
     overwrite: bool = False,
 ) -> None:
-    """One rank of a training job: join the job the environment describes, claim the run
-    directory (rank 0; see `setdiv.train.rundir`), train to the configured epochs, leave the
-    job. Every launcher ends up here."""
+    """One rank of a training job: join the job the environment describes (within
+    `train.dist_timeout`), claim the run directory (rank 0; see `setdiv.train.rundir`), train
+    to the configured epochs, leave the job. SIGTERM stops the rank cleanly (a requeue or
+    cancel: `distributed.stop_on_sigterm`). Every launcher ends up here."""
     from setdiv.train.trainer import Trainer
 
-    with process_group() as job, contextlib.ExitStack() as owned:
-        log_as_rank(job)
-        cfg = config_lib.load([config], overrides)
+    job = job_from_env()
+    log_as_rank(job)
+    cfg = config_lib.load([config], overrides)
+    with (
+        stop_on_sigterm("training"),
+        process_group(job, timeout_s=cfg.train.dist_timeout),
+        contextlib.ExitStack() as owned,
+    ):
         on_all_ranks(
             lambda: (
                 owned.enter_context(rundir.claim(run_dir, cfg, resume, overwrite))

@@ -33,6 +33,7 @@ __all__ = [
     "RESUME_MAY_CHANGE",
     "RunDirError",
     "check_resume_config",
+    "check_start",
     "claim",
     "holds_run",
 ]
@@ -50,6 +51,7 @@ RESUME_MAY_CHANGE = frozenset(
         "train.ckpt_every",
         "train.keep_last",
         "train.max_nonfinite",
+        "train.dist_timeout",
         "data.eval_batch_size",
     }
 )
@@ -182,26 +184,41 @@ def _release(lock: Path) -> None:
             lock.unlink()
 
 
+def check_start(
+    run_dir: str | Path, cfg: config_lib.Config, resume: str | None, overwrite: bool = False
+) -> None:
+    """Whether a training may start in `run_dir` as asked, for everyone who asks (`setdiv
+    train` at its start, `cluster/submit.py` before it queues anything); raises `RunDirError`:
+    - `resume` and `overwrite` together contradict each other;
+    - no `resume`: RUN must hold no run (`holds_run`), unless `overwrite`;
+    - `resume` into a run: the config must match the run's (`check_resume_config`); a resume
+      into a directory that holds no run starts one."""
+    if resume is not None and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other: pick one")
+    if resume is None and holds_run(run_dir) and not overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a run: pass --resume latest to continue it, "
+            "--overwrite to delete it and start again, or choose another --run-dir"
+        )
+    if resume is not None and holds_run(run_dir):
+        check_resume_config(cfg, run_dir)
+
+
 @contextlib.contextmanager
 def claim(
     run_dir: str | Path, cfg: config_lib.Config, resume: str | None, overwrite: bool = False
 ) -> Iterator[None]:
     """Own `run_dir` for a training (rank 0 of the job calls this): take its lock, then
-    - no `resume`: RUN must hold no run, unless `overwrite` (its checkpoints, records,
-      TensorBoard logs, config, vocabulary and export are deleted first);
-    - `resume` into a run: the config must match the run's (`check_resume_config`).
-    Raises `RunDirError` before writing anything else; the lock is released on exit."""
+    `check_start`; with `overwrite`, the run's checkpoints, records, TensorBoard logs, config,
+    vocabulary and export are deleted. Raises `RunDirError` before writing anything else; the
+    lock is released on exit."""
     run_dir = Path(run_dir)
     if resume is not None and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: pick one")
     lock = _acquire(run_dir)
     try:
-        if resume is None and holds_run(run_dir):
-            if not overwrite:
-                raise RunDirError(
-                    f"{run_dir} already holds a run: pass --resume latest to continue it, "
-                    "--overwrite to delete it and start again, or choose another --run-dir"
-                )
+        check_start(run_dir, cfg, resume, overwrite)
+        if overwrite and holds_run(run_dir):
             log.warning("--overwrite: deleting the run in %s", run_dir)
             for name in OVERWRITTEN:
                 path = run_dir / name
@@ -209,8 +226,6 @@ def claim(
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-        if resume is not None and holds_run(run_dir):
-            check_resume_config(cfg, run_dir)
         yield
     finally:
         _release(lock)

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# One-shot GPU smoke check of setdiv on a machine that has torch + CUDA but not setdiv's other
+# dependencies: installs the wheels tools/gpu_wheels.sh put in .whl/ (no index, no network) into $SITE, then
+#   a. the model-math unit tests (tests/test_{similarity,losses,model,metrics,optim}.py)
+#   b. tools/bench_similarity.py on CUDA (COCO 5K x 25K shape)
+#   c. tools/bench_train_step.py on CUDA, bf16
+#   d. synthetic shards -> `setdiv train` (DeepSpeed, CUDA accelerator, bf16, 2 epochs) ->
+#      `setdiv export` -> `setdiv eval` on CUDA
+# Every step runs under `timeout`, logs into $OUT/ (6 files: env.log, a_pytest.log,
+# b_bench_similarity.log, c_bench_train_step.log, d_train_eval.log, summary.txt); a failed step
+# does not stop the next. Run from the repository root:  bash tools/gpu_check.sh
+# Worst case (every cap hit) about 7.5 minutes (caps 90+90+90+150 s); expected 2-4 minutes on one H200.
+# Local dry run on a CPU machine (same commands, CPU device):
+#   PY=/path/to/python DEVICE=cpu DS_ACC=cpu OUT=/tmp/gc_out SITE=/tmp/gc_site bash tools/gpu_check.sh
+set -u
+set -o pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+DS_ACC=${DS_ACC:-cuda}
+OUT=${OUT:-/tmp/gpu_check_out}
+SITE=${SITE:-/tmp/site}
+WORK=${WORK:-/tmp/setdiv_gpu_check}
+CAP_A=${CAP_A:-90}
+CAP_B=${CAP_B:-90}
+CAP_C=${CAP_C:-90}
+CAP_D=${CAP_D:-150}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR=/tmp/setdiv_torch_extensions  # nothing written into the repo
+export MPLBACKEND=Agg
+
+SUMMARY=()
+T_ALL=$SECONDS
+record() {  # name rc seconds
+    SUMMARY+=("$(printf '%-22s rc=%-4s %4ss' "$1" "$2" "$3")")
+}
+
+# ---------------------------------------------------------------- environment + wheels
+t0=$SECONDS
+{
+    echo "=== $(date -u) host $(uname -n) repo $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    nvidia-smi || echo "nvidia-smi FAILED rc=$?"
+    rm -rf "$SITE"
+    install_wheels() {  # pip, or where pip fails, unzip: a wheel is a zip of its site-packages tree
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$SITE" "$@" && return 0
+        echo "pip install failed (rc=$?): extracting $* into $SITE instead"
+        local w r=0
+        for w in "$@"; do "$PY" -m zipfile -e "$w" "$SITE" || r=$?; done
+        return "$r"
+    }
+    install_wheels .whl/*.whl
+    rc=$?
+    # pydantic 2.14 needs typing-extensions>=4.16: add the shipped one only if the machine's is older.
+    "$PY" - <<'EOF'
+import sys
+from importlib.metadata import version
+from packaging.version import Version
+v = version("typing_extensions")
+print(f"machine typing_extensions {v}")
+sys.exit(0 if Version(v) >= Version("4.16.0") else 1)
+EOF
+    if [ $? -ne 0 ] && ls .whl/extra/typing_extensions-*.whl >/dev/null 2>&1; then
+        echo "installing .whl/extra/typing_extensions into $SITE"
+        install_wheels .whl/extra/typing_extensions-*.whl || rc=$?
+    fi
+    echo "wheel install rc=$rc; in $SITE:"
+    ls "$SITE" | grep -i 'dist-info$' | tr '\n' ' '
+    echo
+    exit "$rc"
+} 2>&1 | tee "$OUT/env.log"
+record install "$?" $((SECONDS - t0))
+export PYTHONPATH="$SITE:$PWD"
+
+{
+    "$PY" - <<'EOF'
+import platform, sys, time
+t0 = time.time()
+import torch
+print(f"python {sys.version.split()[0]} {platform.machine()} | torch {torch.__version__} "
+      f"cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()} "
+      f"| cuda available {torch.cuda.is_available()} devices {torch.cuda.device_count()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu 0: {p.name}, {p.total_memory / 2**30:.1f} GiB, sm {p.major}{p.minor}, "
+          f"bf16 {torch.cuda.is_bf16_supported()}, nccl {torch.cuda.nccl.version()}")
+import importlib
+for name in ("deepspeed", "pydantic", "omegaconf", "webdataset", "braceexpand", "nltk",
+             "eccv_caption", "faiss", "transformers", "torchvision", "numpy", "typing_extensions"):
+    try:
+        m = importlib.import_module(name)
+        print(f"  {name:<18} {getattr(m, '__version__', '?'):<12} {m.__file__}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"  {name:<18} IMPORT FAILED: {type(exc).__name__}: {exc}")
+import setdiv.cli, setdiv.train.trainer, setdiv.eval.run, setdiv.index.store  # noqa: E401,F401
+print(f"setdiv imports OK ({time.time() - t0:.1f} s)")
+EOF
+    echo "imports rc=$?"
+} 2>&1 | tee -a "$OUT/env.log"
+
+# ---------------------------------------------------------------- a. unit tests
+t0=$SECONDS
+echo "=== a. pytest (cap ${CAP_A}s)"
+timeout -k 10 "$CAP_A" "$PY" -m pytest -q -x --timeout=120 -p no:cacheprovider \
+    tests/test_similarity.py tests/test_losses.py tests/test_model.py tests/test_metrics.py \
+    tests/test_optim.py 2>&1 | tee "$OUT/a_pytest.log"
+rc=$?
+[ "$rc" -eq 0 ] || printf "\nSTEP a FAILED rc=%s\n" "$rc" | tee -a "$OUT/a_pytest.log"
+record a_pytest "$rc" $((SECONDS - t0))
+
+# ---------------------------------------------------------------- b. similarity benchmark
+t0=$SECONDS
+echo "=== b. bench_similarity (cap ${CAP_B}s)"
+if [ "$DEVICE" = cuda ]; then B_ARGS=(); else B_ARGS=(--images 500); fi  # CPU dry run: small
+timeout -k 10 "$CAP_B" "$PY" tools/bench_similarity.py --device "$DEVICE" ${B_ARGS[@]+"${B_ARGS[@]}"} \
+    2>&1 | tee "$OUT/b_bench_similarity.log"
+rc=$?
+[ "$rc" -eq 0 ] || printf "\nSTEP b FAILED rc=%s\n" "$rc" | tee -a "$OUT/b_bench_similarity.log"
+record b_bench_similarity "$rc" $((SECONDS - t0))
+
+# ---------------------------------------------------------------- c. training-step benchmark
+t0=$SECONDS
+echo "=== c. bench_train_step bf16 (cap ${CAP_C}s)"
+# CPU dry run: few images, but >= 2 shards of 100 for the 2-worker reader it times on CPU
+if [ "$DEVICE" = cuda ]; then C_ARGS=(); else C_ARGS=(--images 34 --reps 1); fi
+timeout -k 10 "$CAP_C" "$PY" tools/bench_train_step.py --device "$DEVICE" --precision bf16 \
+    ${C_ARGS[@]+"${C_ARGS[@]}"} 2>&1 | tee "$OUT/c_bench_train_step.log"
+rc=$?
+[ "$rc" -eq 0 ] || printf "\nSTEP c FAILED rc=%s\n" "$rc" | tee -a "$OUT/c_bench_train_step.log"
+record c_bench_train_step "$rc" $((SECONDS - t0))
+
+# ---------------------------------------------------------------- d. train / export / eval
+t0=$SECONDS
+echo "=== d. synthetic shards -> train -> export -> eval (cap ${CAP_D}s in all)"
+N_TRAIN=${N_TRAIN:-2000}
+N_VAL=${N_VAL:-200}
+N_TEST=${N_TEST:-500}
+EPOCHS=${EPOCHS:-2}
+{
+    D_END=$((SECONDS + CAP_D))
+    left() { local n=$((D_END - SECONDS)); [ "$n" -gt 1 ] && echo "$n" || echo 1; }
+    run_d() {  # label, command...
+        local label=$1 s=$SECONDS rc
+        shift
+        echo "--- d.$label: $*"
+        timeout -k 5 "$(left)" "$@"
+        rc=$?
+        echo "--- d.$label rc=$rc ($((SECONDS - s)) s)"
+        return "$rc"
+    }
+    DATA=$WORK/synth
+    RUN=$WORK/run_gpu
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+    run_d shards_train "$PY" -m setdiv.cli shards synthetic --split train --images "$N_TRAIN" \
+        --shard-size 250 --out "$DATA" &&
+    run_d shards_val "$PY" -m setdiv.cli shards synthetic --split val --images "$N_VAL" \
+        --shard-size 250 --out "$DATA" &&
+    run_d shards_test "$PY" -m setdiv.cli shards synthetic --split test --images "$N_TEST" \
+        --shard-size 250 --out "$DATA" &&
+    run_d vocab "$PY" -m setdiv.cli vocab --shards "$DATA/train-*.tar" --out "$DATA/vocab.json" &&
+    run_d train env DS_ACCELERATOR="$DS_ACC" "$PY" -m setdiv.cli train configs/demo.yaml \
+        "model.text.vocab_path=$DATA/vocab.json" model.text.vocab_size=null \
+        "data.train_shards=$DATA/train-*.tar" "data.val_shards=$DATA/val-*.tar" \
+        "train.epochs=$EPOCHS" train.precision=bf16 --run-dir "$RUN" &&
+    run_d export env DS_ACCELERATOR="$DS_ACC" "$PY" -m setdiv.cli export "$RUN" --tag best &&
+    run_d eval env DS_ACCELERATOR="$DS_ACC" "$PY" -m setdiv.cli eval "$RUN" \
+        --data "$DATA/test-*.tar" --protocol coco --analysis
+    rc=$?
+    echo "--- run directory:"
+    ls -la "$RUN" "$RUN/export" "$RUN/eval" 2>&1 | head -40
+    echo "--- metrics.jsonl (tail):"
+    tail -n 8 "$RUN/metrics.jsonl" 2>&1
+    echo "--- eval/metrics.json:"
+    head -c 3000 "$RUN/eval/metrics.json" 2>&1
+    echo
+    exit "$rc"
+} 2>&1 | tee "$OUT/d_train_eval.log"
+rc=$?
+[ "$rc" -eq 0 ] || printf "\nSTEP d FAILED rc=%s\n" "$rc" | tee -a "$OUT/d_train_eval.log"
+record d_train_eval "$rc" $((SECONDS - t0))
+
+# ---------------------------------------------------------------- summary
+{
+    echo "=== summary ($((SECONDS - T_ALL)) s in all; device $DEVICE, DS_ACCELERATOR $DS_ACC for d)"
+    for line in "${SUMMARY[@]}"; do echo "$line"; done
+    grep -hE "passed|failed|error" "$OUT/a_pytest.log" | tail -n 2
+    grep -hE "^(smooth_chamfer|bare|at )" "$OUT/b_bench_similarity.log"
+    grep -hE "^training step|similarity\+loss" "$OUT/c_bench_train_step.log"
+} 2>&1 | tee "$OUT/summary.txt"
