@@ -65,6 +65,20 @@ def test_bad_space_fails_before_ray_starts(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=ROOT, env=RAY_ENV,
     )  # fmt: skip
     assert r.returncode == 2 and "data.val_shards" in r.stderr
+    for bad in (
+        ["--reduction-factor", "1"],
+        ["--grace-epochs", "0"],
+        ["--grace-epochs", "2"],  # more than train.epochs (1)
+        ["--max-failures", "-1"],
+        ["--samples", "0"],
+        ["--gpus-per-trial", "-1"],
+    ):
+        r = subprocess.run(
+            [*base, "--space", "optim.lr=1e-3,2e-3", *bad, "--storage", str(tmp_path / "s")],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, env=RAY_ENV,
+        )  # fmt: skip
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and bad[0] in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "Ray" not in r.stderr
     assert not (tmp_path / "s").exists()
 
 
@@ -215,3 +229,32 @@ def test_nonfinite_validation_fails_the_trial_and_never_wins(tmp_path: Path) -> 
         ("non-finite", 150.0, 2),
     ]
     assert best_row(rows).trial_id == "good"  # 150 was a diverged run's: not eligible
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_a_trial_refused_by_setdiv_train_is_not_retried(tmp_path: Path) -> None:
+    """Exit code 2 (here: a vocabulary file that does not exist) fails the same way every
+    time: the trial runs once, whatever --max-failures says, the other trial completes, and
+    the sweep reports it and exits 2."""
+    data = write_data(tmp_path / "data", train=64, val=32)
+    exp = tmp_path / "sweeps" / "u"
+    r = subprocess.run(
+        [
+            *SWEEP, "configs/demo.yaml", *tiny_overrides(data, 1, val=True),
+            "--space", f"model.text.vocab_path=grid:{data}/vocab.json,{data}/missing.json",
+            "--scheduler", "fifo", "--samples", "1", "--max-failures", "3",
+            "--num-cpus", "2", "--num-gpus", "0", "--storage", str(tmp_path / "sweeps"),
+            "--name", "u",
+        ],
+        capture_output=True, text=True, timeout=240, cwd=ROOT, env=RAY_ENV,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "refused by setdiv train (not retried)" in r.stderr and "missing.json" in r.stderr
+    with open(exp / "results.csv") as f:
+        rows = {Path(x["model.text.vocab_path"]).name: x for x in csv.DictReader(f)}
+    assert rows["vocab.json"]["status"] == "completed"
+    assert rows["missing.json"]["status"] == "user error"
+    refused = exp / "runs" / rows["missing.json"]["trial_id"]
+    assert sum(x["event"] == "start" for x in launches(refused)) == 1  # run once, not retried
