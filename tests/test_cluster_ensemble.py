@@ -89,3 +89,16 @@ def test_two_seed_ensemble_through_ray_then_local(tmp_path: Path) -> None:
     pgids = [x["pgid"] for run in runs for x in launches(run) if x["event"] == "start"]
     assert wait_groups_gone(pgids) == []
     assert processes_mentioning(str(exp)) == []
+
+
+@pytest.mark.parametrize(
+    "bad", [["--max-failures", "-1"], ["--nproc-per-run", "0"], ["--gpus-per-run", "-2"]]
+)
+def test_bad_counts_fail_before_anything_starts(bad: list[str], tmp_path: Path) -> None:
+    r = subprocess.run(
+        [*ENSEMBLE, "configs/demo.yaml", "--seeds", "0,1", "--test-data", "x-*.tar",
+         "--protocol", "coco", "--storage", str(tmp_path / "e"), *bad],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=RAY_ENV,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and bad[0] in r.stderr, r.stderr
+    assert not (tmp_path / "e").exists()
