@@ -241,13 +241,13 @@ def process_group(job: Job | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) 
         )
     device = pick_device(job)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    where = f"{job.master_addr}:{job.master_port}" if job.world_size > 1 else "none"
-    log.info(
-        "rank %d of %d, local rank %d, master %s, launcher %s, %s on %s, node %s",
-        job.rank, job.world_size, job.local_rank, where, job.launcher, backend, device,
-        os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-    )  # fmt: skip
-    if job.world_size > 1:
+    if job.world_size > 1:  # a lone process meets nobody: nothing to say
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        log.info(
+            "rank %d of %d, local rank %d, master %s:%d, launcher %s, %s on %s, node %s",
+            job.rank, job.world_size, job.local_rank, job.master_addr, job.master_port,
+            job.launcher, backend, device, node,
+        )  # fmt: skip
         _resolve(job)
     if device.type == "cuda":
         torch.cuda.set_device(device)

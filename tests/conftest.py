@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -33,6 +34,18 @@ TINY = [
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_handlers() -> Iterator[None]:
+    """A test that configures logging in-process (`setdiv.cli.main`, `log_as_rank`) binds a
+    handler to the stream pytest captured for it, which is closed after the test; later
+    records would go there ("--- Logging error ---"), and a later `basicConfig` would not
+    replace it. Drop such handlers after each test (pytest's own stay)."""
+    yield
+    for handler in list(logging.root.handlers):
+        if type(handler) is logging.StreamHandler:
+            logging.root.removeHandler(handler)
 
 
 def tiny_config(*overrides: str, paths: tuple[str, ...] = ()) -> config_lib.Config:

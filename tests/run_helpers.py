@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from setdiv.data.convert import synthetic_samples
 from setdiv.data.shards import write_shards
 from setdiv.data.vocab import Vocab
 
+T = TypeVar("T")
 ROOT = Path(__file__).parents[1]
 CLEAN_ENV = {
     k: v
@@ -86,6 +89,18 @@ def wait_groups_gone(pgids: list[int], timeout_s: float = 15.0) -> list[int]:
     while time.time() < deadline and any(group_alive(p) for p in pgids):
         time.sleep(0.2)
     return [p for p in pgids if group_alive(p)]
+
+
+def wait_for(what: str, check: Callable[[], T], timeout_s: float = 240.0) -> T:
+    """`check()`'s first truthy value, polled every 0.2 s; an AssertionError naming `what`
+    after `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def processes_mentioning(text: str) -> list[str]:

@@ -26,6 +26,7 @@ from run_helpers import (
     losses,
     processes_mentioning,
     tiny_overrides,
+    wait_for,
     write_data,
 )
 
@@ -74,16 +75,6 @@ def job(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
     """`scontrol show job` as key -> value."""
     out = run(cluster, "scontrol", "show", "job", job_id).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def wait_for(what: str, check, timeout_s: float = 300.0):  # noqa: ANN001
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_done(cluster: SlurmCluster, job_id: str, timeout_s: float = 300.0) -> dict[str, str]:

@@ -21,6 +21,7 @@ from run_helpers import (
     launches,
     processes_mentioning,
     tiny_overrides,
+    wait_for,
     wait_groups_gone,
     write_data,
 )
@@ -80,16 +81,6 @@ def test_bad_space_fails_before_ray_starts(tmp_path: Path) -> None:
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and bad[0] in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and "Ray" not in r.stderr
     assert not (tmp_path / "s").exists()
-
-
-def wait_for(what: str, check, timeout_s: float = 240.0) -> object:  # noqa: ANN001
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def trial_runs(exp: Path) -> dict[str, dict]:

@@ -76,6 +76,8 @@ def run_train(args: argparse.Namespace) -> int:
     config_lib.load([args.config], args.overrides)  # bad keys fail here, before any spawn
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.resume is not None and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pick one")
     job_args = (args.config, list(args.overrides), args.run_dir, args.resume, args.overwrite)
     if args.nproc_per_node > 1:
         spawn_local(train, args.nproc_per_node, *job_args)
