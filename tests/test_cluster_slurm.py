@@ -197,7 +197,7 @@ def test_scontrol_requeue_and_the_time_limit_both_resume_the_run(
     restarts from its pickled submission), then a real time limit reached with --signal-delay
     (USR2, submitit's checkpoint and requeue), then to the end. Its losses are the
     uninterrupted run's, step for step, and its logs hold no traceback."""
-    overrides = [*tiny_overrides(long_data, epochs=7), "train.ckpt_every=20"]
+    overrides = [*tiny_overrides(long_data, epochs=8), "train.ckpt_every=20"]
     ref = reference(tmp_path / "ref", overrides)
     run_dir = tmp_path / "job"
     job_id = job_id_of(
@@ -211,7 +211,7 @@ def test_scontrol_requeue_and_the_time_limit_both_resume_the_run(
             "--time",
             "10",
             "--signal-delay",
-            "50",
+            "110",
             "--run-dir",
             str(run_dir),
         )  # fmt: skip
@@ -223,8 +223,9 @@ def test_scontrol_requeue_and_the_time_limit_both_resume_the_run(
     first_resumed = starts(run_dir, job_id)[1]
     assert first_resumed > 0  # from its newest checkpoint, not from scratch
     wait_for("steps after the restart", lambda: logged_step(run_dir) >= first_resumed + 30, 300)
-    # The time limit, brought near: USR2 is due at once (50 s before a 1-minute limit).
-    assert run(slurm, "scontrol", "update", f"JobId={job_id}", "TimeLimit=1").returncode == 0
+    # The time limit, brought near: USR2 is due at once (110 s before a 2-minute limit; Slurm
+    # checks limits every 30 s, so it comes well before the limit itself).
+    assert run(slurm, "scontrol", "update", f"JobId={job_id}", "TimeLimit=2").returncode == 0
     release(slurm, job_id, "TimeLimit=10")
     state = wait_done(slurm, job_id)
     log = logs(run_dir, job_id)
