@@ -230,9 +230,9 @@ def _resolve(job: Job) -> None:
 def process_group(job: Job | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Job]:
     """Join `job` (default: `job_from_env()`) for the duration of the block: the rank's GPU
     is made current, RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* are exported (DeepSpeed reads
-    them), and on exit the group is destroyed and the environment restored. Each rank logs
-    its place once; a master address that does not resolve, or peers that do not all arrive
-    within `timeout_s`, raise `RendezvousError` naming the address and port."""
+    them), and on exit the group is destroyed and the environment restored. Each rank of a job
+    of several logs its place once; a master address that does not resolve, or peers that do
+    not all arrive within `timeout_s`, raise `RendezvousError` naming the address and port."""
     job = job or job_from_env()
     if job.world_size > 1 and not job.master_port:
         raise UserError(
