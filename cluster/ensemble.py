@@ -24,7 +24,7 @@ from typing import get_args
 
 from cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
 from cluster.ray_cluster import add_arguments as add_ray_arguments
-from cluster.ray_cluster import ray_session
+from cluster.ray_cluster import ray_session, resource_bounds
 from cluster.trials import (
     USER_ERROR_MARK,
     NonFiniteTrialError,
@@ -161,8 +161,7 @@ def _check(args: argparse.Namespace) -> None:
             "--nproc-per-run": (args.nproc_per_run, 1),
             "--cpus-per-run": (args.cpus_per_run, 1),
             "--gpus-per-run": (args.gpus_per_run, 0),
-            "--num-cpus": (args.num_cpus, 1),
-            "--num-gpus": (args.num_gpus, 0),
+            **resource_bounds(args),
         }
     )
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-__all__ = ["add_arguments", "main", "ray_session", "wait_for_nodes"]
+__all__ = ["add_arguments", "main", "ray_session", "resource_bounds", "wait_for_nodes"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-gpus", type=int, default=None, help="local Ray: GPUs (default: all visible)"
     )
+
+
+def resource_bounds(args: argparse.Namespace) -> dict[str, tuple[int | None, int]]:
+    """The lowest values of the flags `add_arguments` adds (`setdiv.errors.check_at_least`)."""
+    return {"--num-cpus": (args.num_cpus, 1), "--num-gpus": (args.num_gpus, 0)}
 
 
 @contextlib.contextmanager

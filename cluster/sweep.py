@@ -39,7 +39,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from cluster.ray_cluster import add_arguments as add_ray_arguments
-from cluster.ray_cluster import ray_session
+from cluster.ray_cluster import ray_session, resource_bounds
 from cluster.trials import (
     NONFINITE_MARK,
     USER_ERROR_MARK,
@@ -308,8 +308,7 @@ def _check(args: argparse.Namespace) -> None:
             "--max-failures": (args.max_failures, 0),
             "--grace-epochs": (args.grace_epochs, 1),
             "--reduction-factor": (args.reduction_factor, 2),
-            "--num-cpus": (args.num_cpus, 1),
-            "--num-gpus": (args.num_gpus, 0),
+            **resource_bounds(args),
         }
     )
 

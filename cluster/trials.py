@@ -199,14 +199,15 @@ def run_training(
     )
     if code == NONFINITE_EXIT:
         _fail_nonfinite(run_dir, "training stopped on non-finite losses")
+    if code == 0:
+        return
     tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
     if code == USER_ERROR_EXIT:
         error = next((x for x in reversed(tail) if ": error: " in x), tail[-1] if tail else "")
         raise TrialUserError(f"{run_dir}: {error.strip()}")
-    if code != 0:
-        raise ChildFailedError(
-            f"setdiv train exited with code {code} ({run_dir / 'train.log'}):\n" + "\n".join(tail)
-        )
+    raise ChildFailedError(
+        f"setdiv train exited with code {code} ({run_dir / 'train.log'}):\n" + "\n".join(tail)
+    )
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
