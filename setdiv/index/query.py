@@ -14,7 +14,7 @@ from setdiv.data.reader import build_eval_reader
 from setdiv.data.samples import image_file_pixels
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode
-from setdiv.index.search import Hits, SetSearcher
+from setdiv.index.search import AUTO, Hits, SetSearcher
 from setdiv.model.encoders import IMAGE_INPUT_KIND
 
 __all__ = [
@@ -24,6 +24,27 @@ __all__ = [
     "run_eval",
     "run_search",
 ]
+
+
+CANDIDATES_HELP = (
+    "auto (default: adaptive, per query, from the set-summary index) or N (the items of the "
+    "N nearest elements of each query element)"
+)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def candidates_arg(text: str) -> int | str:
+    """`--candidates`: "auto" or an integer >= 1."""
+    return AUTO if text == AUTO else _at_least_one(text)
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,8 +58,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a shard sample's image as the query (any image encoder, regions included)",
     )
-    p.add_argument("--k", type=int, default=10, help="results")
-    p.add_argument("--candidates", type=int, default=64, help="ANN hits per query element")
+    p.add_argument("--k", type=_at_least_one, default=10, help="results")
+    p.add_argument("--candidates", type=candidates_arg, default=AUTO, help=CANDIDATES_HELP)
     p.add_argument("--export", default=None, help="the export (default: the one the index names)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -88,15 +109,18 @@ def run_search(args: argparse.Namespace) -> int:
     for r in records:
         text = r.get("text") or " | ".join(r.get("captions", []))[:120]
         print(f"{r['rank']:>3}  {r['score']:8.4f}  {r['id']!s:<16} {text}")
-    print(f"({hits.candidates[0]} of {len(searcher.store)} items re-scored exactly)")
+    n = len(searcher.store)
+    print(f"({hits.candidates[0]} of {n} items ({hits.candidates[0] / n:.1%}) scored exactly)")
     return 0
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", help="index directory")
     p.add_argument("--queries", required=True, help="shards whose other modality are queries")
-    p.add_argument("--k", type=int, default=10, help="depth of the overlap with exact search")
-    p.add_argument("--candidates", type=int, default=64, help="ANN hits per query element")
+    p.add_argument(
+        "--k", type=_at_least_one, default=10, help="depth of the overlap with exact search"
+    )
+    p.add_argument("--candidates", type=candidates_arg, default=AUTO, help=CANDIDATES_HELP)
     p.add_argument("--export", default=None, help="the export (default: the one the index names)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -113,7 +137,7 @@ def _recalls(hits: Hits, relevant: list[set[int]]) -> dict[str, float]:
 
 
 def evaluate_index(
-    searcher: SetSearcher, queries: str, k: int = 10, candidates: int = 64
+    searcher: SetSearcher, queries: str, k: int = 10, candidates: int | str = AUTO
 ) -> dict[str, Any]:
     """Two-stage against exact search on the other modality of `queries`: the retrieval
     recalls of both (a query's relevant items share its image), and recall@k of two-stage
@@ -142,11 +166,14 @@ def evaluate_index(
         len(set(a[:k]) & set(b[:k])) / min(k, len(items))
         for a, b in zip(fast.items.tolist(), exact.items.tolist(), strict=True)
     ]
+    scored = np.array(fast.candidates) / len(items)
     return {
         "queries": len(owner),
         "gallery": len(items),
-        "candidates_per_element": candidates,
+        "candidates": candidates,
         "mean_rescored": float(np.mean(fast.candidates)),
+        "fraction_scored": float(scored.mean()),
+        "fraction_scored_p99": float(np.percentile(scored, 99)),
         f"recall@{k}_vs_exact": float(np.mean(overlap)),
         "exact": _recalls(exact, relevant),
         "two_stage": _recalls(fast, relevant),
@@ -161,8 +188,10 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(
-        f"{result['queries']} queries, {result['gallery']} items, "
-        f"{result['mean_rescored']:.0f} re-scored per query on average"
+        f"{result['queries']} queries, {result['gallery']} items, candidates "
+        f"{result['candidates']}: {result['mean_rescored']:.0f} scored exactly per query on "
+        f"average ({result['fraction_scored']:.1%} of the gallery, p99 "
+        f"{result['fraction_scored_p99']:.1%})"
     )
     print(f"{'search':<12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'sum':>9}")
     for name in ("exact", "two_stage"):

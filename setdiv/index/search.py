@@ -1,25 +1,44 @@
-"""Two-stage search over an index of embedding sets: element-level ANN candidates, then the
-exact set similarity of the export (smooth-Chamfer, ...) over the union of their items.
+"""Two-stage search over an index of embedding sets: ANN candidates, then the exact set
+similarity of the export (smooth-Chamfer, ...) over the union of their items.
+
+Two ways to choose the candidates:
+  auto (the default)  `adaptive_top_k`: rounds of candidates from both ANN indexes (set
+                      summaries and elements), doubling until the k-th exact score beats a bound
+                      on every item not yet scored (see there); the budget is per query.
+  an integer C        `two_stage_top_k`: the items owning the C nearest elements of each query
+                      element, in one round.
 
 Shape legend: Q queries, L query set size, N gallery items, K gallery set size, D width.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from setdiv.data.shards import sha256_file
 from setdiv.errors import UserError
 from setdiv.export import ExportedModel, load_exported
-from setdiv.index.store import SetIndexStore
+from setdiv.index.store import SetIndexStore, query_summaries
 from setdiv.similarity import build_similarity
 
-__all__ = ["Hits", "SetSearcher", "exact_top_k", "two_stage_top_k"]
+__all__ = [
+    "AUTO",
+    "AutoBudget",
+    "Hits",
+    "SetSearcher",
+    "adaptive_top_k",
+    "exact_top_k",
+    "two_stage_top_k",
+]
+
+AUTO = "auto"
 
 
 @dataclass
@@ -32,14 +51,19 @@ class Hits:
     """(Q, k) gallery item indices."""
     candidates: list[int]
     """Per query, how many items were re-scored exactly."""
+    rounds: list[int] | None = None
+    """Per query, candidate rounds of the adaptive search (None: one fixed round)."""
 
 
 def _score(similarity: Any, modality: str, queries_QLD: Tensor, gallery_NKD: Tensor) -> Tensor:
     """(Q, N) similarities of query sets to gallery sets; the image side is always the
-    similarity's first argument."""
+    similarity's first argument. A score that is not finite (a broken gallery set) is -inf:
+    it can never rank above a real one."""
     if modality == "image":  # gallery images, text queries
-        return similarity(gallery_NKD, queries_QLD).T
-    return similarity(queries_QLD, gallery_NKD)
+        s = similarity(gallery_NKD, queries_QLD).T
+    else:
+        s = similarity(queries_QLD, gallery_NKD)
+    return torch.where(torch.isfinite(s), s, -torch.inf)
 
 
 def exact_top_k(
@@ -79,6 +103,92 @@ def two_stage_top_k(
     return Hits(scores, items, [len(c) for c in cands])
 
 
+@dataclass(frozen=True)
+class AutoBudget:
+    """How the adaptive search grows its candidates (see `adaptive_top_k`); measured in
+    BENCHMARKS.md ("Search on trained models")."""
+
+    first_per_k: int = 8
+    """Summary candidates in the first round, per result asked for (at least 32)."""
+    growth: float = 1.5
+    """Candidates grow by this factor per round."""
+    slack: float = 0.8
+    """Share of the largest residual above the fitted line added to the summary bound."""
+    max_fraction: float = 0.25
+    """Stop growing once this share of the gallery is scored (the bound not yet met)."""
+
+
+def _summary_bound(x: np.ndarray, y: np.ndarray, sigma: float, slack: float) -> float:
+    """Estimated largest exact score of an item whose summary score is at most `sigma`: a
+    line fitted to (summary, exact) of the items scored so far, plus `slack` times the largest
+    residual above it."""
+    beta, c = 1.0, 0.0
+    if len(x) >= 3 and np.ptp(x) > 1e-9:
+        beta, c = np.polyfit(x, y, 1)
+        beta = max(beta, 0.0)
+    residual = float(np.max(y - (beta * x + c))) if len(x) else 0.0
+    return beta * sigma + c + slack * max(residual, 0.0)
+
+
+def adaptive_top_k(
+    store: SetIndexStore,
+    similarity: Any,
+    queries_QLD: Tensor,
+    k: int,
+    alpha: float,
+    budget: AutoBudget = AutoBudget(),
+) -> Hits:
+    """Top-k with a per-query candidate budget, from the index of set summaries (whose inner
+    product is a second-order expansion of smooth-Chamfer, `store.set_summaries`).
+
+    Each round takes a query's `n` best items by summary score, scores the new ones exactly,
+    and stops when the k-th best exact score reaches an estimated bound on every unscored item:
+    none has a summary score above sigma (the (n+1)-th), and a line fitted to (summary, exact)
+    of the scored items, plus `budget.slack` of its largest residual, turns sigma into a
+    score (`_summary_bound`). Otherwise `n` grows by `budget.growth`, until
+    `budget.max_fraction` of the gallery is scored. The bound is empirical, not a proof:
+    `setdiv index eval` measures what it costs against exact search."""
+    if k < 1:
+        raise UserError(f"k must be >= 1, got {k}")
+    n_items, Q = len(store), queries_QLD.shape[0]
+    k = min(k, n_items)
+    summaries = query_summaries(queries_QLD, store.projection, alpha)
+    n = max(budget.first_per_k * k, 32)
+    cap = max(int(budget.max_fraction * n_items), n)
+    seen: list[dict[int, tuple[float, float]]] = [{} for _ in range(Q)]  # (exact, summary)
+    rounds = [0] * Q
+    active = list(range(Q))
+    while active:
+        sum_s, sum_i = store.summary_search(summaries[active], n + 1)
+        still = []
+        for a, q in enumerate(active):
+            rounds[q] += 1
+            found = dict(zip(sum_i[a, :n].tolist(), sum_s[a, :n].tolist(), strict=True))
+            new = [i for i in found if i >= 0 and i not in seen[q]]
+            if new:
+                gallery = store.elements(np.array(new))
+                s = _score(similarity, store.meta.modality, queries_QLD[q : q + 1], gallery)[0]
+                pairs = zip(s.tolist(), (found[i] for i in new), strict=True)
+                seen[q].update(zip(new, pairs, strict=True))
+            if len(seen[q]) >= min(n_items, cap) or sum_s.shape[1] <= n:
+                continue
+            exact, x = np.array(list(seen[q].values())).T
+            kth = np.sort(exact)[-k] if len(exact) >= k else -math.inf
+            fin = np.isfinite(exact)
+            if kth < _summary_bound(x[fin], exact[fin], float(sum_s[a, n]), budget.slack):
+                still.append(q)
+        active, n = still, int(math.ceil(n * budget.growth))
+    scores = torch.full((Q, k), -torch.inf)
+    items = torch.full((Q, k), -1, dtype=torch.long)
+    for q in range(Q):
+        rows = torch.tensor(list(seen[q]), dtype=torch.long)
+        s = torch.tensor([v[0] for v in seen[q].values()], dtype=torch.float32)
+        top = torch.topk(s, min(k, len(s)))
+        scores[q, : len(top.values)] = top.values
+        items[q, : len(top.values)] = rows[top.indices]
+    return Hits(scores, items, [len(x) for x in seen], rounds)
+
+
 class SetSearcher:
     """An index with the export that made it: encodes queries, searches in two stages.
 
@@ -98,6 +208,7 @@ class SetSearcher:
         cfg = self.exported.cfg
         self.similarity = build_similarity(cfg.similarity)
         self.brute_similarity = build_similarity(replace(cfg.similarity, block_size=4096))
+        self.alpha = float(cfg.similarity.alpha)
 
     @property
     def modality(self) -> str:
@@ -121,8 +232,13 @@ class SetSearcher:
         """(Q, K, D) image sets of model-ready inputs (normalised pixels or region features)."""
         return self.exported.model.encode_image(images, mask).embeds.float()
 
-    def search(self, queries: Tensor, k: int = 10, candidates: int = 64) -> Hits:
-        """Two-stage top-k of (Q, L, D) query sets (`two_stage_top_k`)."""
+    def search(self, queries: Tensor, k: int = 10, candidates: int | str = AUTO) -> Hits:
+        """Two-stage top-k of (Q, L, D) query sets: `adaptive_top_k` for "auto", else
+        `two_stage_top_k` with `candidates` elements per query element."""
+        if candidates == AUTO:
+            return adaptive_top_k(self.store, self.similarity, queries, k, self.alpha)
+        if not isinstance(candidates, int) or isinstance(candidates, bool):
+            raise UserError(f"candidates must be 'auto' or an integer, got {candidates!r}")
         return two_stage_top_k(self.store, self.similarity, queries, k, candidates)
 
     def exact(self, queries: Tensor, k: int = 10) -> Hits:
@@ -136,7 +252,7 @@ class SetSearcher:
         for rank, (s, i) in enumerate(
             zip(hits.scores[q].tolist(), hits.items[q].tolist(), strict=True)
         ):
-            if i < 0:
+            if i < 0 or not math.isfinite(s):  # a broken set never makes a hit
                 break
             item = self.store.items[i]
             out.append({"rank": rank + 1, "score": s, "index": i, **item})

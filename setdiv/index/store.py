@@ -6,9 +6,14 @@
     INDEX/items-00000.jsonl    its items, one line each: {"id": ..., "captions" | "text": ...}
     INDEX/ann-00001.faiss      FAISS index over the N*K elements of the first 1 part(s):
                                element e belongs to item e // K
+    INDEX/summary-00001.faiss  FAISS index over the N set summaries (`set_summaries`): the
+                               adaptive search's candidates
+    INDEX/projection.npy       (D, r) the summaries' projection (fixed by the first append)
 
-An append writes the next part and the next ANN file, then `meta.json` (atomically), then
-drops the previous ANN file: a crash at any point leaves the previous index whole.
+An append writes the next part and the next ANN files, then `meta.json` (atomically), then
+drops the previous ANN files: a crash at any point leaves the previous index whole. Opening
+checks every file against `meta.json` (dtype, shapes, counts) and fails in one line naming the
+file; elements that are not finite are refused at append, naming the item.
 
 The element matrix is what the exact rerank reads (memory-mapped); the ANN index only proposes
 candidates. Nothing here executes code from a file: JSON, .npy without pickles, FAISS's own
@@ -19,7 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +35,76 @@ from torch import Tensor
 
 from setdiv.errors import UserError
 
-__all__ = ["FORMAT", "AnnSpec", "IndexMeta", "SetIndexStore"]
+__all__ = [
+    "FORMAT",
+    "AnnSpec",
+    "IndexMeta",
+    "SetIndexStore",
+    "query_summaries",
+    "set_summaries",
+]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "setdiv-index/1"
+FORMAT = "setdiv-index/2"
+DTYPES = ("float16", "float32")
+MODALITIES = ("image", "text")
 KINDS = ("flat", "ivf", "hnsw")
 CODECS = ("flat", "fp16", "sq8")
 """Element codes inside the ANN index (besides `pq<M>`, M sub-quantizers)."""
+SUMMARY_RANK = 16
+"""r: the second-order part of a summary lives in the top-r principal directions."""
 TRAIN_SAMPLE = 100_000
 """Elements an IVF / SQ8 / PQ index is trained on (a random sample of the first part)."""
 
 
-def _ann_name(parts: int) -> str:
-    return f"ann-{parts:05d}.faiss"
+def _ann_name(parts: int, what: str = "ann") -> str:
+    return f"{what}-{parts:05d}.faiss"
+
+
+def _tri(A_Nrr: Tensor) -> Tensor:
+    """(N, r(r+1)/2) upper triangles of symmetric matrices, off-diagonals x sqrt(2): the inner
+    product of two such rows is the Frobenius product of the matrices."""
+    r = A_Nrr.shape[-1]
+    i, j = torch.triu_indices(r, r)
+    return A_Nrr[:, i, j] * torch.where(i == j, 1.0, math.sqrt(2.0))
+
+
+def _moments(sets_NKD: Tensor, P_Dr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean (N, D), projected second moment (N, r, r) and outer product of the projected mean
+    (N, r, r) of each set."""
+    z = sets_NKD.float() @ P_Dr
+    zbar = z.mean(dim=1)
+    second = torch.einsum("nkr,nks->nrs", z, z) / z.shape[1]
+    return sets_NKD.float().mean(dim=1), second, zbar[:, :, None] * zbar[:, None, :]
+
+
+def set_summaries(gallery_NKD: Tensor, P_Dr: Tensor) -> Tensor:
+    """(N, D + r(r+1)) gallery summaries; with `query_summaries` their inner product is the
+    second-order expansion of smooth-Chamfer in the projected space. Expanding each LSE over
+    a set to second order, and writing M for a set's second moment and m for its mean,
+
+        s(x, y) ~ const + mx.my + alpha/4 (2 <Mx, My> - my' Mx my - mx' My mx)
+
+    which is one inner product of [mx, Mx, mx mx'] with [my, alpha/4 (2 My - my my'), -alpha/4
+    My] (symmetric in x and y). M and the quadratic terms are taken in the top-r directions."""
+    mean, second, outer = _moments(gallery_NKD, P_Dr)
+    return torch.cat([mean, _tri(second), _tri(outer)], dim=1)
+
+
+def query_summaries(queries_QLD: Tensor, P_Dr: Tensor, alpha: float) -> Tensor:
+    """(Q, D + r(r+1)) query summaries matching `set_summaries`."""
+    mean, second, outer = _moments(queries_QLD, P_Dr)
+    w = alpha / 4
+    return torch.cat([mean, w * _tri(2 * second - outer), -w * _tri(second)], dim=1)
+
+
+def principal_directions(elements_ED: np.ndarray, rank: int = SUMMARY_RANK) -> np.ndarray:
+    """(D, r) top-r right singular vectors of (a sample of) the uncentred elements."""
+    rng = np.random.default_rng(0)
+    sample = elements_ED[rng.permutation(len(elements_ED))[:TRAIN_SAMPLE]]
+    vt = np.linalg.svd(sample.astype(np.float64), full_matrices=False)[2]
+    return np.ascontiguousarray(vt[: min(rank, vt.shape[0])].T, dtype=np.float32)
 
 
 def _faiss() -> Any:
@@ -88,6 +150,13 @@ class AnnSpec:
             return f"HNSW{self.m},{codec}"
         return codec
 
+    def summary_factory(self, num_embeds: int) -> str:
+        """The index over set summaries: the same kind, K times fewer IVF lists (one vector
+        per set instead of K)."""
+        if self.kind == "ivf":
+            return AnnSpec("ivf", max(1, self.nlist // num_embeds), codec=self.codec).factory()
+        return self.factory()
+
 
 @dataclass
 class IndexMeta:
@@ -104,8 +173,32 @@ class IndexMeta:
     """float16 | float32: the stored element matrix."""
     count: int = 0
     parts: int = 0
-    sources: list[str] | None = None
+    part_sizes: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    """sha256 of every shard whose items are in the index (an append of one is refused)."""
     format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        ints = ("num_embeds", "dim", "count", "parts")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.num_embeds < 1 or self.dim < 1:
+            raise ValueError(f"num_embeds and dim must be >= 1, got {self.num_embeds}, {self.dim}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        lists = (self.part_sizes, self.sources, self.shards)
+        if not all(isinstance(x, list) for x in lists):
+            raise ValueError("part_sizes, sources and shards must be lists")
+        if len(self.part_sizes) != self.parts or sum(self.part_sizes) != self.count:
+            raise ValueError(
+                f"part_sizes {self.part_sizes} do not add up to {self.parts} parts of "
+                f"{self.count} items"
+            )
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "ann": asdict(self.ann)}, indent=1)
@@ -114,25 +207,50 @@ class IndexMeta:
     def from_json(cls, path: Path) -> IndexMeta:
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             if data.get("format") != FORMAT:
-                raise UserError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+                raise ValueError(
+                    f"format {data.get('format')!r}, expected {FORMAT!r} (an index of another "
+                    "setdiv version: rebuild it with `setdiv index build`)"
+                )
+            if not isinstance(data.get("ann"), dict):
+                raise ValueError("'ann' must be an object")
             return cls(**{**data, "ann": AnnSpec(**data["ann"])})
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise UserError(f"{path}: not a setdiv index ({exc})") from None
+        except (OSError, ValueError, TypeError, KeyError, RecursionError, UserError) as exc:
+            raise UserError(f"{path}: not a valid setdiv index ({exc})") from None
+
+
+def _load_part(path: Path, rows: int, meta: IndexMeta) -> np.ndarray:
+    """One element part, memory-mapped, checked against `meta` (one line naming the file)."""
+    try:
+        part = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise UserError(f"{path}: not a readable element file ({exc})") from None
+    want = (rows, meta.num_embeds, meta.dim)
+    if part.shape != want or part.dtype != np.dtype(meta.dtype):
+        raise UserError(
+            f"{path}: holds {part.dtype} {part.shape}, meta.json says {meta.dtype} {want}"
+        )
+    return part
 
 
 class SetIndexStore:
     """An index directory: create it, append element sets, read elements back, search the
-    ANN index. `SetIndexStore.open(path)` for an existing one."""
+    ANN indexes. `SetIndexStore.open(path)` for an existing one."""
 
-    def __init__(self, root: Path, meta: IndexMeta, ann: Any) -> None:
-        self.root, self.meta, self.ann = root, meta, ann
+    def __init__(
+        self, root: Path, meta: IndexMeta, ann: Any, summary: Any, projection: Tensor | None
+    ) -> None:
+        self.root, self.meta, self.ann, self.summary = root, meta, ann, summary
+        self.projection = projection
+        """(D, r) the summaries' projection; None until the first append."""
         self._items: list[dict[str, Any]] | None = None
         self._parts = [
-            np.load(root / f"elements-{i:05d}.npy", mmap_mode="r", allow_pickle=False)
-            for i in range(meta.parts)
+            _load_part(root / f"elements-{i:05d}.npy", n, meta)
+            for i, n in enumerate(meta.part_sizes)
         ]
-        self._starts = np.cumsum([0, *(p.shape[0] for p in self._parts)])
+        self._starts = np.cumsum([0, *meta.part_sizes])
         self._configure()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -143,8 +261,9 @@ class SetIndexStore:
         if (root / "meta.json").exists():
             raise UserError(f"{root} already holds an index")
         root.mkdir(parents=True, exist_ok=True)
-        ann = _faiss().index_factory(meta.dim, meta.ann.factory(), _faiss().METRIC_INNER_PRODUCT)
-        store = cls(root, meta, ann)
+        faiss = _faiss()
+        ann = faiss.index_factory(meta.dim, meta.ann.factory(), faiss.METRIC_INNER_PRODUCT)
+        store = cls(root, meta, ann, None, None)
         store._write_meta()
         return store
 
@@ -154,19 +273,35 @@ class SetIndexStore:
         if not (root / "meta.json").is_file():
             raise FileNotFoundError(f"{root}: no index here (no meta.json; `setdiv index build`)")
         meta = IndexMeta.from_json(root / "meta.json")
-        ann_path = root / _ann_name(meta.parts)
-        if not ann_path.is_file():
-            raise FileNotFoundError(f"{root}: {ann_path.name} is missing")
+        ann = cls._read_ann(root / _ann_name(meta.parts), meta.count * meta.num_embeds, meta.dim)
+        if meta.parts == 0:
+            return cls(root, meta, ann, None, None)
+        path = root / "projection.npy"
         try:
-            ann = _faiss().read_index(str(ann_path))
+            P = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{path}: not a readable projection ({exc})") from None
+        if P.ndim != 2 or P.shape[0] != meta.dim or P.dtype != np.float32:
+            raise UserError(f"{path}: holds {P.dtype} {P.shape}, expected float32 ({meta.dim}, r)")
+        width = meta.dim + P.shape[1] * (P.shape[1] + 1)
+        summary = cls._read_ann(root / _ann_name(meta.parts, "summary"), meta.count, width)
+        return cls(root, meta, ann, summary, torch.from_numpy(P))
+
+    @staticmethod
+    def _read_ann(path: Path, ntotal: int, dim: int) -> Any:
+        if not path.is_file():
+            raise UserError(f"{path.parent}: {path.name} is missing")
+        try:
+            ann = _faiss().read_index(str(path))
         except RuntimeError as exc:
-            raise UserError(f"{ann_path}: not a readable FAISS index ({exc})") from None
-        if ann.ntotal != meta.count * meta.num_embeds:
+            reason = str(exc).strip().splitlines()[-1][:200]
+            raise UserError(f"{path}: not a readable FAISS index ({reason})") from None
+        if ann.ntotal != ntotal or ann.d != dim:
             raise UserError(
-                f"{root}: ann.faiss holds {ann.ntotal} elements, meta.json says "
-                f"{meta.count} items x {meta.num_embeds}"
+                f"{path}: holds {ann.ntotal} vectors of width {ann.d}; meta.json implies "
+                f"{ntotal} of width {dim}"
             )
-        return cls(root, meta, ann)
+        return ann
 
     def _write_meta(self) -> None:
         tmp = self.root / "meta.json.tmp"
@@ -175,15 +310,25 @@ class SetIndexStore:
 
     def _configure(self) -> None:
         faiss = _faiss()
-        if self.meta.ann.kind == "ivf":
-            faiss.extract_index_ivf(self.ann).nprobe = self.meta.ann.nprobe
-        elif self.meta.ann.kind == "hnsw":
-            self.ann.hnsw.efSearch = self.meta.ann.ef_search
+        for ann in (self.ann, self.summary):
+            if ann is None:
+                continue
+            if self.meta.ann.kind == "ivf":
+                faiss.extract_index_ivf(ann).nprobe = self.meta.ann.nprobe
+            elif self.meta.ann.kind == "hnsw":
+                ann.hnsw.efSearch = self.meta.ann.ef_search
 
     # --- writing --------------------------------------------------------------------------------
 
-    def append(self, elements_NKD: Tensor, items: list[dict[str, Any]], source: str) -> None:
-        """Add `elements_NKD` (one set per item, same K and D) with their items' ids/texts."""
+    def append(
+        self,
+        elements_NKD: Tensor,
+        items: list[dict[str, Any]],
+        source: str,
+        shards: list[str] | None = None,
+    ) -> None:
+        """Add `elements_NKD` (one set per item, same K and D) with their items' records;
+        `shards`: sha256 of the shards they come from (refused when already in the index)."""
         n, K, D = elements_NKD.shape
         if (K, D) != (self.meta.num_embeds, self.meta.dim):
             raise ValueError(
@@ -194,28 +339,60 @@ class SetIndexStore:
             raise ValueError(f"{n} element sets but {len(items)} items")
         if n == 0:
             raise UserError(f"{source}: nothing to add (no readable item)")
+        self.check_new_shards(shards or [], source)
         data = elements_NKD.detach().float().cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(data).reshape(n, -1).all(axis=1))
+        if len(bad):
+            ids = [items[i].get("id", i) for i in bad[:3]]
+            raise UserError(
+                f"{source}: {len(bad)} item(s) have non-finite elements (NaN or inf), e.g. "
+                f"{ids}: the export or its inputs are broken; nothing was added"
+            )
         flat = np.ascontiguousarray(data.reshape(n * K, D), dtype=np.float32)
-        if not self.ann.is_trained:
-            rng = np.random.default_rng(0)
-            sample = flat[rng.permutation(len(flat))[:TRAIN_SAMPLE]]
-            log.info("training the %s index on %d elements", self.meta.ann.factory(), len(sample))
-            self.ann.train(sample)
-        self.ann.add(flat)
+        if self.projection is None:
+            P = principal_directions(flat)
+            np.save(self.root / "projection.npy", P)
+            self.projection = torch.from_numpy(P)
+            width = D + P.shape[1] * (P.shape[1] + 1)
+            self.summary = _faiss().index_factory(
+                width, self.meta.ann.summary_factory(K), _faiss().METRIC_INNER_PRODUCT
+            )
+            self._configure()
+        summaries = set_summaries(torch.from_numpy(data), self.projection).numpy()
+        for ann, vectors in ((self.ann, flat), (self.summary, summaries)):
+            if not ann.is_trained:
+                rng = np.random.default_rng(0)
+                sample = vectors[rng.permutation(len(vectors))[:TRAIN_SAMPLE]]
+                log.info("training an index on %d vectors", len(sample))
+                ann.train(sample)
+            ann.add(vectors)
         index = self.meta.parts
         part = self.root / f"elements-{index:05d}.npy"
         np.save(part, data.astype(self.meta.dtype))
         with open(self.root / f"items-{index:05d}.jsonl", "w") as f:
             f.writelines(json.dumps(item) + "\n" for item in items)
         _faiss().write_index(self.ann, str(self.root / _ann_name(index + 1)))
+        _faiss().write_index(self.summary, str(self.root / _ann_name(index + 1, "summary")))
         self.meta.count += n
         self.meta.parts += 1
-        self.meta.sources = [*(self.meta.sources or []), source]
+        self.meta.part_sizes = [*self.meta.part_sizes, n]
+        self.meta.sources = [*self.meta.sources, source]
+        self.meta.shards = [*self.meta.shards, *(shards or [])]
         self._write_meta()  # the commit point
-        (self.root / _ann_name(index)).unlink(missing_ok=True)
-        self._parts.append(np.load(part, mmap_mode="r", allow_pickle=False))
+        for what in ("ann", "summary"):
+            (self.root / _ann_name(index, what)).unlink(missing_ok=True)
+        self._parts.append(_load_part(part, n, self.meta))
         self._starts = np.append(self._starts, self._starts[-1] + n)
         self._items = None
+
+    def check_new_shards(self, shards: list[str], source: str) -> None:
+        """Refuse shards (sha256) whose items the index already holds."""
+        again = set(shards) & set(self.meta.shards)
+        if again:
+            raise UserError(
+                f"{source}: {len(again)} shard(s) are already in {self.root} (same sha256): "
+                "their items would appear twice"
+            )
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -224,12 +401,11 @@ class SetIndexStore:
 
     @property
     def items(self) -> list[dict[str, Any]]:
+        """Every item's record, in index order (read on first use, checked line by line)."""
         if self._items is None:
-            self._items = [
-                json.loads(line)
-                for i in range(self.meta.parts)
-                for line in (self.root / f"items-{i:05d}.jsonl").read_text().splitlines()
-            ]
+            self._items = []
+            for i, rows in enumerate(self.meta.part_sizes):
+                self._items += _read_items(self.root / f"items-{i:05d}.jsonl", rows)
         return self._items
 
     def elements(self, rows: np.ndarray | None = None) -> Tensor:
@@ -251,11 +427,46 @@ class SetIndexStore:
             out[np.flatnonzero(sel)[order]] = self._parts[p][local[order]]
         return torch.from_numpy(out).float()
 
+    def element_search(self, queries_QLD: Tensor, per_element: int) -> tuple[Tensor, Tensor]:
+        """Per query element the `per_element` nearest gallery elements by inner product:
+        (Q, L, n) scores (best first) and (Q, L, n) owning items (-1: none)."""
+        Q, L, D = queries_QLD.shape
+        flat = np.ascontiguousarray(queries_QLD.reshape(Q * L, D).float().cpu().numpy())
+        scores, ids = self.ann.search(flat, min(per_element, self.ann.ntotal))
+        owners = np.where(ids >= 0, ids // self.meta.num_embeds, -1)
+        return torch.from_numpy(scores).view(Q, L, -1), torch.from_numpy(owners).view(Q, L, -1)
+
+    def summary_search(self, summaries_QS: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """The `n` items whose set summaries have the largest inner product with each query's
+        (`query_summaries`): (Q, n) scores, best first, and (Q, n) items (-1: none)."""
+        if self.summary is None:
+            raise UserError(f"{self.root}: the index is empty")
+        flat = np.ascontiguousarray(summaries_QS.float().cpu().numpy())
+        scores, ids = self.summary.search(flat, min(n, self.summary.ntotal))
+        return torch.from_numpy(scores), torch.from_numpy(ids)
+
     def candidates(self, queries_QLD: Tensor, per_element: int) -> list[np.ndarray]:
         """Per query, the items owning the top `per_element` elements of any of its elements
         by inner product (sorted item indices)."""
-        Q, L, D = queries_QLD.shape
-        flat = np.ascontiguousarray(queries_QLD.reshape(Q * L, D).float().cpu().numpy())
-        _, ids = self.ann.search(flat, min(per_element, self.ann.ntotal))
-        owners = ids.reshape(Q, -1) // self.meta.num_embeds
-        return [np.unique(row[row >= 0]) for row in owners]
+        _, owners = self.element_search(queries_QLD, per_element)
+        return [np.unique(row[row >= 0]) for row in owners.flatten(1).numpy()]
+
+
+def _read_items(path: Path, rows: int) -> list[dict[str, Any]]:
+    """The item records of one part: `rows` JSON objects, one per line."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not readable ({exc})") from None
+    if len(lines) != rows:
+        raise UserError(f"{path}: {len(lines)} lines, meta.json says {rows} items")
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise UserError(f"{path}:{n}: not a JSON item ({str(exc)[:80]})") from None
+        if not isinstance(item, dict) or "id" not in item:
+            raise UserError(f"{path}:{n}: an item must be a JSON object with an 'id'")
+        out.append(item)
+    return out
