@@ -51,8 +51,8 @@ def _make_data(out: Path, sizes: tuple[int, int, int, int], seed: int) -> Path:
         idx = index_path(data, split)
         if idx.is_file() and ShardIndex.load(idx).num_samples == n:
             continue  # already generated with these sizes
-        write_shards(
-            synthetic_samples(split, n, seed),
+        write_shards(  # test images carry their picture: `setdiv serve` shows it
+            synthetic_samples(split, n, seed, picture=split == "test"),
             data,
             split,
             "regions",

@@ -12,6 +12,7 @@ weights, so an export runs on any machine.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,6 +52,12 @@ class ExportedModel:
     """Hash of model.safetensors: identifies the weights in evaluation metadata."""
 
 
+def _follow_umask(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def export_model(
     model: nn.Module, cfg: config_lib.Config, out_dir: str | Path, vocab: Vocab | None = None
 ) -> Path:
@@ -59,6 +66,7 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": "setdiv/1"})
+    _follow_umask(out / WEIGHTS)  # safetensors writes 0600 whatever the umask
     text = cfg.model.text
     if text.name == "bigru":
         if vocab is None:
@@ -127,6 +135,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     cfg = architecture_only(config_lib.load([root / "config.yaml"]), root)
     model = build_model(cfg.model, pretrained=False)
     state = load_state_dict_file(root / WEIGHTS)
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise UserError(
+            f"{root / WEIGHTS}: {len(broken)} tensor(s) hold NaN or inf values (e.g. "
+            f"{broken[0]}): the weights are broken (a diverged run?); export another checkpoint"
+        )
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes differ: torch lists every tensor

@@ -124,9 +124,15 @@ def karpathy_samples(
 
 
 def synthetic_samples(
-    split: str, num_images: int, seed: int, kind: str = "regions", image_size: int = 64
+    split: str,
+    num_images: int,
+    seed: int,
+    kind: str = "regions",
+    image_size: int = 64,
+    picture: bool = False,
 ) -> Iterator[Sample]:
-    """The built-in ambiguous dataset (`setdiv.data.synthetic`), rendered as regions or JPEGs."""
+    """The built-in ambiguous dataset (`setdiv.data.synthetic`), rendered as regions or JPEGs
+    (`picture`: region samples carry the scene's JPEG too, for people to look at)."""
     if kind not in ("regions", "image"):
         raise ValueError(f"synthetic kind must be 'regions' or 'image', got {kind!r}")
     for i in range(num_images):
@@ -135,6 +141,6 @@ def synthetic_samples(
             image_id=f"{split}{i:07d}",
             captions=list(scene.captions),
             caption_ids=[CAPTIONS_PER_IMAGE * i + k for k in range(CAPTIONS_PER_IMAGE)],
-            jpg=synthetic.render_image(scene, image_size) if kind == "image" else None,
+            jpg=synthetic.render_image(scene, image_size) if kind == "image" or picture else None,
             regions=synthetic.render_regions(scene) if kind == "regions" else None,
         )

@@ -152,8 +152,12 @@ class Vocab:
             data = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: not a JSON vocabulary: {exc}") from None
+        except RecursionError:
+            raise UserError(f"{path}: not a vocabulary (JSON nested too deeply)") from None
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
             raise UserError(f"{path}: expected a JSON object with a 'words' list")
+        if not all(isinstance(w, str) for w in data["words"]):
+            raise UserError(f"{path}: 'words' must be a list of strings")
         return cls(data["words"], data.get("tokenizer", "regex"), data.get("counts"))
 
     @classmethod

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
 import torch
 
 from setdiv import config as config_lib
@@ -90,6 +91,8 @@ def evaluate_export(
     _check_test_set(data, protocol, read, expected, allow_partial)
     similarity = build_similarity(cfg.similarity)
     result = gather_and_score(enc, similarity, cfg.data.eval_batch_size, protocol)
+    if result is not None:
+        check_finite(result.sims, exported.sha256)
     if analysis:
         from setdiv.eval.set_analysis import analyse
 
@@ -109,6 +112,17 @@ def evaluate_export(
             "skipped_samples": expected - read,
         }
     return result
+
+
+def check_finite(sims_NM: np.ndarray, sha256: str) -> None:
+    """Refuse to report metrics over a similarity matrix with NaN / inf scores: they come
+    from a broken model, and the recalls of such a matrix mean nothing."""
+    bad = int((~np.isfinite(sims_NM)).sum())
+    if bad:
+        raise UserError(
+            f"the similarity matrix holds {bad} non-finite scores of {sims_NM.size} (NaN/inf): "
+            f"the model (sha256 {sha256[:12]}...) produces broken embeddings; no metrics reported"
+        )
 
 
 def _check_test_set(data: str, protocol: str, read: int, expected: int, partial: bool) -> None:

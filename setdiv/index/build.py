@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +40,60 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="gallery shards (brace pattern or glob)")
     p.add_argument("--modality", choices=("image", "text"), required=True, help="gallery items")
     p.add_argument("--out", required=True, help="index directory (appended to if it exists)")
-    p.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat", help="ANN index")
-    p.add_argument("--codec", default="flat", help="ANN element code: flat|fp16|sq8|pq<M>")
-    p.add_argument("--nlist", type=int, default=1024, help="ivf: inverted lists")
-    p.add_argument("--nprobe", type=int, default=32, help="ivf: lists searched per element")
-    p.add_argument("--m", type=int, default=32, help="hnsw: neighbours per node")
-    p.add_argument("--ef-search", type=int, default=128, help="hnsw: search list size")
-    p.add_argument("--fp16", action="store_true", help="store the element matrix in fp16")
+    # Index options default to None: an append may repeat them, never change them.
+    p.add_argument("--kind", choices=("flat", "ivf", "hnsw"), help="ANN index (default flat)")
+    p.add_argument("--codec", help="ANN element code: flat|fp16|sq8|pq<M> (default flat)")
+    p.add_argument("--nlist", type=int, help="ivf: inverted lists (default 1024)")
+    p.add_argument("--nprobe", type=int, help="ivf: lists searched per element (default 32)")
+    p.add_argument("--m", type=int, help="hnsw: neighbours per node (default 32)")
+    p.add_argument("--ef-search", type=int, help="hnsw: search list size (default 128)")
+    p.add_argument(
+        "--fp16", action="store_true", default=None, help="store the element matrix in fp16"
+    )
     p.add_argument("--nproc", type=int, default=1, help="local processes encoding the gallery")
 
 
-def gallery_items(modality: str, image_ids: list, caption_ids: list, texts: list[str]) -> list:
-    """One record per gallery item: an image with its captions, or a caption with its image."""
+SPEC_OPTIONS = ("kind", "nlist", "m", "codec", "nprobe", "ef_search")
+PICTURES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _spec(args: argparse.Namespace) -> AnnSpec:
+    given = {k: getattr(args, k) for k in SPEC_OPTIONS if getattr(args, k) is not None}
+    return AnnSpec(**given)
+
+
+def picture_members(shards: ShardSet) -> dict[str, dict[str, str]]:
+    """{sample key: {"shard": path, "member": name}} of every picture in `shards` (tar
+    headers only), so a server can show an image item."""
+    out = {}
+    for path in shards.paths:
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar.getmembers():
+                    key, dot, ext = m.name.rpartition(".")
+                    if m.isfile() and dot and f".{ext.lower()}" in PICTURES:
+                        out[key] = {"shard": str(path.resolve()), "member": m.name}
+        except (OSError, tarfile.TarError) as exc:
+            log.warning("%s: pictures not listed (%s)", path, exc)
+    return out
+
+
+def gallery_items(
+    modality: str,
+    image_ids: list,
+    caption_ids: list,
+    texts: list[str],
+    pictures: dict[str, dict[str, str]] | None = None,
+) -> list:
+    """One record per gallery item: an image with its captions (and where its picture is, if
+    the shards hold one), or a caption with its image."""
     if modality == "image":
-        return [{"id": i, "captions": texts[5 * n : 5 * n + 5]} for n, i in enumerate(image_ids)]
+        pictures = pictures or {}
+        return [
+            {"id": i, "captions": texts[5 * n : 5 * n + 5]}
+            | ({"picture": pictures[str(i)]} if str(i) in pictures else {})
+            for n, i in enumerate(image_ids)
+        ]
     return [
         {"id": c, "image_id": image_ids[m // 5], "text": texts[m]}
         for m, c in enumerate(caption_ids)
@@ -82,14 +123,18 @@ def encode_gallery(
             reader.shards.num_samples - len(image_ids),
             reader.shards.num_samples,
         )
-    return sets.cpu(), gallery_items(modality, image_ids, caption_ids, texts)
+    pictures = picture_members(reader.shards) if modality == "image" else None
+    return sets.cpu(), gallery_items(modality, image_ids, caption_ids, texts, pictures)
 
 
-def _check_existing(out: Path, sha: str, modality: str) -> None:
-    """An existing index at `out` must come from the same export and hold `modality` items."""
+def _check_existing(args: argparse.Namespace, sha: str, shards: ShardSet) -> None:
+    """An existing index at `args.out` must come from the same export, hold `modality` items,
+    have the options given, and not hold these shards already."""
+    out, modality = Path(args.out), args.modality
     if not (out / "meta.json").exists():
         return
-    meta = SetIndexStore.open(out).meta
+    store = SetIndexStore.open(out)
+    meta = store.meta
     if meta.export_sha256 != sha:
         raise UserError(
             f"{out} was built with another export ({meta.export_path}): append with the same "
@@ -97,6 +142,16 @@ def _check_existing(out: Path, sha: str, modality: str) -> None:
         )
     if meta.modality != modality:
         raise UserError(f"{out} holds {meta.modality} items, not {modality}")
+    differ = [
+        f"--{k.replace('_', '-')} {getattr(args, k)} (the index has {getattr(meta.ann, k)})"
+        for k in SPEC_OPTIONS
+        if getattr(args, k) is not None and getattr(args, k) != getattr(meta.ann, k)
+    ]
+    if args.fp16 and meta.dtype != "float16":
+        differ.append("--fp16 (the index stores float32)")
+    if differ:
+        raise UserError(f"{out}: an append cannot change the index's options: {', '.join(differ)}")
+    store.check_new_shards([i.sha256 for i in shards.infos], args.data)
 
 
 def _open_or_create(args: argparse.Namespace, K: int, D: int) -> SetIndexStore:
@@ -104,7 +159,7 @@ def _open_or_create(args: argparse.Namespace, K: int, D: int) -> SetIndexStore:
     if (out / "meta.json").exists():
         return SetIndexStore.open(out)
     path, sha, config_text = export_identity(args.export)
-    spec = AnnSpec(args.kind, args.nlist, args.m, args.codec, args.nprobe, args.ef_search)
+    spec = _spec(args)
     dtype = "float16" if args.fp16 else "float32"
     return SetIndexStore.create(
         out, IndexMeta(args.modality, path, sha, config_text, spec, K, D, dtype)
@@ -122,7 +177,8 @@ def _worker(args: argparse.Namespace) -> None:
             return
         sets, items = gallery
         store = _open_or_create(args, sets.shape[1], sets.shape[2])
-        store.append(sets, items, args.data)
+        shards = ShardSet.resolve(args.data)
+        store.append(sets, items, args.data, [i.sha256 for i in shards.infos])
         print(
             f"index {args.out}: +{len(items)} {args.modality} items ({len(store)} in all, "
             f"{store.ann.ntotal} elements, {store.meta.ann.factory()})"
@@ -133,9 +189,10 @@ def run_build(args: argparse.Namespace) -> int:
     """Check the export, shards and index spec before any encoding, then build."""
     if args.nproc < 1:
         raise UserError("--nproc must be >= 1")
-    AnnSpec(args.kind, args.nlist, args.m, args.codec, args.nprobe, args.ef_search)
-    _check_existing(Path(args.out), export_identity(args.export)[1], args.modality)
-    ShardSet.resolve(args.data).verify()
+    _spec(args)
+    shards = ShardSet.resolve(args.data)
+    _check_existing(args, export_identity(args.export)[1], shards)
+    shards.verify()
     if args.nproc == 1:
         _worker(args)
     else:

@@ -1,304 +1,370 @@
-"""`setdiv serve INDEX`: a small HTTP API over two-stage search (the standard library's
-threading HTTP server; queries are serialised through one lock, the model is not re-entrant).
+"""`setdiv serve INDEX`: an HTTP API over the index on FastAPI + uvicorn.
 
-    GET  /               a query page (HTML; /?q=TEXT searches on load)
+    GET  /               a query page (HTML; /?q=TEXT searches on load), thumbnails for images
     GET  /health         {"status": "ok", "items": N, "modality": ..., "export_sha256": ...}
-    GET  /openapi.json   the OpenAPI 3 description of this API
-    POST /search         {"text": str} | {"texts": [str]} | {"image": base64} | {"images": [...]}
-                         + optional "k", "candidates"  ->  {"results": [{"query", "hits"}]}
+    GET  /image/{item}   a JPEG thumbnail of a gallery picture (item index or id; 404 if none)
+    GET  /openapi.json   the OpenAPI document, generated from the request model below
+    POST /search         `SearchRequest` -> {"results": [{"query", "scored", "hits"}]}
 
-Bad input gets a 4xx with {"error": ...}: bodies are bounded (Content-Length required), JSON is
-the only format parsed, images are decoded by Pillow alone, and no input reaches anything that
-executes code. A client that stalls is dropped after `TIMEOUT_S`.
+Bad input gets a 4xx with {"error": ...} (and pydantic's "detail" for invalid fields): the
+request model forbids unknown fields and bounds every list, string and number; bodies are
+bounded and need a Content-Length or chunked encoding; a request has `DEADLINE_S` in all
+(408 if the client is still sending, 503 if the answer is not ready) and at most
+`MAX_IN_FLIGHT` are in the server at once (503 and Retry-After beyond); a connection that
+sends no complete request head within `HEAD_TIMEOUT_S` is closed. Log lines escape what
+clients sent.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
-import io
 import json
 import logging
-import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import urlsplit
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
 
-import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from setdiv.index.search import SetSearcher
-from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.errors import UserError
+from setdiv.index.page import PAGE
+from setdiv.index.search import AUTO, SetSearcher
+from setdiv.index.service import Service
 
-__all__ = ["MAX_BODY", "MAX_K", "MAX_QUERIES", "add_arguments", "make_server", "run"]
+__all__ = ["Guard", "SearchRequest", "add_arguments", "app_from_env", "create_app", "run"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 8 << 20
 """Largest request body (bytes): a batch of a few JPEGs."""
 MAX_QUERIES = 64
+MAX_IMAGES = 8
+MAX_IMAGE_B64 = MAX_BODY
 MAX_K = 100
 MAX_CANDIDATES = 4096
 MAX_TEXT = 1000
 """Characters per text query."""
-TIMEOUT_S = 10.0
+DEADLINE_S = 30.0
+MAX_IN_FLIGHT = 64
+HEAD_TIMEOUT_S = 10.0
 QUERY_KEYS = ("text", "texts", "image", "images")
 
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+Image64 = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE_B64)]
 
-class RequestError(Exception):
-    """A 4xx answer: the status and what was wrong."""
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+class SearchRequest(BaseModel):
+    """Exactly one of `text`, `texts` (image galleries), `image`, `images` (base64 JPEG /
+    PNG / WebP; text galleries), with optional `k` and `candidates`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"oneOf": [{"required": [key]} for key in QUERY_KEYS]},
+    )
+
+    text: Text | None = None
+    texts: Annotated[list[Text], Field(min_length=1, max_length=MAX_QUERIES)] | None = None
+    image: Image64 | None = None
+    images: Annotated[list[Image64], Field(min_length=1, max_length=MAX_IMAGES)] | None = None
+    k: Annotated[int, Field(ge=1, le=MAX_K)] = 10
+    candidates: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_CANDIDATES)] = AUTO
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchRequest:
+        given = [key for key in QUERY_KEYS if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {list(QUERY_KEYS)}, got {given}")
+        return self
+
+    def queries(self) -> tuple[str, list[str]]:
+        """("text" | "image", the queries)."""
+        key = next(key for key in QUERY_KEYS if getattr(self, key) is not None)
+        value = getattr(self, key)
+        return ("text" if key.startswith("text") else "image"), (
+            value if isinstance(value, list) else [value]
+        )
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _escape(text: str) -> str:
+    """`text` with control and non-ASCII characters escaped, for one log line."""
+    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+class Guard:
+    """ASGI middleware: Host check, body size and framing, the in-flight bound, the whole-
+    request deadline and one escaped log line per request."""
+
+    def __init__(self, app: Any, allowed_hosts: set[str] | None) -> None:
+        self.app, self.allowed_hosts = app, allowed_hosts
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, state = time.monotonic(), {"status": 0}
+
+        async def send_logged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send_logged)
+            if self.in_flight >= MAX_IN_FLIGHT:
+                busy = _error(503, "busy: too many requests in flight")
+                busy.headers["Retry-After"] = "1"
+                return await busy(scope, receive, send_logged)
+            self.in_flight += 1
+            try:
+                await self._run(scope, receive, send_logged, start + DEADLINE_S, state)
+            finally:
+                self.in_flight -= 1
+        finally:
+            client = scope.get("client") or ("-", 0)
+            raw = scope.get("raw_path") or scope["path"].encode()
+            log.info(
+                '%s "%s %s" %d %.0f ms',
+                client[0],
+                _escape(scope["method"]),
+                _escape(raw.decode("latin-1")),
+                state["status"],
+                1000 * (time.monotonic() - start),
+            )
+
+    def _refusal(self, scope: dict) -> Response | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if self.allowed_hosts is not None and name.strip("[]") not in self.allowed_hosts:
+            return _error(400, f"unknown Host {_escape(host)!r} (--allowed-host)")
+        if scope["method"] != "POST":
+            return None
+        length = headers.get("content-length")
+        if length is None and "chunked" not in headers.get("transfer-encoding", ""):
+            return _error(411, "a Content-Length is required")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return _error(413, f"bodies are limited to {MAX_BODY} bytes")
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if scope["path"] == "/search" and ctype != "application/json":
+            return _error(415, "send application/json")
+        return None
+
+    async def _run(
+        self, scope: dict, receive: Callable, send: Callable, deadline: float, state: dict
+    ) -> None:
+        received = 0
+
+        async def bounded_receive() -> dict:
+            nonlocal received
+            left = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
+            except TimeoutError:
+                raise _LateError(408, "the request body did not arrive in time") from None
+            received += len(message.get("body", b""))
+            if received > MAX_BODY:
+                raise _LateError(413, f"bodies are limited to {MAX_BODY} bytes")
+            return message
+
+        try:
+            await asyncio.wait_for(
+                self.app(scope, bounded_receive, send), timeout=deadline - time.monotonic()
+            )
+        except (_LateError, TimeoutError) as exc:
+            status, message = (
+                (exc.status, str(exc)) if isinstance(exc, _LateError) else (503, "deadline passed")
+            )
+            if state["status"] == 0:  # nothing sent yet: say why
+                await _error(status, message)(scope, receive, send)
+
+
+class _LateError(Exception):
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
 
 
-def _int_field(body: dict, key: str, default: int, limit: int) -> int:
-    value = body.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"'{key}' must be an integer in 1..{limit}")
-    return value
+class HeadTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol, closing connections that send no complete request head in
+    `HEAD_TIMEOUT_S` (uvicorn itself waits forever for one)."""
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._drop_if_silent)
+
+    def _drop_if_silent(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_timer.cancel()
+        super().connection_lost(exc)
 
 
-def _queries(body: Any, modality: str) -> tuple[str, list[Any]]:
-    """("text" | "image", the queries) of a request body, validated."""
-    if not isinstance(body, dict):
-        raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-    unknown = set(body) - {*QUERY_KEYS, "k", "candidates"}
-    if unknown:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown fields: {sorted(unknown)}")
-    given = [k for k in QUERY_KEYS if k in body]
-    if len(given) != 1:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"give exactly one of {list(QUERY_KEYS)}")
-    key = given[0]
-    queries = body[key] if key.endswith("s") else [body[key]]
-    if not isinstance(queries, list) or not 1 <= len(queries) <= MAX_QUERIES:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"'{key}': 1..{MAX_QUERIES} queries")
-    if not all(isinstance(q, str) and 0 < len(q) for q in queries):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"'{key}': non-empty strings only")
-    kind = "text" if key.startswith("text") else "image"
-    if kind == "text" and any(len(q) > MAX_TEXT for q in queries):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"a text query is over {MAX_TEXT} characters")
-    wanted = "text" if modality == "image" else "image"
-    if kind != wanted:
-        raise RequestError(
-            HTTPStatus.BAD_REQUEST, f"this index holds {modality} items: send {wanted} queries"
-        )
-    return kind, queries
+def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastAPI:
+    """The FastAPI app over `service` (`allowed_hosts`: Host header names accepted; None:
+    any)."""
 
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()  # after uvicorn has let in-flight requests finish
 
-class Service:
-    """The searcher behind the API, and the one lock its model is used under."""
+    app = FastAPI(
+        title="setdiv search", version="2", docs_url=None, redoc_url=None, lifespan=lifespan
+    )
 
-    def __init__(self, searcher: SetSearcher) -> None:
-        self.searcher, self.lock = searcher, threading.Lock()
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        parts = [f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in errors]
+        detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]
+        return _error(400, "; ".join(parts)[:2000], detail=detail)
 
-    def health(self) -> dict[str, Any]:
-        meta = self.searcher.store.meta
-        return {
-            "status": "ok",
-            "items": len(self.searcher.store),
-            "modality": meta.modality,
-            "export_sha256": meta.export_sha256,
-            "ann": meta.ann.factory(),
-        }
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
 
-    def _images(self, blobs: list[str]) -> torch.Tensor:
-        cfg = self.searcher.exported.cfg
-        if IMAGE_INPUT_KIND[cfg.model.image.name] != "image":
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST,
-                f"this index's model ({cfg.model.image.name}) reads region features, not images",
-            )
-        from setdiv.data.samples import image_file_pixels
+    @app.exception_handler(404)
+    async def not_found(request: Request, _: Exception) -> JSONResponse:
+        return _error(404, f"no such path: {_escape(request.url.path)}")
 
-        pixels = []
-        for i, blob in enumerate(blobs):
-            try:
-                data = base64.b64decode(blob, validate=True)
-                pixels.append(
-                    image_file_pixels(
-                        io.BytesIO(data), cfg.data.image_size, cfg.data.image_transform
-                    )
-                )
-            except (binascii.Error, ValueError) as exc:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"image {i}: {exc}") from None
-        return torch.cat(pixels)
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return service.health()
 
-    def search(self, body: Any) -> dict[str, Any]:
-        kind, queries = _queries(body, self.searcher.modality)
-        k = _int_field(body, "k", 10, MAX_K)
-        candidates = _int_field(body, "candidates", 64, MAX_CANDIDATES)
-        with self.lock:
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get(
+        "/image/{item}",
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no picture"}},
+    )
+    async def image(item: str) -> Response:
+        try:
+            data = await run_in_threadpool(service.picture, item)
+        except (LookupError, UserError) as exc:
+            return _error(404, str(exc))
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    for path, endpoint in (("/health", health), ("/", page), ("/image/{item}", image)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
+    @app.post("/search", responses={400: {}, 408: {}, 411: {}, 413: {}, 415: {}, 503: {}})
+    async def search(body: SearchRequest) -> dict[str, Any]:
+        kind, queries = body.queries()
+        wanted = "text" if service.modality == "image" else "image"
+        if kind != wanted:
+            return _error(400, f"this index holds {service.modality} items: send {wanted} queries")
+        try:
             if kind == "text":
-                try:
-                    sets = self.searcher.encode_texts(queries)
-                except ValueError as exc:  # e.g. nothing left after tokenisation
-                    raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+                if any(not q.strip() for q in queries):
+                    raise UserError("an empty text query")
+                payload: Any = queries
             else:
-                sets = self.searcher.encode_images(self._images(queries))
-            hits = self.searcher.search(sets, k, candidates)
+                payload = await run_in_threadpool(service.decode_images, _b64(queries))
+            hits = await asyncio.wrap_future(service.submit(kind, payload, body.k, body.candidates))
+        except (UserError, ValueError) as exc:
+            return _error(400, str(exc))
         return {
             "results": [
                 {
                     "query": q if kind == "text" else f"image {i}",
-                    "hits": self.searcher.describe(hits, i),
+                    "scored": hits.candidates[i],
+                    "hits": service.describe(hits, i),
                 }
                 for i, q in enumerate(queries)
             ]
         }
 
-
-def openapi() -> dict[str, Any]:
-    query = {
-        "type": "object",
-        "properties": {
-            "text": {"type": "string", "maxLength": MAX_TEXT},
-            "texts": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_QUERIES},
-            "image": {"type": "string", "format": "byte"},
-            "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
-            "candidates": {"type": "integer", "minimum": 1, "maximum": MAX_CANDIDATES},
-        },
-        "additionalProperties": False,
-    }
-    error = {"description": "bad request", "content": {"application/json": {}}}
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "setdiv search", "version": "1"},
-        "paths": {
-            "/health": {"get": {"responses": {"200": {"description": "index summary"}}}},
-            "/search": {
-                "post": {
-                    "requestBody": {"content": {"application/json": {"schema": query}}},
-                    "responses": {
-                        "200": {"description": "hits per query, best first"},
-                        "400": error, "411": error, "413": error, "415": error,
-                    },
-                }
-            },
-        },
-    }  # fmt: skip
+    return app
 
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>setdiv search</title>
-<style>body{font:15px sans-serif;max-width:50em;margin:2em auto}li{margin:.4em 0}
-.s{color:#888;font-family:monospace}</style></head><body>
-<h1>setdiv search</h1><form id="f"><input id="q" size="50" placeholder="a red circle" autofocus>
-<button>search</button></form><p id="info"></p><ol id="hits"></ol><script>
-fetch('/health').then(r => r.json()).then(h => {
-  document.getElementById('info').textContent = h.items + ' ' + h.modality + ' items, ' + h.ann; });
-const form = document.getElementById('f');
-form.onsubmit = async e => {
-  if (e) e.preventDefault();
-  const r = await fetch('/search', {method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({text: document.getElementById('q').value, k: 10})});
-  const out = document.getElementById('hits'); out.replaceChildren();
-  const data = await r.json();
-  if (!r.ok) { out.textContent = data.error; return; }
-  for (const h of data.results[0].hits) {
-    const li = document.createElement('li'); const s = document.createElement('span');
-    s.className = 's'; s.textContent = h.score.toFixed(4) + ' ' + h.id + ' ';
-    li.append(s, (h.captions || [h.text]).join(' | ')); out.append(li); }
-};
-const q = new URLSearchParams(location.search).get('q');  // /?q=...: search on load
-if (q) { document.getElementById('q').value = q; form.onsubmit(); }
-</script></body></html>"""
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP over a `Service`: GET the page, /health, /openapi.json; POST /search."""
-
-    service: Service  # bound per server by `make_server`
-    timeout = TIMEOUT_S  # a stalled client is dropped
-    server_version = "setdiv"
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), fmt % args)
-
-    def _send(self, status: HTTPStatus, body: bytes, ctype: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: HTTPStatus, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json")
-
-    def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
-        path = urlsplit(self.path).path
-        if path == "/health":
-            self._json(HTTPStatus.OK, self.service.health())
-        elif path == "/openapi.json":
-            self._json(HTTPStatus.OK, openapi())
-        elif path in ("/", "/index.html"):
-            self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
-        else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {self.path}"})
-
-    def do_POST(self) -> None:  # noqa: N802
+def _b64(blobs: list[str]) -> list[bytes]:
+    out = []
+    for i, blob in enumerate(blobs):
         try:
-            if self.path != "/search":
-                raise RequestError(HTTPStatus.NOT_FOUND, f"no such path: {self.path}")
-            self._json(HTTPStatus.OK, self.service.search(self._body()))
-        except RequestError as exc:
-            self.close_connection = True
-            self._json(exc.status, {"error": str(exc)})
-        except Exception:  # a bug: logged with its traceback, the client gets a 500
-            log.exception("search failed")
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
-
-    def _body(self) -> Any:
-        ctype = self.headers.get("Content-Type", "").split(";")[0].strip()
-        if ctype != "application/json":
-            raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
-        if int(length) > MAX_BODY:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"bodies are limited to {MAX_BODY} bytes"
-            )
-        raw = self.rfile.read(int(length))
-        if len(raw) < int(length):
-            raise RequestError(HTTPStatus.BAD_REQUEST, "the body is shorter than announced")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"not JSON: {exc}") from None
-
-    def _unsupported(self) -> None:
-        self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "GET or POST only"})
-
-    do_PUT = do_DELETE = do_PATCH = _unsupported  # noqa: N815
-
-
-def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
-    """A server bound to (host, port) (port 0: any free one); `serve_forever()` runs it."""
-    handler = type("Handler", (_Handler,), {"service": service})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+            out.append(base64.b64decode(blob, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise UserError(f"image {i}: not base64 ({exc})") from None
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", help="index directory (`setdiv index build`)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free one, 1 worker)")
     p.add_argument("--export", default=None, help="the export (default: the one the index names)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="server processes over the one memory-mapped index"
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        help="a Host header name to accept (repeatable; default: localhost names and --host; "
+        "'*': any)",
+    )
+
+
+ENV = "SETDIV_SERVE"
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process: `ENV` holds the index, export and allowed hosts."""
+    opts = json.loads(os.environ[ENV])
+    service = Service(SetSearcher(opts["index"], opts["export"]))
+    hosts = None if opts["hosts"] is None else set(opts["hosts"])
+    return Guard(create_app(service, hosts), hosts)  # type: ignore[return-value]
+
+
+def allowed_hosts(args: argparse.Namespace) -> list[str] | None:
+    if args.allowed_host and "*" in args.allowed_host:
+        return None
+    return sorted({"localhost", "127.0.0.1", "::1", args.host, *(args.allowed_host or [])})
 
 
 def run(args: argparse.Namespace) -> int:
-    service = Service(SetSearcher(args.index, args.export))
-    server = make_server(service, args.host, args.port)
-    host, port = server.server_address[:2]
-    print(f"serving {args.index} ({len(service.searcher.store)} items) on http://{host}:{port}/")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    """Serve until SIGINT / SIGTERM; in-flight requests finish first (uvicorn's graceful
+    shutdown)."""
+    import uvicorn
+
+    if args.workers < 1:
+        raise UserError("--workers must be >= 1")
+    if args.workers > 1 and args.port == 0:
+        raise UserError("--workers > 1 needs a fixed --port")
+    SetSearcher(args.index, args.export)  # fails here, in one line, before any worker starts
+    os.environ[ENV] = json.dumps(
+        {"index": args.index, "export": args.export, "hosts": allowed_hosts(args)}
+    )
+    print(f"serving {args.index} on http://{args.host}:{args.port}/ ({args.workers} worker(s))")
+    uvicorn.run(
+        "setdiv.index.serve:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        http=HeadTimeoutH11,
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=DEADLINE_S,
+    )
     return 0
