@@ -141,118 +141,6 @@ def test_text_gallery_with_an_image_sample_query(
     assert result["two_stage"] == result["exact"]
 
 
-# --- the HTTP API ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(setup: Path):  # noqa: ANN201
-    import threading
-
-    from setdiv.index.serve import Service, make_server
-
-    srv = make_server(Service(SetSearcher(setup / "img")), "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
-
-
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict | None = None) -> tuple[int, dict | str]:  # fmt: skip
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    base = {"Content-Type": "application/json"} if body is not None else {}
-    conn.request(method, path, body=body, headers={**base, **(headers or {})})
-    resp = conn.getresponse()
-    data = resp.read().decode()
-    conn.close()
-    ctype = resp.getheader("Content-Type", "")
-    return resp.status, json.loads(data) if ctype.startswith("application/json") else data
-
-
-def test_server_answers_queries_like_the_library(setup: Path, server: int) -> None:
-    status, health = request(server, "GET", "/health")
-    assert status == 200 and health["items"] == 40 and health["modality"] == "image"
-    status, spec = request(server, "GET", "/openapi.json")
-    assert status == 200 and "/search" in spec["paths"]
-    status, page = request(server, "GET", "/")
-    assert status == 200 and "<form" in page
-    body = json.dumps({"texts": ["a red circle", "a blue square"], "k": 4}).encode()
-    status, out = request(server, "POST", "/search", body)
-    assert status == 200 and len(out["results"]) == 2
-    s = SetSearcher(setup / "img")
-    hits = s.search(s.encode_texts(["a blue square"]), 4, 64)
-    assert [h["index"] for h in out["results"][1]["hits"]] == hits.items[0].tolist()
-
-
-@pytest.mark.parametrize(
-    ("body", "headers", "status", "message"),
-    [
-        (b"{not json", None, 400, "not JSON"),
-        (b"[1, 2]", None, 400, "JSON object"),
-        (b'{"text": "a"', None, 400, "not JSON"),
-        (json.dumps({"text": "a", "k": 0}).encode(), None, 400, "'k' must be an integer"),
-        (json.dumps({"text": "a", "k": 10**9}).encode(), None, 400, "'k' must be an integer"),
-        (json.dumps({"text": "a", "k": True}).encode(), None, 400, "'k' must be an integer"),
-        (json.dumps({"text": "a", "candidates": "9"}).encode(), None, 400, "'candidates'"),
-        (json.dumps({"text": ""}).encode(), None, 400, "non-empty strings"),
-        (json.dumps({"text": 5}).encode(), None, 400, "non-empty strings"),
-        (json.dumps({"text": "a" * 5000}).encode(), None, 400, "over 1000 characters"),
-        (json.dumps({"texts": ["a"] * 65}).encode(), None, 400, "1..64 queries"),
-        (json.dumps({"text": "a", "texts": ["b"]}).encode(), None, 400, "exactly one"),
-        (json.dumps({"query": "a"}).encode(), None, 400, "unknown fields"),
-        (json.dumps({"image": "aGVsbG8="}).encode(), None, 400, "send text queries"),
-        (json.dumps({"text": "   "}).encode(), None, 400, "empty text query"),
-        (b"{}", {"Content-Type": "text/plain"}, 415, "application/json"),
-        (b"{}", {"Content-Length": str(10**9)}, 413, "limited to"),
-    ],
-)
-def test_bad_requests_get_4xx_never_500(
-    server: int, body: bytes, headers: dict | None, status: int, message: str
-) -> None:
-    got, out = request(server, "POST", "/search", body, headers)
-    assert got == status and message in out["error"], out
-
-
-def test_server_survives_odd_clients(server: int) -> None:
-    import socket
-
-    assert request(server, "GET", "/nope")[0] == 404
-    assert request(server, "DELETE", "/search")[0] == 405
-    assert request(server, "POST", "/elsewhere", b"{}")[0] == 404
-    with socket.create_connection(("127.0.0.1", server), timeout=20) as raw:
-        # No Content-Length: refused, not waited on.
-        raw.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n")
-        assert b" 411 " in raw.recv(4096).split(b"\r\n")[0]
-    with socket.create_connection(("127.0.0.1", server), timeout=20) as stalled:
-        stalled.sendall(b"POST /search HTTP/1.1\r\nContent-Length: 100\r\n")  # and then nothing
-        # Meanwhile other clients are served.
-        assert request(server, "GET", "/health")[0] == 200
-
-
-def test_query_page_in_a_headless_browser(server: int) -> None:
-    """The HTML page, run by a real browser: it asks /health, posts the query in its URL and
-    lists the hits."""
-    import shutil
-    import subprocess
-
-    browser = next(
-        (b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
-    )
-    if browser is None:
-        pytest.skip("no Chromium here (tools/bootstrap.sh installs it where apt-get can)")
-    page = f"http://127.0.0.1:{server}/?q=a+red+circle"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000"]
-    r = subprocess.run(
-        [browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "40 image items, Flat" in r.stdout
-    assert r.stdout.count("<li>") == 10 and "test00000" in r.stdout
-
-
 @pytest.mark.distributed
 def test_two_processes_build_the_same_index(setup: Path) -> None:
     out = setup / "img2"
@@ -286,15 +174,125 @@ def test_an_append_that_dies_leaves_the_previous_index_whole(
     assert len(SetIndexStore.open(tmp_path).items) == 8
 
 
-def test_image_queries_to_a_region_model_are_a_4xx(setup: Path) -> None:
-    import base64
-
-    from setdiv.index.serve import RequestError, Service
+def test_image_queries_to_a_region_model_are_refused(setup: Path) -> None:
+    from setdiv.index.service import Service
 
     service = Service(SetSearcher(setup / "txt"))
-    blob = base64.b64encode(b"\x89PNG not really").decode()
-    with pytest.raises(RequestError, match="reads region features") as err:
-        service.search({"image": blob})
-    assert err.value.status == 400
-    with pytest.raises(RequestError, match="send image queries"):
-        service.search({"text": "a red circle"})
+    with pytest.raises(ValueError, match="reads region features"):
+        service.decode_images([b"\x89PNG not really"])
+
+
+# --- broken index files, appends, arguments: one line and exit 2 --------------------------------
+
+
+def _corrupt_copy(setup: Path, name: str) -> Path:
+    import shutil
+
+    out = setup / f"broken_{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(setup / "img", out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("meta_not_json", "not a valid setdiv index"),
+        ("meta_count_text", "count must be a non-negative integer"),
+        ("meta_dtype_int8", "dtype must be one of"),
+        ("meta_nested", "not a valid setdiv index"),
+        ("meta_counts_disagree", "do not add up"),
+        ("npy_truncated", "not a readable element file"),
+        ("npy_other_dtype", "meta.json says float32"),
+        ("items_bad_line", "items-00000.jsonl:3: not a JSON item"),
+        ("items_missing_line", "39 lines, meta.json says 40 items"),
+        ("ann_garbage", "not a readable FAISS index"),
+    ],
+)
+def test_broken_index_files_are_one_line_errors(
+    setup: Path, capsys: pytest.CaptureFixture, what: str, message: str
+) -> None:
+    root = _corrupt_copy(setup, what)
+    meta = json.loads((root / "meta.json").read_text())
+    if what == "meta_not_json":
+        (root / "meta.json").write_text("{format: 1")
+    elif what.startswith("meta_"):
+        field, value = {
+            "meta_count_text": ("count", "x"),
+            "meta_dtype_int8": ("dtype", "int8"),
+            "meta_nested": ("ann", json.loads("[" * 50 + "]" * 50)),
+            "meta_counts_disagree": ("count", 41),
+        }[what]
+        meta[field] = value
+        text = json.dumps(meta)
+        if what == "meta_nested":
+            text = text.replace(
+                '"ann": ' + json.dumps(value), '"ann": ' + "[" * 10**5 + "]" * 10**5
+            )
+        (root / "meta.json").write_text(text)
+    elif what == "npy_truncated":
+        data = (root / "elements-00000.npy").read_bytes()
+        (root / "elements-00000.npy").write_bytes(data[: len(data) // 2])
+    elif what == "npy_other_dtype":
+        part = np.load(root / "elements-00000.npy")
+        np.save(root / "elements-00000.npy", part.astype(np.int8))
+    elif what.startswith("items_"):
+        lines = (root / "items-00000.jsonl").read_text().splitlines()
+        lines = lines[:-1] if what == "items_missing_line" else lines
+        if what == "items_bad_line":
+            lines[2] = '{"id": "x", '
+        (root / "items-00000.jsonl").write_text("\n".join(lines) + "\n")
+    elif what == "ann_garbage":
+        (root / "ann-00001.faiss").write_bytes(b"IxF2 not really an index" * 10)
+    assert cli.main(["search", str(root), "a red circle"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_an_append_cannot_change_options_or_repeat_shards(
+    setup: Path, capsys: pytest.CaptureFixture
+) -> None:
+    build = ["index", "build", str(setup / "export0"), "--modality", "image"]
+    same = [*build, "--data", f"{setup}/a/test-*.tar", "--out", str(setup / "img")]
+    assert cli.main(same) == 2
+    assert "already in" in capsys.readouterr().err
+    other = [*build, "--data", f"{setup}/b/val-*.tar", "--out", str(setup / "img")]
+    assert cli.main([*other, "--kind", "hnsw"]) == 2
+    assert "--kind hnsw (the index has flat)" in capsys.readouterr().err
+    assert cli.main([*other, "--fp16"]) == 2
+    assert "--fp16 (the index stores float32)" in capsys.readouterr().err
+    assert len(SetSearcher(setup / "img").store) == 40  # nothing was added
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "x"])
+def test_index_eval_k_must_be_at_least_one(
+    setup: Path, capsys: pytest.CaptureFixture, k: str
+) -> None:
+    args = ["index", "eval", str(setup / "img"), "--queries", f"{setup}/a/test-*.tar"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*args, "--k", k])
+    assert exc.value.code == 2
+    assert "--k" in capsys.readouterr().err
+
+
+def test_a_deeply_nested_vocabulary_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.json"
+    path.write_text("[" * 10**6 + "]" * 10**6)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        Vocab.load(path)
+
+
+def test_exported_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        Vocab.build(c for s in synthetic_samples("train", 20, 0) for c in s.captions).save(
+            tmp_path / "vocab.json"
+        )
+        export = make_export(tmp_path, 0)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in export.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o644}, modes

@@ -28,6 +28,7 @@ form.onsubmit = async e => {
     s.className = 's'; s.textContent = '#' + h.rank + ' ' + h.score.toFixed(5) + ' ' + h.id;
     if (h.picture) {
       li.className = 'hit'; const img = document.createElement('img');
+      img.onload = () => { img.dataset.loaded = String(img.naturalWidth); };
       img.src = h.picture; img.alt = String(h.id); img.title = (h.captions || []).join('\\n');
       li.append(img, s);
     } else {

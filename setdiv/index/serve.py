@@ -169,16 +169,17 @@ class Guard:
     async def _run(
         self, scope: dict, receive: Callable, send: Callable, deadline: float, state: dict
     ) -> None:
-        received = 0
+        received, body_done = 0, False
 
         async def bounded_receive() -> dict:
-            nonlocal received
+            nonlocal received, body_done
             left = deadline - time.monotonic()
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
             except TimeoutError:
                 raise _LateError(408, "the request body did not arrive in time") from None
             received += len(message.get("body", b""))
+            body_done = body_done or not message.get("more_body", False)
             if received > MAX_BODY:
                 raise _LateError(413, f"bodies are limited to {MAX_BODY} bytes")
             return message
@@ -188,9 +189,12 @@ class Guard:
                 self.app(scope, bounded_receive, send), timeout=deadline - time.monotonic()
             )
         except (_LateError, TimeoutError) as exc:
-            status, message = (
-                (exc.status, str(exc)) if isinstance(exc, _LateError) else (503, "deadline passed")
-            )
+            if isinstance(exc, _LateError):
+                status, message = exc.status, str(exc)
+            elif scope["method"] == "POST" and not body_done:
+                status, message = 408, "the request body did not arrive in time"
+            else:
+                status, message = 503, "no answer within the request deadline"
             if state["status"] == 0:  # nothing sent yet: say why
                 await _error(status, message)(scope, receive, send)
 
@@ -228,7 +232,17 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
         service.close()  # after uvicorn has let in-flight requests finish
 
     app = FastAPI(
-        title="setdiv search", version="2", docs_url=None, redoc_url=None, lifespan=lifespan
+        title="setdiv search",
+        version="2",
+        description=(
+            f"Set-based image-text search. Request bodies are limited to {MAX_BODY} bytes and "
+            f"need a Content-Length (or chunked encoding); a request has {DEADLINE_S:.0f} s in "
+            f"all; at most {MAX_IN_FLIGHT} are in the server at once (503 beyond). Errors are "
+            '{"error": message} with a 4xx status.'
+        ),
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
     )
 
     @app.exception_handler(RequestValidationError)
