@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from setdiv import cli
 
@@ -36,29 +38,28 @@ def test_demo_set_model_beats_single_embedding(
 def _search_the_demo_gallery_over_http(demo: Path) -> None:
     """The demo's set model behind `setdiv serve`: an index over the synthetic test split, text
     queries over HTTP (a candidate budget covering this small gallery), the images whose
-    captions name the queried object come first."""
-    import http.client
-    import threading
+    captions name the queried object come first; the query page shows their pictures."""
+    from serve_helpers import chromium_dom, request, running_server
 
     from setdiv.index.search import SetSearcher
-    from setdiv.index.serve import Service, make_server
+    from setdiv.index.service import THUMB, Service
 
     index = demo / "index"
     build = ["index", "build", str(demo / "run_k4/export"), "--modality", "image"]
     assert cli.main([*build, "--data", f"{demo}/data/test-*.tar", "--out", str(index)]) == 0
     objects = ["red circle", "large green triangle", "small blue square", "yellow diamond"]
-    server = make_server(Service(SetSearcher(index)), "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    with running_server(Service(SetSearcher(index))) as port:
         body = json.dumps({"texts": [f"a {o}" for o in objects], "k": 5, "candidates": 4096})
-        conn.request("POST", "/search", body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200
-        results = json.loads(response.read())["results"]
-    finally:
-        server.shutdown()
-        server.server_close()
+        status, out, _ = request(port, "POST", "/search", body.encode())
+        assert status == 200
+        results = out["results"]
+        status, thumb, headers = request(port, "GET", "/image/0")
+        assert status == 200 and headers["content-type"] == "image/jpeg"
+        with Image.open(io.BytesIO(thumb)) as im:
+            assert max(im.size) <= THUMB
+        dom = chromium_dom(f"http://127.0.0.1:{port}/?q=a+red+circle")
+        assert dom.count("<img") == 10 and dom.count('data-loaded="') == 10, dom[-2000:]
+        assert 'data-loaded="0"' not in dom
     items = SetSearcher(index).store.items
     named, base = [], []
     for result, obj in zip(results, objects, strict=True):

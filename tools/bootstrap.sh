@@ -24,7 +24,7 @@ fi
 
 "${PIP[@]}" install -q -e ".[dev]"
 
-# A headless browser for the search page's test (tests/test_index.py skips without one).
+# A headless browser for the search page's test (tests/test_serve.py and the demo test skip without one).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[bootstrap] installing chromium (headless browser for the search page test)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
