@@ -3,12 +3,15 @@ smooth-Chamfer, export identity, appending, the CLI."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from setdiv import cli
 from setdiv import config as config_lib
@@ -17,7 +20,15 @@ from setdiv.data.convert import synthetic_samples
 from setdiv.data.shards import write_shards
 from setdiv.data.vocab import Vocab
 from setdiv.export import export_model, load_exported
-from setdiv.index.search import SetSearcher
+from setdiv.index.search import (
+    AutoBudget,
+    SetSearcher,
+    adaptive_top_k,
+    exact_top_k,
+    two_stage_top_k,
+)
+from setdiv.index.store import AnnSpec, IndexMeta, SetIndexStore
+from setdiv.index.summary import query_summaries, set_summaries
 from setdiv.model import build_model
 
 ROOT = Path(__file__).parents[1]
@@ -296,3 +307,102 @@ def test_exported_files_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in export.iterdir() if p.is_file()}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_set_summaries_are_the_second_order_expansion_of_smooth_chamfer() -> None:
+    """With the projection the identity, a summary inner product plus log(K L) / (2 alpha) is
+    the second-order Taylor expansion of smooth-Chamfer, written out per pair (fp64), and it
+    approaches smooth-Chamfer as alpha -> 0."""
+    torch.manual_seed(0)
+    K, L, D = 4, 3, 6
+    x = torch.nn.functional.normalize(torch.randn(5, K, D, dtype=torch.float64), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(7, L, D, dtype=torch.float64), dim=-1)
+    eye = torch.eye(D)
+    for alpha in (0.05, 0.5, 2.0):
+        got = (
+            set_summaries(x.float(), eye).double()
+            @ query_summaries(y.float(), eye, alpha).double().T
+        )
+        got = got + math.log(K * L) / (2 * alpha)
+        ref = torch.zeros(5, 7, dtype=torch.float64)
+        for n in range(5):
+            for m in range(7):
+                c = x[n] @ y[m].T  # (K, L)
+                var_rows = c.var(dim=1, unbiased=False).mean()  # each x element over y's
+                var_cols = c.var(dim=0, unbiased=False).mean()
+                ref[n, m] = (
+                    math.log(K * L) / (2 * alpha) + c.mean() + alpha / 4 * (var_rows + var_cols)
+                )
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        exact = naive_smooth_chamfer(x, y, alpha)
+        assert (got - exact).abs().max() < 0.05 * alpha**2 + 1e-6, alpha
+
+
+def item_sets(n: int, K: int, D: int, rows: torch.Tensor | None = None, L: int = 0) -> torch.Tensor:
+    """(n, K, D) unit sets shaped like a trained model's: each item's elements share the item's
+    own component and add one of 64 shared topics (its parts); with `rows`, (len(rows), L, D)
+    noisy queries about those items and L of their parts."""
+    g = torch.Generator().manual_seed(0)
+    topics = F.normalize(torch.randn(64, D, generator=g), dim=-1)
+    own = F.normalize(torch.randn(n, D, generator=g), dim=-1)
+    parts = torch.randint(0, 64, (n, K), generator=g)
+    noise = 0.9 / D**0.5
+    if rows is None:
+        x = own[:, None] + topics[parts] + noise * torch.randn(n, K, D, generator=g)
+    else:
+        g = torch.Generator().manual_seed(1)
+        x = own[rows, None] + topics[parts[rows, :L]]
+        x = x + 1.5 * noise * torch.randn(len(rows), L, D, generator=g)
+    return F.normalize(x, dim=-1)
+
+
+def test_auto_candidates_keep_recall_and_score_a_fraction(tmp_path: Path) -> None:
+    """On a gallery of 4000 sets shaped like a trained model's, the adaptive search finds the
+    exact top 10 (recall >= 0.95) while scoring <= 10% of the gallery, and beats the element
+    two-stage search at the same cost; it reports its rounds, grows past a first round that is
+    too small and stops at its cap. (On sets of independent topics with no shared part the
+    summaries are weaker and it spends up to `max_fraction`: BENCHMARKS.md.)"""
+    n, K, D, alpha = 4000, 4, 32, 16.0
+    gallery = item_sets(n, K, D)
+    meta = IndexMeta("image", "export", "0" * 64, "", AnnSpec("flat"), K, D, "float32")
+    store = SetIndexStore.create(tmp_path / "idx", meta)
+    store.append(gallery, [{"id": str(i), "captions": []} for i in range(n)], "test")
+    store = SetIndexStore.open(tmp_path / "idx")
+    queries = item_sets(n, K, D, torch.arange(0, n, 100), L=3)
+    similarity = functools.partial(sim.smooth_chamfer, alpha=alpha)
+    exact = exact_top_k(store, similarity, queries, 10)
+    auto = adaptive_top_k(store, similarity, queries, 10, alpha)
+    recall = np.mean(
+        [
+            len(set(a.tolist()) & set(e.tolist())) / 10
+            for a, e in zip(auto.items, exact.items, strict=True)
+        ]
+    )
+    assert recall >= 0.95, recall
+    assert np.mean(auto.candidates) / n <= 0.10, auto.candidates
+    per_element = int(np.mean(auto.candidates)) // 3  # about as many items scored
+    two = two_stage_top_k(store, similarity, queries, 10, max(per_element, 1))
+    assert np.mean(two.candidates) >= 0.8 * np.mean(auto.candidates)
+    assert recall > np.mean(
+        [
+            len(set(a.tolist()) & set(e.tolist())) / 10
+            for a, e in zip(two.items, exact.items, strict=True)
+        ]
+    )
+    assert auto.rounds is not None and min(auto.rounds) >= 1
+    # Found scores are the exact ones of the items found.
+    torch.testing.assert_close(
+        auto.scores[0],
+        naive_smooth_chamfer(store.elements(auto.items[0].numpy()), queries[:1], alpha)[
+            :, 0
+        ].float(),
+        atol=1e-4,
+        rtol=0,
+    )
+    tiny = adaptive_top_k(store, similarity, queries, 10, alpha, AutoBudget(first_per_k=1))
+    assert max(tiny.rounds) > 1  # 32 candidates were not enough for some query: it grew
+    # The cap: a round that reaches 2% of the gallery (80 items) is the last one.
+    capped = adaptive_top_k(
+        store, similarity, queries, 10, alpha, AutoBudget(first_per_k=1, max_fraction=0.02)
+    )
+    assert max(capped.candidates) <= 0.02 * n * 1.5, capped.candidates

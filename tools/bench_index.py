@@ -1,6 +1,8 @@
-"""Two-stage search (`setdiv.index`) on synthetic galleries of embedding sets: build time,
+"""Indexed search (`setdiv.index`) on synthetic galleries of embedding sets: build time,
 index memory, single-query latency (p50 / p99), queries/s at batch 64, and recall@10 against
 the exact brute-force smooth-Chamfer ranking, which is also timed as the baseline.
+`--candidates auto` (the default, as in `setdiv search`) is the adaptive search over set
+summaries; `--candidates N` the element two-stage search with N ANN hits per query element.
 
 Gallery: N items of K = 4 random unit vectors of width D. Queries: Q random sets of L = 4; for
 each, PLANTED gallery items are noisy copies of it (graded noise), so the exact top-10 is a
@@ -8,6 +10,7 @@ definite set and recall is meaningful. Elements are stored fp16 (what the rerank
 
     python tools/bench_index.py --n 100000 --dim 256 --index flat ivf [--out results.json]
     python tools/bench_index.py --n 1000000 --dim 1024 --index sq8 ivf-sq8 --nlist 4096
+    python tools/bench_index.py --n 100000 --dim 256 --index ivf --candidates 64
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from setdiv.config import SimilarityConfig
-from setdiv.index.search import exact_top_k, two_stage_top_k
+from setdiv.index.query import candidates_arg
+from setdiv.index.search import AUTO, adaptive_top_k, exact_top_k, two_stage_top_k
 from setdiv.index.store import AnnSpec, IndexMeta, SetIndexStore
 from setdiv.similarity import build_similarity
 
@@ -132,12 +136,13 @@ def run_one(args: argparse.Namespace, name: str, workdir: Path) -> list[dict]:
         "exact_top10_planted": planted,
         "exact_p50_ms": float(np.percentile(exact_single, 50)),
         "exact_all_queries_s": exact_all_s,
-        "candidates_per_element": args.candidates,
+        "candidates": args.candidates,
     }
     results = []
     for nprobe in args.nprobe if store.meta.ann.kind == "ivf" else [None]:
         if nprobe is not None:
-            faiss.extract_index_ivf(store.ann).nprobe = nprobe
+            for ann in (store.ann, store.summary):
+                faiss.extract_index_ivf(ann).nprobe = nprobe
         results.append({**common, "nprobe": nprobe, **measure(args, store, sim, queries, exact)})
         results[-1]["speedup_p50_vs_exact"] = results[-1]["exact_p50_ms"] / results[-1]["p50_ms"]
         print(json.dumps(results[-1]), flush=True)
@@ -153,21 +158,26 @@ def measure(
     queries: torch.Tensor,
     exact: object,
 ) -> dict:
-    """Latency, throughput and recall of two-stage search against the `exact` hits."""
-    two_stage = lambda q: two_stage_top_k(store, sim, q, 10, args.candidates)  # noqa: E731
-    two_stage(queries[:2])  # warm up
-    fast = two_stage(queries)
+    """Latency, throughput and recall of the indexed search against the `exact` hits."""
+    if args.candidates == AUTO:
+        search = lambda q: adaptive_top_k(store, sim, q, 10, args.alpha)  # noqa: E731
+    else:
+        search = lambda q: two_stage_top_k(store, sim, q, 10, args.candidates)  # noqa: E731
+    search(queries[:2])  # warm up
+    fast = search(queries)
     pairs = zip(fast.items.tolist(), exact.items.tolist(), strict=True)  # type: ignore[attr-defined]
-    single = latencies(two_stage, queries)
+    single = latencies(search, queries)
     t0 = time.perf_counter()
     for i in range(0, queries.shape[0], 64):
-        two_stage(queries[i : i + 64])
+        search(queries[i : i + 64])
     return {
         "p50_ms": float(np.percentile(single, 50)),
         "p99_ms": float(np.percentile(single, 99)),
         "qps_batch64": queries.shape[0] / (time.perf_counter() - t0),
         "recall_at_10_vs_exact": float(np.mean([len(set(a) & set(b)) / 10 for a, b in pairs])),
         "mean_rescored": float(np.mean(fast.candidates)),
+        "fraction_scored": float(np.mean(fast.candidates)) / len(store),
+        "mean_rounds": float(np.mean(fast.rounds)) if fast.rounds else 1.0,
     }
 
 
@@ -179,7 +189,12 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--chunk", type=int, default=50_000, help="items per append (index part)")
     p.add_argument("--exact-queries", type=int, default=5, help="single exact queries timed")
-    p.add_argument("--candidates", type=int, default=64, help="ANN hits per query element")
+    p.add_argument(
+        "--candidates",
+        type=candidates_arg,
+        default=AUTO,
+        help="auto (adaptive, over set summaries) or ANN hits per query element",
+    )
     p.add_argument("--nlist", type=int, default=1024)
     p.add_argument("--nprobe", type=int, nargs="+", default=[32], help="ivf: measured each")
     p.add_argument("--m", type=int, default=32)

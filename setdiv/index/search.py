@@ -25,7 +25,8 @@ from torch import Tensor
 from setdiv.data.shards import sha256_file
 from setdiv.errors import UserError
 from setdiv.export import ExportedModel, load_exported
-from setdiv.index.store import SetIndexStore, query_summaries
+from setdiv.index.store import SetIndexStore
+from setdiv.index.summary import query_summaries
 from setdiv.similarity import build_similarity
 
 __all__ = [
@@ -139,7 +140,7 @@ def adaptive_top_k(
     budget: AutoBudget = AutoBudget(),
 ) -> Hits:
     """Top-k with a per-query candidate budget, from the index of set summaries (whose inner
-    product is a second-order expansion of smooth-Chamfer, `store.set_summaries`).
+    product is a second-order expansion of smooth-Chamfer, `summary.set_summaries`).
 
     Each round takes a query's `n` best items by summary score, scores the new ones exactly,
     and stops when the k-th best exact score reaches an estimated bound on every unscored item:

@@ -6,7 +6,7 @@
     INDEX/items-00000.jsonl    its items, one line each: {"id": ..., "captions" | "text": ...}
     INDEX/ann-00001.faiss      FAISS index over the N*K elements of the first 1 part(s):
                                element e belongs to item e // K
-    INDEX/summary-00001.faiss  FAISS index over the N set summaries (`set_summaries`): the
+    INDEX/summary-00001.faiss  FAISS index over the N set summaries (`summary.set_summaries`): the
                                adaptive search's candidates
     INDEX/projection.npy       (D, r) the summaries' projection (fixed by the first append)
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,13 @@ import torch
 from torch import Tensor
 
 from setdiv.errors import UserError
+from setdiv.index.summary import principal_directions, set_summaries
 
 __all__ = [
     "FORMAT",
     "AnnSpec",
     "IndexMeta",
     "SetIndexStore",
-    "query_summaries",
-    "set_summaries",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,59 +50,12 @@ MODALITIES = ("image", "text")
 KINDS = ("flat", "ivf", "hnsw")
 CODECS = ("flat", "fp16", "sq8")
 """Element codes inside the ANN index (besides `pq<M>`, M sub-quantizers)."""
-SUMMARY_RANK = 16
-"""r: the second-order part of a summary lives in the top-r principal directions."""
 TRAIN_SAMPLE = 100_000
 """Elements an IVF / SQ8 / PQ index is trained on (a random sample of the first part)."""
 
 
 def _ann_name(parts: int, what: str = "ann") -> str:
     return f"{what}-{parts:05d}.faiss"
-
-
-def _tri(A_Nrr: Tensor) -> Tensor:
-    """(N, r(r+1)/2) upper triangles of symmetric matrices, off-diagonals x sqrt(2): the inner
-    product of two such rows is the Frobenius product of the matrices."""
-    r = A_Nrr.shape[-1]
-    i, j = torch.triu_indices(r, r)
-    return A_Nrr[:, i, j] * torch.where(i == j, 1.0, math.sqrt(2.0))
-
-
-def _moments(sets_NKD: Tensor, P_Dr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean (N, D), projected second moment (N, r, r) and outer product of the projected mean
-    (N, r, r) of each set."""
-    z = sets_NKD.float() @ P_Dr
-    zbar = z.mean(dim=1)
-    second = torch.einsum("nkr,nks->nrs", z, z) / z.shape[1]
-    return sets_NKD.float().mean(dim=1), second, zbar[:, :, None] * zbar[:, None, :]
-
-
-def set_summaries(gallery_NKD: Tensor, P_Dr: Tensor) -> Tensor:
-    """(N, D + r(r+1)) gallery summaries; with `query_summaries` their inner product is the
-    second-order expansion of smooth-Chamfer in the projected space. Expanding each LSE over
-    a set to second order, and writing M for a set's second moment and m for its mean,
-
-        s(x, y) ~ const + mx.my + alpha/4 (2 <Mx, My> - my' Mx my - mx' My mx)
-
-    which is one inner product of [mx, Mx, mx mx'] with [my, alpha/4 (2 My - my my'), -alpha/4
-    My] (symmetric in x and y). M and the quadratic terms are taken in the top-r directions."""
-    mean, second, outer = _moments(gallery_NKD, P_Dr)
-    return torch.cat([mean, _tri(second), _tri(outer)], dim=1)
-
-
-def query_summaries(queries_QLD: Tensor, P_Dr: Tensor, alpha: float) -> Tensor:
-    """(Q, D + r(r+1)) query summaries matching `set_summaries`."""
-    mean, second, outer = _moments(queries_QLD, P_Dr)
-    w = alpha / 4
-    return torch.cat([mean, w * _tri(2 * second - outer), -w * _tri(second)], dim=1)
-
-
-def principal_directions(elements_ED: np.ndarray, rank: int = SUMMARY_RANK) -> np.ndarray:
-    """(D, r) top-r right singular vectors of (a sample of) the uncentred elements."""
-    rng = np.random.default_rng(0)
-    sample = elements_ED[rng.permutation(len(elements_ED))[:TRAIN_SAMPLE]]
-    vt = np.linalg.svd(sample.astype(np.float64), full_matrices=False)[2]
-    return np.ascontiguousarray(vt[: min(rank, vt.shape[0])].T, dtype=np.float32)
 
 
 def _faiss() -> Any:
