@@ -149,7 +149,7 @@ def test_text_gallery_with_an_image_sample_query(
                      "--candidates", "1000", "--json"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["recall@10_vs_exact"] == 1.0 and result["queries"] == 200
-    assert result["two_stage"] == result["exact"]
+    assert result["indexed"] == result["exact"]
 
 
 @pytest.mark.distributed

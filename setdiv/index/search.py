@@ -113,22 +113,26 @@ class AutoBudget:
     """Summary candidates in the first round, per result asked for (at least 32)."""
     growth: float = 1.5
     """Candidates grow by this factor per round."""
-    slack: float = 0.8
-    """Share of the largest residual above the fitted line added to the summary bound."""
+    slack: float = 0.5
+    """Multiplier of the expected largest residual of the unscored items above the fitted
+    line (`_summary_bound`): larger is safer and slower."""
     max_fraction: float = 0.25
     """Stop growing once this share of the gallery is scored (the bound not yet met)."""
 
 
-def _summary_bound(x: np.ndarray, y: np.ndarray, sigma: float, slack: float) -> float:
-    """Estimated largest exact score of an item whose summary score is at most `sigma`: a
-    line fitted to (summary, exact) of the items scored so far, plus `slack` times the largest
-    residual above it."""
+def _summary_bound(x: np.ndarray, y: np.ndarray, sigma: float, unseen: int, slack: float) -> float:
+    """Estimated largest exact score among `unseen` items whose summary scores are at most
+    `sigma`: a line fitted to (summary x, exact y) of the items scored so far at sigma, plus
+    `slack` times the expected largest of `unseen` residuals: their spread (RMS) times
+    sqrt(2 ln unseen), the Gaussian extreme, or the largest residual seen if that is more."""
     beta, c = 1.0, 0.0
     if len(x) >= 3 and np.ptp(x) > 1e-9:
         beta, c = np.polyfit(x, y, 1)
         beta = max(beta, 0.0)
-    residual = float(np.max(y - (beta * x + c))) if len(x) else 0.0
-    return beta * sigma + c + slack * max(residual, 0.0)
+    residual = y - (beta * x + c) if len(x) else np.zeros(1)
+    spread = float(np.sqrt(np.mean(residual**2)))
+    extreme = spread * math.sqrt(2 * math.log(max(unseen, 2)))
+    return beta * sigma + c + slack * max(extreme, float(residual.max()), 0.0)
 
 
 def adaptive_top_k(
@@ -145,10 +149,10 @@ def adaptive_top_k(
     Each round takes a query's `n` best items by summary score, scores the new ones exactly,
     and stops when the k-th best exact score reaches an estimated bound on every unscored item:
     none has a summary score above sigma (the (n+1)-th), and a line fitted to (summary, exact)
-    of the scored items, plus `budget.slack` of its largest residual, turns sigma into a
-    score (`_summary_bound`). Otherwise `n` grows by `budget.growth`, until
-    `budget.max_fraction` of the gallery is scored. The bound is empirical, not a proof:
-    `setdiv index eval` measures what it costs against exact search."""
+    of the scored items, plus `budget.slack` times the largest residual expected among the
+    unscored ones, turns sigma into a score (`_summary_bound`). Otherwise `n` grows by
+    `budget.growth`, until `budget.max_fraction` of the gallery is scored. The bound is
+    empirical, not a proof: `setdiv index eval` measures what it costs against exact search."""
     if k < 1:
         raise UserError(f"k must be >= 1, got {k}")
     n_items, Q = len(store), queries_QLD.shape[0]
@@ -176,7 +180,8 @@ def adaptive_top_k(
             exact, x = np.array(list(seen[q].values())).T
             kth = np.sort(exact)[-k] if len(exact) >= k else -math.inf
             fin = np.isfinite(exact)
-            if kth < _summary_bound(x[fin], exact[fin], float(sum_s[a, n]), budget.slack):
+            unseen = n_items - len(exact)
+            if kth < _summary_bound(x[fin], exact[fin], float(sum_s[a, n]), unseen, budget.slack):
                 still.append(q)
         active, n = still, int(math.ceil(n * budget.growth))
     scores = torch.full((Q, k), -torch.inf)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 __all__ = ["SUMMARY_RANK", "principal_directions", "query_summaries", "set_summaries"]
 
-SUMMARY_RANK = 16
+SUMMARY_RANK = 32
 """r: the second-order part of a summary lives in the top-r principal directions."""
 SVD_SAMPLE = 100_000
 """Elements the principal directions are computed from (a random sample)."""
