@@ -26,7 +26,7 @@ from setdiv.data.shards import sha256_file
 from setdiv.errors import UserError
 from setdiv.export import ExportedModel, load_exported
 from setdiv.index.store import SetIndexStore
-from setdiv.index.summary import query_summaries
+from setdiv.index.summary import query_summaries, set_summaries
 from setdiv.similarity import build_similarity
 
 __all__ = [
@@ -111,13 +111,22 @@ class AutoBudget:
 
     first_per_k: int = 8
     """Summary candidates in the first round, per result asked for (at least 32)."""
+    seeds_per_element: int = 16
+    """Also in the first round: the items of each query element's nearest gallery elements
+    (the element index), for galleries whose sets share no component ..."""
+    seed_fraction: float = 0.001
+    """... fewer on small galleries: at most this share of the gallery per query element."""
     growth: float = 1.5
     """Candidates grow by this factor per round."""
     slack: float = 0.5
     """Multiplier of the expected largest residual of the unscored items above the fitted
     line (`_summary_bound`): larger is safer and slower."""
     max_fraction: float = 0.25
-    """Stop growing once this share of the gallery is scored (the bound not yet met)."""
+    """Stop growing once this share of the gallery is scored (the bound not yet met) ..."""
+    max_scored: int = 20_000
+    """... or this many sets: the most work one query can cost."""
+    lookahead: int = 3
+    """Rounds of summary candidates fetched in one FAISS search."""
 
 
 def _summary_bound(x: np.ndarray, y: np.ndarray, sigma: float, unseen: int, slack: float) -> float:
@@ -135,6 +144,26 @@ def _summary_bound(x: np.ndarray, y: np.ndarray, sigma: float, unseen: int, slac
     return beta * sigma + c + slack * max(extreme, float(residual.max()), 0.0)
 
 
+class _Ranked:
+    """Per query, the gallery items by summary score, fetched `lookahead` rounds ahead."""
+
+    def __init__(self, store: SetIndexStore, summaries_QS: Tensor) -> None:
+        self.store, self.summaries = store, summaries_QS
+        Q = summaries_QS.shape[0]
+        self.scores: list[np.ndarray] = [np.zeros(0, np.float32)] * Q
+        self.items: list[np.ndarray] = [np.zeros(0, np.int64)] * Q
+
+    def ensure(self, queries: list[int], depth: int) -> None:
+        """Fetch at least `depth` ranked items (or all there are) for each of `queries`."""
+        depth = min(depth, len(self.store))
+        short = [q for q in queries if len(self.items[q]) < depth]
+        if short:
+            s, i = self.store.summary_search(self.summaries[short], depth)
+            for a, q in enumerate(short):
+                keep = i[a].numpy() >= 0
+                self.scores[q], self.items[q] = s[a].numpy()[keep], i[a].numpy()[keep]
+
+
 def adaptive_top_k(
     store: SetIndexStore,
     similarity: Any,
@@ -146,12 +175,14 @@ def adaptive_top_k(
     """Top-k with a per-query candidate budget, from the index of set summaries (whose inner
     product is a second-order expansion of smooth-Chamfer, `summary.set_summaries`).
 
-    Each round takes a query's `n` best items by summary score, scores the new ones exactly,
-    and stops when the k-th best exact score reaches an estimated bound on every unscored item:
-    none has a summary score above sigma (the (n+1)-th), and a line fitted to (summary, exact)
-    of the scored items, plus `budget.slack` times the largest residual expected among the
-    unscored ones, turns sigma into a score (`_summary_bound`). Otherwise `n` grows by
-    `budget.growth`, until `budget.max_fraction` of the gallery is scored. The bound is
+    The first round scores a query's `n` best items by summary score and the items of its
+    elements' nearest gallery elements (`budget.seeds_per_element`, fewer on small
+    galleries). Each round scores the new items exactly and stops when the k-th best exact
+    score reaches an estimated bound on every unscored item: none has a summary score above
+    sigma (the (n+1)-th), and a line fitted to (summary, exact) of the scored items, plus
+    `budget.slack` times the largest residual expected among the unscored ones, turns sigma
+    into a score (`_summary_bound`). Otherwise `n` grows by `budget.growth`, until
+    `budget.max_fraction` of the gallery or `budget.max_scored` sets are scored. The bound is
     empirical, not a proof: `setdiv index eval` measures what it costs against exact search."""
     if k < 1:
         raise UserError(f"k must be >= 1, got {k}")
@@ -159,29 +190,35 @@ def adaptive_top_k(
     k = min(k, n_items)
     summaries = query_summaries(queries_QLD, store.projection, alpha)
     n = max(budget.first_per_k * k, 32)
-    cap = max(int(budget.max_fraction * n_items), n)
+    cap = max(min(int(budget.max_fraction * n_items), budget.max_scored), n)
+    ranked = _Ranked(store, summaries)
+    per_element = min(budget.seeds_per_element, int(budget.seed_fraction * n_items))
+    seeds = [np.zeros(0, np.int64)] * Q
+    if per_element > 0:
+        seeds = store.candidates(queries_QLD, per_element)
     seen: list[dict[int, tuple[float, float]]] = [{} for _ in range(Q)]  # (exact, summary)
     rounds = [0] * Q
     active = list(range(Q))
     while active:
-        sum_s, sum_i = store.summary_search(summaries[active], n + 1)
+        ranked.ensure(active, int(math.ceil(n * budget.growth ** (budget.lookahead - 1))) + 1)
         still = []
-        for a, q in enumerate(active):
+        for q in active:
             rounds[q] += 1
-            found = dict(zip(sum_i[a, :n].tolist(), sum_s[a, :n].tolist(), strict=True))
-            new = [i for i in found if i >= 0 and i not in seen[q]]
+            new = [i for i in ranked.items[q][:n].tolist() if i not in seen[q]]
+            if rounds[q] == 1:
+                new = list(dict.fromkeys([*new, *(i for i in seeds[q].tolist())]))
             if new:
                 gallery = store.elements(np.array(new))
                 s = _score(similarity, store.meta.modality, queries_QLD[q : q + 1], gallery)[0]
-                pairs = zip(s.tolist(), (found[i] for i in new), strict=True)
-                seen[q].update(zip(new, pairs, strict=True))
-            if len(seen[q]) >= min(n_items, cap) or sum_s.shape[1] <= n:
+                x = set_summaries(gallery, store.projection) @ summaries[q]
+                seen[q].update(zip(new, zip(s.tolist(), x.tolist(), strict=True), strict=True))
+            if len(seen[q]) >= min(n_items, cap) or len(ranked.items[q]) <= n:
                 continue
             exact, x = np.array(list(seen[q].values())).T
             kth = np.sort(exact)[-k] if len(exact) >= k else -math.inf
             fin = np.isfinite(exact)
-            unseen = n_items - len(exact)
-            if kth < _summary_bound(x[fin], exact[fin], float(sum_s[a, n]), unseen, budget.slack):
+            sigma, unseen = float(ranked.scores[q][n]), n_items - len(exact)
+            if kth < _summary_bound(x[fin], exact[fin], sigma, unseen, budget.slack):
                 still.append(q)
         active, n = still, int(math.ceil(n * budget.growth))
     scores = torch.full((Q, k), -torch.inf)
