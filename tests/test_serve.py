@@ -371,11 +371,14 @@ def test_an_export_with_nan_weights_is_refused_by_build_and_eval(
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_workers_share_the_index_and_stop_gracefully_on_sigterm(gallery: Path) -> None:
+    for bad in (["--threads", "0"], ["--workers", "0"], ["--workers", "2", "--port", "0"]):
+        assert cli.main(["serve", str(gallery / "img"), *bad]) == 2
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "setdiv.cli", "serve", str(gallery / "img"), "--port", str(port)]
     proc = subprocess.Popen(
-        [*cmd, "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [*cmd, "--workers", "2", "--threads", "1"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
     )  # fmt: skip
     try:
@@ -383,10 +386,12 @@ def test_workers_share_the_index_and_stop_gracefully_on_sigterm(gallery: Path) -
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
             try:
-                if request(port, "GET", "/health")[0] == 200:
+                status, health, _ = request(port, "GET", "/health")
+                if status == 200:
                     break
             except OSError:
                 time.sleep(0.5)
+        assert health["threads"] == 1  # one math thread per worker (--threads)
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: post(port, {"text": "a red circle"}), range(16)))
         assert {s for s, _ in answers} == {200}

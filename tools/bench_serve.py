@@ -4,9 +4,11 @@ commit (default: the last one on the standard library's http.server) measured in
 on an index it builds itself from the same export and shards.
 
     python tools/bench_serve.py --export DEMO/run_k4/export --data 'DEMO/data/test-*.tar' \
-        --clients 8 --requests 200 [--baseline 1c4a065] [--out results.json]
+        --clients 8 --requests 200 [--busy 2] [--baseline 1c4a065] [--out results.json]
 
-Prints, per server: requests/s, p50 / p99 latency, and the status codes seen.
+Prints, per server: requests/s, p50 / p99 latency, and the status codes seen. `--busy N`
+keeps N other processes spinning on the CPU while both servers are measured (a loaded
+machine, as a shared host or a training job next to the service would make it).
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=200, help="per client")
     p.add_argument("--baseline", default="1c4a065", help="commit of the server compared with")
+    p.add_argument("--busy", type=int, default=0, help="CPU-bound processes running alongside")
     p.add_argument("--out", default=None, help="write the JSON results here")
     args = p.parse_args()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
@@ -135,10 +138,15 @@ def main() -> None:
                 )  # fmt: skip
                 port = free_port()
                 proc = start(code, index, port, Path(tmp) / f"{code.name}.log")
+                spin = "while True: pass"
+                busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.busy)]
                 try:
                     load(port, texts[:16], 2, 4)  # warm up
                     results[name] = load(port, texts, args.clients, args.requests)
                 finally:
+                    for b in busy:
+                        b.kill()
+                        b.wait()
                     os.killpg(proc.pid, signal.SIGTERM)
                     proc.wait(timeout=60)
                 print(name, json.dumps(results[name]), flush=True)
@@ -147,14 +155,18 @@ def main() -> None:
                            check=False)  # fmt: skip
     old, new = results[f"baseline {args.baseline}"], results["this commit"]
     ratio = new["requests_per_s"] / old["requests_per_s"]
-    print(f"machine: {machine}; {args.clients} clients x {args.requests} requests")
+    print(
+        f"machine: {machine}; {args.clients} clients x {args.requests} requests; "
+        f"{args.busy} busy process(es) alongside"
+    )
     print(f"{'server':<22}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}  codes")
     for name, r in results.items():
         print(f"{name:<22}{r['requests_per_s']:8.1f}{r['p50_ms']:9.1f}{r['p99_ms']:9.1f}  "
               f"{r['codes']}")  # fmt: skip
     print(f"requests/s: {ratio:.1f}x the baseline")
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine, **results}, indent=1))
+        record = {"machine": machine, "busy": args.busy, "clients": args.clients, **results}
+        Path(args.out).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

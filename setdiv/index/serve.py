@@ -331,6 +331,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=1, help="server processes over the one memory-mapped index"
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads of each worker's math (torch, FAISS); more cores: more --workers",
+    )
+    p.add_argument(
         "--allowed-host",
         action="append",
         default=None,
@@ -345,9 +351,22 @@ ENV = "SETDIV_SERVE"
 def app_from_env() -> FastAPI:
     """The app of one worker process: `ENV` holds the index, export and allowed hosts."""
     opts = json.loads(os.environ[ENV])
+    set_threads(opts["threads"])
     service = Service(SetSearcher(opts["index"], opts["export"]))
     hosts = None if opts["hosts"] is None else set(opts["hosts"])
     return Guard(create_app(service, hosts), hosts)  # type: ignore[return-value]
+
+
+def set_threads(n: int) -> None:
+    """`n` intra-op threads for torch and FAISS in this process. One by default: the model
+    thread batches concurrent queries, so throughput comes from batching and from workers,
+    and OpenMP threads spinning for a core on a busy machine slowed the server thirtyfold
+    (BENCHMARKS.md, "The search service under load")."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
 
 
 def allowed_hosts(args: argparse.Namespace) -> list[str] | None:
@@ -363,11 +382,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UserError("--workers must be >= 1")
+    if args.threads < 1:
+        raise UserError("--threads must be >= 1")
     if args.workers > 1 and args.port == 0:
         raise UserError("--workers > 1 needs a fixed --port")
     SetSearcher(args.index, args.export)  # fails here, in one line, before any worker starts
     os.environ[ENV] = json.dumps(
-        {"index": args.index, "export": args.export, "hosts": allowed_hosts(args)}
+        {
+            "index": args.index,
+            "export": args.export,
+            "hosts": allowed_hosts(args),
+            "threads": args.threads,
+        }
     )
     print(f"serving {args.index} on http://{args.host}:{args.port}/ ({args.workers} worker(s))")
     uvicorn.run(

@@ -117,6 +117,7 @@ class Service:
             "export_sha256": meta.export_sha256,
             "ann": meta.ann.factory(),
             "pictures": any("picture" in item for item in self.items[:100]),
+            "threads": torch.get_num_threads(),
         }
 
     def close(self) -> None:
