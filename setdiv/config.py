@@ -66,7 +66,8 @@ SetModuleName = Literal[tuple(SET_MODULES)]
 ImageEncoderName = Literal[tuple(IMAGE_ENCODERS)]
 TextEncoderName = Literal[tuple(TEXT_ENCODERS)]
 TokenizerName = Literal[TOKENIZERS]
-Protocol = Literal["coco", "f30k"]
+Protocol = Literal["coco", "f30k", "web"]
+"""coco: 5K + 1K folds (+ ECCV/CxC); f30k: 1K; web: whole-set recalls, any caption count."""
 """Evaluation protocols: COCO 5K / 1K folds, Flickr30K 1K."""
 
 # --- ranges: checked after the merge, naming the key ------------------------------------------
@@ -293,6 +294,12 @@ class DataConfig:
     """Images per encoding batch in evaluation (captions: 5x)."""
     val_protocol: Protocol = "coco"
     """Protocol of the validation split (selects the whole-set RSUM)."""
+    format: Literal["auto", "setdiv", "img2dataset"] = "auto"
+    """Shard layout: setdiv (`setdiv shards`, an index file next to the shards, 5 captions per
+    image) | img2dataset (`KEY.jpg` + `KEY.txt` (+ `KEY.json`), one caption per image, read in
+    place) | auto (setdiv where an index file lies next to the shards, else img2dataset)."""
+    caption_key: str | None = None
+    """img2dataset: take the caption from this field of `KEY.json` instead of `KEY.txt`."""
 
 
 @dataclass

@@ -378,3 +378,42 @@ def test_a_user_error_in_a_2_process_eval_is_one_line(
     errors = [line for line in err.splitlines() if line.startswith("setdiv eval: error:")]
     assert len(errors) == 1 and "59 of the 60 test images" in errors[0], err[-3000:]
     assert "Traceback" not in err  # not the launcher's, not a rank's
+
+
+@pytest.mark.parametrize("counts", ["one", "variable"])
+def test_evaluator_scores_any_caption_count_like_a_naive_loop(counts: str) -> None:
+    """Encoded sets with one caption per image (web data) or 1-4 each go through the
+    evaluator's gather-and-score: the matrix is the similarity of each pair, and the
+    metrics, reported as `web_N`, equal a naive per-query computation."""
+    from setdiv.eval.evaluator import Encoded, gather_and_score
+
+    rng = np.random.default_rng(0)
+    N = 30
+    per = np.ones(N, int) if counts == "one" else rng.integers(1, 5, N)
+    owners = np.repeat(np.arange(N), per)
+    torch.manual_seed(0)
+    images = F.normalize(torch.randn(N, 2, 8), dim=-1)
+    captions = F.normalize(images[owners] + 0.7 * torch.randn(len(owners), 2, 8), dim=-1)
+    enc = Encoded(
+        images, captions, [f"i{n}" for n in range(N)], list(range(len(owners))),
+        caption_counts=per.tolist(),
+    )  # fmt: skip
+    similarity = sim.build_similarity(config_lib.SimilarityConfig())
+    result = gather_and_score(enc, similarity, 8, "web")
+    assert result is not None and list(result.metrics) == [f"web_{N}"]
+    got = result.metrics[f"web_{N}"]
+    S = result.sims
+    i2t = [
+        min(sorted(range(len(owners)), key=lambda j: (-S[i, j], j)).index(c)
+            for c in np.flatnonzero(owners == i))
+        for i in range(N)
+    ]  # fmt: skip
+    t2i = [
+        sorted(range(N), key=lambda j: (-S[j, c], j)).index(owners[c]) for c in range(len(owners))
+    ]
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in (1, 5, 10):
+            assert got[f"{name}_r{k}"] == pytest.approx(100 * np.mean(np.array(ranks) < k))
+    assert result.meta["caption_counts"] == per.tolist()
+    # A COCO protocol asked of such data falls back to the whole-set recalls, named web_N.
+    assert list(gather_and_score(enc, similarity, 8, "coco").metrics) == [f"web_{N}"]

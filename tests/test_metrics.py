@@ -119,3 +119,57 @@ def test_nan_scores_rank_below_every_finite_score() -> None:
     assert t2i_ranks(broken)[15] == 19  # caption 15 (image 3): its own score is now the worst
     assert t2i_ranks(broken)[50] == 10  # all of its column is -inf: ties by image index
     assert recall_at_k(broken)["rsum"] < 600
+
+
+def naive_owned(S: np.ndarray, owners: list[int]) -> dict[str, float]:
+    """Reference for any caption layout: per image, the best sorted position among the
+    captions it owns; per caption, the sorted position of its owner (stable sorts)."""
+    N, M = S.shape
+    i2t, t2i = [], []
+    for i in range(N):
+        order = sorted(range(M), key=lambda j: (-S[i, j], j))
+        i2t.append(min(order.index(c) for c in range(M) if owners[c] == i))
+    for c in range(M):
+        order = sorted(range(N), key=lambda j: (-S[j, c], j))
+        t2i.append(order.index(owners[c]))
+    out = {}
+    for name, r in (("i2t", np.array(i2t)), ("t2i", np.array(t2i))):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100 * np.mean(r < k)
+        out[f"{name}_medr"] = np.floor(np.median(r)) + 1
+        out[f"{name}_meanr"] = r.mean() + 1
+    return out
+
+
+@pytest.mark.parametrize("layout", ["one", "variable", "shuffled"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_any_number_of_captions_per_image_matches_naive(layout: str, ties: bool) -> None:
+    """Web data (one caption per image), a variable count (1-7) and captions in no particular
+    order, each against the naive reference; the image-major 5-caption layout through
+    `owners` equals the default path."""
+    rng = np.random.default_rng(3)
+    N = 40
+    counts = np.ones(N, int) if layout == "one" else rng.integers(1, 8, N)
+    owners = np.repeat(np.arange(N), counts)
+    if layout == "shuffled":
+        owners = rng.permutation(owners)
+    S = rng.standard_normal((N, len(owners)))
+    S[owners, np.arange(len(owners))] += 1.5 * rng.random(len(owners))
+    if ties:
+        S = np.round(S, 1)
+    S = S.astype(np.float32)
+    got, ref = recall_at_k(S, owners=owners), naive_owned(S, owners.tolist())
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value), (key, layout)
+    five = planted(30, 1, ties=ties)
+    assert recall_at_k(five, owners=np.arange(150) // 5) == recall_at_k(five)
+
+
+def test_owner_errors() -> None:
+    S = np.zeros((3, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="3 caption owners for 4"):
+        recall_at_k(S, owners=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"images without a caption \(e.g. \[2\]\)"):
+        recall_at_k(S, owners=[0, 1, 1, 0])
+    with pytest.raises(ValueError, match="image indices"):
+        recall_at_k(S, owners=[0, 1, 2, 3])

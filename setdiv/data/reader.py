@@ -9,6 +9,7 @@ samples and unreadable tar tails are skipped, counted (`Batch.skipped`) and warn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import random
@@ -121,7 +122,8 @@ class TrainReader:
         num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
         verify: bool = True,
     ) -> None:  # fmt: skip
-        self.pattern, self.shards = pattern, ShardSet.resolve(pattern, opts.kind)
+        self.pattern, self.shards = pattern, ShardSet.resolve(pattern, opts.kind, opts.format)
+        opts = dataclasses.replace(opts, format=self.shards.format)
         n, self.workers = len(self.shards.paths), max(num_workers, 1)
         if not resampled and n < world * self.workers:
             raise UserError(
@@ -258,8 +260,9 @@ class EvalReader:
         self, pattern: str, opts: SampleOptions, batch_size: int, rank: int = 0, world: int = 1,
         align: int = 1,
     ) -> None:  # fmt: skip
-        self.shards = ShardSet.resolve(pattern, opts.kind)
-        self.opts, self.batch_size = opts, batch_size
+        self.shards = ShardSet.resolve(pattern, opts.kind, opts.format)
+        self.opts = dataclasses.replace(opts, format=self.shards.format)
+        self.batch_size = batch_size
         total = self.shards.num_samples
         per_rank = -(-total // (world * align)) * align
         self.start, self.stop = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
@@ -318,7 +321,7 @@ def build_train_reader(
         raise UserError("config key 'data.train_shards' is not set")
     opts = SampleOptions(
         kind, tokenizer, True, cfg.image_size, cfg.image_transform, cfg.hflip,
-        cfg.region_dropout, cfg.word_dropout,
+        cfg.region_dropout, cfg.word_dropout, cfg.format, cfg.caption_key,
     )  # fmt: skip
     return TrainReader(
         cfg.train_shards, opts, batch_size or per_rank_batch_size(cfg, world), rank, world,
@@ -330,5 +333,8 @@ def build_eval_reader(
     cfg: DataConfig, pattern: str, kind: str, tokenizer: Tokenizer, rank: int = 0, world: int = 1
 ) -> EvalReader:
     """An evaluation reader over `pattern` (no augmentation, index order, rank's slice)."""
-    opts = SampleOptions(kind, tokenizer, False, cfg.image_size, cfg.image_transform)
+    opts = SampleOptions(
+        kind, tokenizer, False, cfg.image_size, cfg.image_transform,
+        format=cfg.format, caption_key=cfg.caption_key,
+    )  # fmt: skip
     return EvalReader(pattern, opts, cfg.eval_batch_size, rank, world, align=cfg.eval_batch_size)

@@ -2,7 +2,8 @@
 transforms, or region features; captions tokenised, with the training dropouts), and decoded
 samples collated into a `Batch`.
 
-Shape legend: B images per batch, R regions, C region width, T tokens, 5B captions.
+Shape legend: B images per batch, R regions, C region width, T tokens, M captions (5B for
+COCO and Flickr30K).
 
 Randomness (region and word dropout, random crops) comes from a seed per sample, so what a
 sample becomes does not depend on which rank or data worker reads it, nor on what was read
@@ -26,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from setdiv.data.shards import decode_meta
+from setdiv.data.shards import decode_meta, web_meta
 from setdiv.data.text import Tokenizer, word_dropout
 from setdiv.errors import UserError
 
@@ -77,6 +78,11 @@ class SampleOptions:
     hflip: bool = True
     region_dropout: float = 0.0
     word_dropout: float = 0.0
+    format: str = "auto"
+    """auto | setdiv | img2dataset (`shards.web_meta`); the readers resolve it from their
+    shards."""
+    caption_key: str | None = None
+    """img2dataset: the `.json` field holding the caption (None: `.txt`)."""
 
 
 def image_transform_steps(
@@ -133,7 +139,8 @@ def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: li
     """A raw sample -> {"image", "tokens", ...}; raises on anything corrupt. `seed` + the
     sample's key drive its region / word dropout and (in a forked torch RNG) its random crop."""
     rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode())])
-    meta = decode_meta(raw)
+    web = opts.format == "img2dataset"
+    meta = web_meta(raw, opts.caption_key) if web else decode_meta(raw)
     if opts.kind == "regions":  # stays numpy until collation: cheaper between processes
         regions_RC = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
         if regions_RC.ndim != 2 or not np.isfinite(regions_RC).all():
@@ -184,15 +191,18 @@ class Batch:
     image_mask: Tensor | None
     """(B,R) bool validity of regions; None for pixels."""
     tokens: Tensor
-    """(5B,T) token ids, image-major: caption c belongs to image c // 5."""
+    """(M,T) token ids, image-major: image b's captions follow image b-1's (5 each for COCO
+    and Flickr30K, so caption c belongs to image c // 5; `caption_counts` in general)."""
     token_mask: Tensor
-    """(5B,T) bool validity of tokens."""
+    """(M,T) bool validity of tokens."""
     image_ids: list[str]
     caption_ids: list[Any]
     skipped: int = 0
     """Corrupt samples skipped while this batch was read."""
     captions: list[str] = field(default_factory=list)
-    """The 5B caption texts, image-major."""
+    """The M caption texts, image-major."""
+    caption_counts: list[int] = field(default_factory=list)
+    """(B,) captions of each image."""
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Batch:
@@ -217,4 +227,5 @@ def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Bat
         caption_ids=[c for s in samples for c in s["caption_ids"]],
         skipped=skipped + sum(s.get("skipped", 0) for s in samples),
         captions=[c for s in samples for c in s["captions"]],
+        caption_counts=[len(s["tokens"]) for s in samples],
     )

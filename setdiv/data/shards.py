@@ -8,6 +8,11 @@ One sample per image:
 
 Next to the shards `{split}-index.json` records, per shard, its name, sample count and sha256,
 plus the source: the reader plans epochs from it without opening a tar, and verifies checksums.
+
+img2dataset shards (CC3M, CC12M, LAION, DataComp, as img2dataset writes them) are read in
+place: `KEY.jpg`, `KEY.txt` (one caption), `KEY.json` (metadata with a `status`). They have no
+index: their sample counts come from the tar headers (`scan_img2dataset`) and there is no
+checksum to verify.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,7 @@ from setdiv.errors import UserError
 
 __all__ = [
     "CAPTIONS_PER_IMAGE",
+    "FORMATS",
     "Sample",
     "ShardIndex",
     "ShardInfo",
@@ -37,13 +44,16 @@ __all__ = [
     "decode_meta",
     "index_path",
     "read_shard",
+    "scan_img2dataset",
     "sha256_file",
+    "web_meta",
     "write_shards",
 ]
 
 log = logging.getLogger(__name__)
 CAPTIONS_PER_IMAGE = 5
 INDEX_FORMAT = "setdiv-shards/1"
+FORMATS = ("auto", "setdiv", "img2dataset")
 
 
 @dataclass
@@ -145,17 +155,33 @@ class ShardSet:
     paths: list[Path]
     infos: list[ShardInfo]
     kind: str
+    format: str = "setdiv"
+    """setdiv | img2dataset."""
 
     @classmethod
-    def resolve(cls, pattern: str, kind: str | None = None) -> ShardSet:
+    def resolve(cls, pattern: str, kind: str | None = None, fmt: str = "setdiv") -> ShardSet:
         """Expand braces and globs; every shard must exist and be listed in its index, and
-        hold `kind` samples ("regions" / "image") when given."""
+        hold `kind` samples ("regions" / "image") when given. `fmt` img2dataset: shards read
+        in place (image kind, counted from their tar headers); auto: setdiv where an index
+        lies next to the first shard, else img2dataset."""
+        if fmt not in FORMATS:
+            raise UserError(f"shard format must be one of {FORMATS}, got {fmt!r}")
         paths: list[Path] = []
         for part in braceexpand(pattern):
             matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
             if not matches:
                 raise FileNotFoundError(f"no shard matches {part!r}")
             paths += [Path(m) for m in matches]
+        if fmt == "auto":
+            first = paths[0]
+            indexed = index_path(first.parent, first.name.rsplit("-", 1)[0]).is_file()
+            fmt = "setdiv" if indexed else "img2dataset"
+        if fmt == "img2dataset":
+            if kind not in (None, "image"):
+                raise UserError(
+                    f"{pattern}: img2dataset shards hold images, the model reads {kind!r}"
+                )
+            return cls(paths, [scan_img2dataset(p) for p in paths], "image", "img2dataset")
         indexes: dict[Path, ShardIndex] = {}
         infos, kinds = [], set()
         for p in paths:
@@ -176,7 +202,10 @@ class ShardSet:
         return cls(paths, infos, kinds.pop())
 
     def verify(self, which: list[int] | None = None) -> None:
-        """Compare sha256 of the chosen shards (default all) with the index; raise on mismatch."""
+        """Compare sha256 of the chosen shards (default all) with the index; raise on mismatch.
+        img2dataset shards have no checksums: nothing to compare."""
+        if self.format == "img2dataset":
+            return
         for i in range(len(self.paths)) if which is None else which:
             digest = sha256_file(self.paths[i])
             if digest != self.infos[i].sha256:
@@ -194,6 +223,50 @@ def read_shard(path: str | Path, on_error: Callable[[Exception], bool]) -> Itera
     """The raw samples of one shard ({"__key__", "__url__", ext: bytes}) through webdataset's
     `tarfile_to_samples`; an unreadable or truncated tar ends early, after `on_error(exc)`."""
     return wds.tarfile_to_samples(handler=on_error)([{"url": str(path)}])
+
+
+def scan_img2dataset(path: Path) -> ShardInfo:
+    """A shard's sample count from its tar headers (webdataset's grouping: members sharing the
+    name before the first dot of their file name form one sample). An unreadable tar counts
+    what could be read; the reader then skips and counts the rest."""
+    keys, last = 0, None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                head, _, name = member.name.rpartition("/")
+                key = f"{head}/{name.split('.', 1)[0]}"
+                if key != last:
+                    keys, last = keys + 1, key
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        log.warning("%s: unreadable after %d samples (%s)", path, keys, exc)
+    return ShardInfo(path.name, keys, "")
+
+
+def web_meta(raw: dict[str, Any], caption_key: str | None = None) -> dict[str, Any]:
+    """The meta of an img2dataset sample: its one caption (from `.txt`, or the `.json` field
+    `caption_key`), id = key; raises for a failed download, a missing or empty caption, or an
+    image that is missing or not a JPEG."""
+    info = json.loads(raw["json"]) if "json" in raw else {}
+    if not isinstance(info, dict):
+        raise ValueError("its .json is not an object")
+    if info.get("status", "success") != "success":
+        raise ValueError(f"download status {info.get('status')!r}")
+    if caption_key is not None:
+        caption = info.get(caption_key)
+        if not isinstance(caption, str):
+            raise ValueError(f"no caption string in .json field {caption_key!r}")
+    elif "txt" in raw:
+        caption = raw["txt"].decode("utf-8")
+    else:
+        raise ValueError("no .txt caption")
+    if not caption.strip():
+        raise ValueError("an empty caption")
+    if raw.get("jpg", b"")[:3] != b"\xff\xd8\xff":
+        raise ValueError("no JPEG image (.jpg missing or not JPEG data)")
+    key = raw["__key__"]
+    return {"image_id": key, "captions": [caption.strip()], "caption_ids": [key]}
 
 
 def decode_meta(raw: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,10 @@ from setdiv.errors import UserError
 __all__ = ["Tokenizer", "build_tokenizer", "word_dropout"]
 
 
+BERT_MAX_TOKENS = 512
+"""Longest token sequence a BERT tokenizer gives (BERT's position table)."""
+
+
 @dataclass
 class Tokenizer:
     vocab: Vocab | None
@@ -37,7 +41,10 @@ class Tokenizer:
     def encode(self, caption: str) -> list[int]:
         if self.vocab is not None:
             return self.vocab.encode(caption)
-        return list(self.bert(caption, add_special_tokens=True)["input_ids"])  # type: ignore[misc]
+        # Truncated to what the encoder's positions cover: web alt-text can be very long.
+        limit = min(getattr(self.bert, "model_max_length", BERT_MAX_TOKENS), BERT_MAX_TOKENS)
+        ids = self.bert(caption, add_special_tokens=True, truncation=True, max_length=limit)  # type: ignore[misc]
+        return list(ids["input_ids"])
 
 
 def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Tokenizer:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from setdiv.config import Protocol
 from setdiv.data.reader import Batch
+from setdiv.data.shards import CAPTIONS_PER_IMAGE
 from setdiv.distributed import all_gather_list, all_gather_rows
 from setdiv.eval.metrics import coco_1k, recall_at_k
 from setdiv.model import SetRetrievalModel
@@ -38,6 +39,7 @@ __all__ = [
     "encode",
     "format_table",
     "protocol_metrics",
+    "whole_set",
     "score_rows",
     "write_result",
 ]
@@ -56,6 +58,8 @@ class Encoded:
     skipped: int = 0
     captions_text: list[str] = field(default_factory=list)
     """The M caption texts."""
+    caption_counts: list[int] = field(default_factory=list)
+    """(N,) captions of each image (image-major)."""
 
 
 @torch.no_grad()
@@ -72,7 +76,7 @@ def encode(
         raise ValueError(f"modality must be both, image or text, got {modality!r}")
     model.eval()
     dtype = next(model.parameters()).dtype  # bf16 / fp16 engines take inputs in their dtype
-    images, captions, image_ids, caption_ids, texts, skipped = [], [], [], [], [], 0
+    images, captions, image_ids, caption_ids, texts, counts, skipped = [], [], [], [], [], [], 0
     total = getattr(batches, "num_batches", None)
     for batch in tqdm(batches, desc="encode", unit="batch", total=total, disable=not progress):
         if modality != "text":
@@ -84,6 +88,7 @@ def encode(
         image_ids += batch.image_ids
         caption_ids += batch.caption_ids
         texts += batch.captions
+        counts += batch.caption_counts
         skipped += batch.skipped
     empty = torch.zeros(0, 1, 1, device=device)
     return Encoded(
@@ -93,6 +98,7 @@ def encode(
         caption_ids,
         skipped,
         texts,
+        counts,
     )
 
 
@@ -131,34 +137,59 @@ def gather_and_score(
         rows = score_rows(similarity, enc.images, captions, chunk)
     sims = all_gather_rows(rows)
     image_ids = all_gather_list(enc.image_ids)
+    counts = all_gather_list(enc.caption_counts)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
     sims_np = sims.float().cpu().numpy()
-    return EvalResult(
-        sims_np, image_ids, caption_ids, protocol_metrics(sims_np, protocol, image_ids, caption_ids)
-    )
+    owners = np.repeat(np.arange(len(counts)), counts) if counts else None
+    metrics = protocol_metrics(sims_np, protocol, image_ids, caption_ids, owners)
+    result = EvalResult(sims_np, image_ids, caption_ids, metrics)
+    if counts and set(counts) != {CAPTIONS_PER_IMAGE}:
+        result.meta["caption_counts"] = counts
+    return result
 
 
 STANDARD_SIZE = {"coco": 5000, "f30k": 1000}
-"""Test images of each protocol's standard split."""
+"""Test images of each protocol's standard split (`web`: none, any size, any caption count)."""
 _FULL_NAME = {"coco": "coco_5k", "f30k": "f30k_1k"}
 
 
 def full_set_key(protocol: str, num_images: int) -> str:
     """Name of the whole-test-set metric group: coco_5k, f30k_1k, or <protocol>_<N> for a
     test set of another size."""
-    standard = num_images == STANDARD_SIZE[protocol]
+    standard = num_images == STANDARD_SIZE.get(protocol)
     return _FULL_NAME[protocol] if standard else f"{protocol}_{num_images}"
 
 
+def whole_set(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The whole-test-set group of `protocol_metrics` (coco_5k, f30k_1k, web_N, ...): the
+    first."""
+    return next(iter(metrics.values()))
+
+
 def protocol_metrics(
-    sims: np.ndarray, protocol: str, image_ids: list[str], caption_ids: list[Any]
+    sims: np.ndarray,
+    protocol: str,
+    image_ids: list[str],
+    caption_ids: list[Any],
+    owners: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """The protocol's metric sets: COCO full set (5K) + 1K folds (+ ECCV/CxC for COCO ids),
-    Flickr30K test; each a `recall_at_k` dict."""
+    Flickr30K test; each a `recall_at_k` dict. `owners` (M,): the image of each caption,
+    when images do not all have 5 (web data): the whole-set recalls only."""
     if protocol not in get_args(Protocol):
         raise ValueError(f"protocol must be one of {get_args(Protocol)}, got {protocol!r}")
-    N = sims.shape[0]
+    N, M = sims.shape
+    five = owners is None or (
+        M == CAPTIONS_PER_IMAGE * N and np.array_equal(owners, np.arange(M) // CAPTIONS_PER_IMAGE)
+    )
+    if not five:
+        if protocol != "web":
+            log.warning(
+                "%d images with %d captions (not 5 each): whole-set recalls only, as protocol "
+                "'web'", N, M,
+            )  # fmt: skip
+        return {full_set_key("web", N): recall_at_k(sims, owners=owners)}
     out = {full_set_key(protocol, N): recall_at_k(sims)}
     if protocol == "coco" and N % 1000 == 0 and N > 1000:
         out["coco_1k"] = coco_1k(sims, folds=N // 1000)

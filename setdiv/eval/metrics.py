@@ -1,6 +1,8 @@
 """Retrieval metrics on an image x caption similarity matrix (SPEC §6).
 
-Shape legend: N images, M = 5N captions, image-major (caption c belongs to image c // 5).
+Shape legend: N images, M captions. By default M = 5N, image-major (caption c belongs to
+image c // 5); `owners` gives any other layout: the image of each caption (web data has one
+caption per image, other sets a variable number).
 
 Non-finite scores (NaN, +-inf) rank below every finite score, so a diverged model scores
 near nothing, never RSUM 600; `recall_at_k` logs how many there were.
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["coco_1k", "i2t_ranks", "recall_at_k", "t2i_ranks"]
+__all__ = ["caption_owners", "coco_1k", "i2t_ranks", "recall_at_k", "t2i_ranks"]
 
 _CHUNK = 256
 log = logging.getLogger(__name__)
@@ -52,45 +54,86 @@ def _finite_or_worst(sims: Tensor) -> tuple[Tensor, int]:
     return (sims.masked_fill(bad, float("-inf")) if count else sims), count
 
 
-def i2t_ranks(sims_NM: np.ndarray | Tensor, captions_per_image: int = 5) -> np.ndarray:
-    """(N,) best (smallest) rank among each image's captions."""
-    return _i2t_ranks(_finite_or_worst(_as_tensor(sims_NM))[0], captions_per_image)
+def caption_owners(num_images: int, num_captions: int, captions_per_image: int) -> np.ndarray:
+    """(M,) the image of each caption in an image-major matrix of `captions_per_image` each."""
+    if num_captions != captions_per_image * num_images:
+        raise ValueError(
+            f"similarity matrix {num_images}x{num_captions} is not N x {captions_per_image}N"
+        )
+    return np.arange(num_captions) // captions_per_image
 
 
-def _i2t_ranks(sims: Tensor, captions_per_image: int) -> np.ndarray:
+def _check_owners(owners: np.ndarray | Sequence[int], N: int, M: int) -> np.ndarray:
+    owners = np.asarray(owners, dtype=np.int64)
+    if owners.shape != (M,):
+        raise ValueError(f"{owners.shape[0] if owners.ndim else 0} caption owners for {M} captions")
+    if M and (owners.min() < 0 or owners.max() >= N):
+        raise ValueError(f"caption owners must be image indices in [0, {N})")
+    if len(np.unique(owners)) != N:
+        missing = sorted(set(range(N)) - set(owners.tolist()))[:5]
+        raise ValueError(f"images without a caption (e.g. {missing}): they cannot be scored")
+    return owners
+
+
+def _owners(sims: Tensor, captions_per_image: int, owners: Sequence[int] | None) -> np.ndarray:
     N, M = sims.shape
-    if M != captions_per_image * N:
-        raise ValueError(f"similarity matrix {N}x{M} is not N x {captions_per_image}N")
+    if owners is None:
+        return caption_owners(N, M, captions_per_image)
+    return _check_owners(owners, N, M)
+
+
+def i2t_ranks(
+    sims_NM: np.ndarray | Tensor, captions_per_image: int = 5, owners: Sequence[int] | None = None
+) -> np.ndarray:
+    """(N,) best (smallest) rank among each image's captions."""
+    sims = _finite_or_worst(_as_tensor(sims_NM))[0]
+    return _i2t_ranks(sims, _owners(sims, captions_per_image, owners))
+
+
+def _i2t_ranks(sims: Tensor, owners: np.ndarray) -> np.ndarray:
+    N, M = sims.shape
     # The best-ranked positive is the highest-scored one (the first on ties), so one target
-    # per row suffices.
-    own = sims.view(N, N, captions_per_image)[torch.arange(N), torch.arange(N)]  # (N, 5)
-    best = torch.arange(N)[:, None] * captions_per_image + own.argmax(dim=1, keepdim=True)
+    # per row suffices: sort captions by (owner, score descending, index), take each owner's
+    # first.
+    own = sims[torch.from_numpy(owners), torch.arange(M)].double().numpy()  # (M,)
+    order = np.lexsort((np.arange(M), -own, owners))
+    firsts = np.flatnonzero(np.r_[True, owners[order][1:] != owners[order][:-1]])
+    best = torch.from_numpy(order[firsts])[:, None]  # (N, 1), image n's best caption
     out = [
         _target_ranks(sims[i : i + _CHUNK], best[i : i + _CHUNK])[:, 0] for i in range(0, N, _CHUNK)
     ]
     return torch.cat(out).numpy()
 
 
-def t2i_ranks(sims_NM: np.ndarray | Tensor, captions_per_image: int = 5) -> np.ndarray:
+def t2i_ranks(
+    sims_NM: np.ndarray | Tensor, captions_per_image: int = 5, owners: Sequence[int] | None = None
+) -> np.ndarray:
     """(M,) rank of each caption's image among all images."""
-    return _t2i_ranks(_finite_or_worst(_as_tensor(sims_NM))[0], captions_per_image)
+    sims = _finite_or_worst(_as_tensor(sims_NM))[0]
+    return _t2i_ranks(sims, _owners(sims, captions_per_image, owners))
 
 
-def _t2i_ranks(sims: Tensor, captions_per_image: int) -> np.ndarray:
+def _t2i_ranks(sims: Tensor, owners: np.ndarray) -> np.ndarray:
     sims_T = sims.T
     M = sims_T.shape[0]
+    targets = torch.from_numpy(owners)
     out = []
     for c in range(0, M, _CHUNK):
         cols = torch.arange(c, min(c + _CHUNK, M))
-        out.append(_target_ranks(sims_T[cols], (cols // captions_per_image)[:, None])[:, 0])
+        out.append(_target_ranks(sims_T[cols], targets[cols][:, None])[:, 0])
     return torch.cat(out).numpy()
 
 
 def recall_at_k(
-    sims: np.ndarray | Tensor, captions_per_image: int = 5, ks: Sequence[int] = (1, 5, 10)
+    sims: np.ndarray | Tensor,
+    captions_per_image: int = 5,
+    ks: Sequence[int] = (1, 5, 10),
+    owners: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """R@K in percent for both directions, RSUM (sum of the recalls), median and mean rank
-    (1-based), from an (N, captions_per_image*N) image-major similarity matrix."""
+    (1-based), from an (N, M) similarity matrix: image-major with `captions_per_image` each,
+    or with caption c belonging to image `owners[c]` (any number of captions per image, at
+    least one)."""
     sims, bad = _finite_or_worst(_as_tensor(sims))
     if bad:
         log.warning(
@@ -98,8 +141,9 @@ def recall_at_k(
             bad,
             sims.numel(),
         )
-    i2t = _i2t_ranks(sims, captions_per_image)
-    t2i = _t2i_ranks(sims, captions_per_image)
+    own = _owners(sims, captions_per_image, owners)
+    i2t = _i2t_ranks(sims, own)
+    t2i = _t2i_ranks(sims, own)
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:

@@ -35,7 +35,7 @@ from setdiv.distributed import (
     rank_and_world,
 )
 from setdiv.errors import UserError
-from setdiv.eval.evaluator import encode, full_set_key, gather_and_score
+from setdiv.eval.evaluator import encode, gather_and_score, whole_set
 from setdiv.losses import build_loss
 from setdiv.model import build_model
 from setdiv.model.encoders import IMAGE_INPUT_KIND
@@ -360,7 +360,7 @@ class Trainer:
                     result.sims.size,
                 )
                 return float("nan")
-            return result.metrics[full_set_key(protocol, len(result.image_ids))]["rsum"]
+            return whole_set(result.metrics)["rsum"]
 
         rsum_value = broadcast_float(on_all_ranks(score, "validation"))
         if is_rank_zero(self.rank):

@@ -1,0 +1,135 @@
+"""img2dataset shards (`KEY.jpg`, `KEY.txt`, `KEY.json`) read in place: real CC12M pairs, and
+the broken samples web data is full of, skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader
+from setdiv.data.shards import web_meta
+from setdiv.data.text import Tokenizer
+from setdiv.data.vocab import SPECIALS, Vocab
+from setdiv.errors import UserError
+
+CC12M = Path(__file__).parents[2] / "shared/data/cc12m_img2dataset_32/cc12m-train-0000.tar"
+
+
+def tokenizer(captions: list[str]) -> Tokenizer:
+    vocab = Vocab.build(captions)
+    return Tokenizer(vocab, None, vocab.pad, vocab.mask, len(SPECIALS), len(vocab))
+
+
+def members(path: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} read with tarfile: the independent view of a shard."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if m.isfile():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()  # type: ignore[union-attr]
+    return out
+
+
+@pytest.mark.skipif(not CC12M.is_file(), reason=f"the real CC12M sample is absent ({CC12M})")
+def test_real_cc12m_pairs_are_read_in_place() -> None:
+    """The 32 real pairs: detected as img2dataset (no index file, no conversion), counted from
+    the tar headers, every image decoded with its one caption from `.txt`, in shard order."""
+    raw = members(CC12M)
+    shards = ShardSet.resolve(str(CC12M), "image", "auto")
+    assert shards.format == "img2dataset" and shards.num_samples == len(raw) == 32
+    texts = {k: v["txt"].decode().strip() for k, v in raw.items()}
+    tok = tokenizer(list(texts.values()))
+    reader = EvalReader(str(CC12M), SampleOptions("image", tok, False, 32), batch_size=10)
+    batches = list(reader)
+    assert reader.skipped == 0 and [len(b.image_ids) for b in batches] == [10, 10, 10, 2]
+    ids = [i for b in batches for i in b.image_ids]
+    assert ids == list(raw) and all(b.caption_counts == [1] * len(b.image_ids) for b in batches)
+    assert [c for b in batches for c in b.captions] == [texts[k] for k in ids]
+    assert batches[0].images.shape == (10, 3, 32, 32) and batches[0].tokens.shape[0] == 10
+    # Training reads them too: one caption per image, image-major.
+    train = TrainReader(
+        str(CC12M), SampleOptions("image", tok, True, 32), batch_size=8, num_workers=0,
+        shuffle_buffer=0,
+    )  # fmt: skip
+    got = list(train.epoch(0))
+    assert len(got) == 4 and {i for b in got for i in b.image_ids} == set(raw)
+
+
+def jpeg(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_web_shard(path: Path, samples: list[dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "key":
+                    continue
+                info = tarfile.TarInfo(f"{sample['key'].decode()}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_broken_web_samples_are_skipped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Missing `.txt`, an empty caption, PNG bytes under `.jpg`, no image, a failed download
+    (`status`), a non-object `.json`: each skipped and counted, never a crash; the two good
+    samples are read, and a caption can come from a `.json` field instead."""
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    ok = json.dumps({"status": "success", "caption": "a blue sky"}).encode()
+    samples = [
+        {"key": b"000", "jpg": jpeg((200, 0, 0)), "txt": b"a red square", "json": ok},
+        {"key": b"001", "jpg": jpeg((0, 200, 0)), "json": ok},
+        {"key": b"002", "jpg": jpeg((0, 0, 200)), "txt": b"  \n", "json": ok},
+        {"key": b"003", "jpg": png.getvalue(), "txt": b"a png", "json": ok},
+        {"key": b"004", "txt": b"no image at all", "json": ok},
+        {"key": b"005", "jpg": jpeg((9, 9, 9)), "txt": b"failed", "json": b'{"status": "failed"}'},
+        {"key": b"006", "jpg": jpeg((9, 9, 9)), "txt": b"odd json", "json": b"[1, 2]"},
+        {"key": b"007", "jpg": jpeg((0, 0, 0)), "txt": b"a black square"},
+    ]
+    write_web_shard(tmp_path / "web-0000.tar", samples)
+    tok = tokenizer(["a red square", "a black square", "a blue sky"])
+    opts = SampleOptions("image", tok, False, 16, format="img2dataset")
+    reader = EvalReader(str(tmp_path / "web-0000.tar"), opts, batch_size=4)
+    batches = list(reader)
+    assert [i for b in batches for i in b.image_ids] == ["000", "007"]
+    assert reader.skipped == 6 and sum(b.skipped for b in batches) == 6
+    assert [c for b in batches for c in b.captions] == ["a red square", "a black square"]
+    assert "skipping corrupt sample '001': ValueError: no .txt caption" in caplog.text
+    # Each reason, as the (rate-limited) warnings would name it:
+    reasons = {
+        "001": "no .txt caption", "002": "an empty caption", "003": "not JPEG",
+        "004": "not JPEG", "005": "status 'failed'", "006": "not an object",
+    }  # fmt: skip
+    for sample in samples:
+        key = sample["key"].decode()
+        raw = {"__key__": key, **{k: v for k, v in sample.items() if k != "key"}}
+        if key in reasons:
+            with pytest.raises(ValueError, match=reasons[key]):
+                web_meta(raw)
+    # The caption from a .json field: samples without it are skipped instead.
+    by_json = SampleOptions("image", tok, False, 16, format="img2dataset", caption_key="caption")
+    read = [i for b in EvalReader(str(tmp_path / "web-0000.tar"), by_json, 4) for i in b.image_ids]
+    assert read == ["000", "001", "002"]
+    # A model reading regions cannot read web shards.
+    with pytest.raises(UserError, match="img2dataset shards hold images"):
+        ShardSet.resolve(str(tmp_path / "web-0000.tar"), "regions", "img2dataset")
+    # Training over them: only good samples in batches, the bad ones counted.
+    train = TrainReader(
+        str(tmp_path / "web-0000.tar"), SampleOptions("image", tok, True, 16),
+        batch_size=2, num_workers=0, shuffle_buffer=0,
+    )  # fmt: skip
+    batch = next(iter(train.epoch(0)))
+    assert sorted(batch.image_ids) == ["000", "007"] and batch.skipped == 6
+    assert np.isfinite(batch.images.numpy()).all()
