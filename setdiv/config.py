@@ -140,7 +140,12 @@ class ImageEncoderConfig:
     feature_dim: int = _positive(2048)
     """region: width of the precomputed region features (BUTD: 2048)."""
     weights: str | None = None
-    """cnn: local path of the ImageNet/WSL state dict (.pth or .safetensors); null = random init."""
+    """cnn / timm: local path of the pretrained state dict (.pth or .safetensors); null =
+    random init."""
+    arch: str | None = None
+    """timm: the architecture's registry name (e.g. vit_tiny_patch16_224, convnext_atto)."""
+    grad_checkpointing: bool = False
+    """timm: recompute the tower's activations in the backward pass (less memory)."""
     freeze_bn: bool = False
     """cnn: keep BatchNorm statistics and affine parameters fixed (eval mode, no grad)."""
     dropout: float = _fraction(0.1)
@@ -294,6 +299,16 @@ class DataConfig:
     """Images per encoding batch in evaluation (captions: 5x)."""
     val_protocol: Protocol = "coco"
     """Protocol of the validation split (selects the whole-set RSUM)."""
+    image_mean: tuple[float, float, float] | None = None
+    """Pixel normalisation mean (RGB, 0-1); null: the image tower's own (ImageNet's for the
+    torchvision CNNs; timm and open_clip towers: their pretrained config)."""
+    image_std: tuple[float, float, float] | None = None
+    """Pixel normalisation std; null: the image tower's own."""
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+    """Resize interpolation; null: the image tower's own (bilinear for the CNNs)."""
+    crop_pct: float | None = None
+    """crop: the test image is resized to image_size / crop_pct, then centre-cropped; null: the
+    image tower's own (0.875 for the CNNs)."""
     format: Literal["auto", "setdiv", "img2dataset"] = "auto"
     """Shard layout: setdiv (`setdiv shards`, an index file next to the shards, 5 captions per
     image) | img2dataset (`KEY.jpg` + `KEY.txt` (+ `KEY.json`), one caption per image, read in

@@ -25,7 +25,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from setdiv import distributed
 from setdiv.config import DataConfig
 from setdiv.data import samples
-from setdiv.data.samples import Batch, SampleOptions, collate, decode_sample, image_transform
+from setdiv.data.samples import (
+    Batch,
+    SampleOptions,
+    collate,
+    decode_sample,
+    image_transform,
+    sample_options,
+)
 from setdiv.data.shards import ShardSet, read_shard
 from setdiv.data.text import Tokenizer
 from setdiv.errors import UserError
@@ -241,7 +248,7 @@ class TrainReader:
 
         def batch(samples: list[dict]) -> Batch:
             self.position = samples[-1]["position"]
-            return collate(samples, self.opts.tokenizer.pad_id)
+            return collate(samples, self.opts.tokenizer.pad_id, opts=self.opts)
 
         # Cut the samples, not the batches: webdataset's batcher sends a batch once the next
         # sample arrives, which at the epoch's end would start another pass for nothing.
@@ -298,10 +305,10 @@ class EvalReader:
                     continue
                 pending.append(sample)
                 if len(pending) == self.batch_size:
-                    yield collate(pending, pad_id, skipped)
+                    yield collate(pending, pad_id, skipped, self.opts)
                     pending, skipped = [], 0
         if pending:
-            yield collate(pending, pad_id, skipped)
+            yield collate(pending, pad_id, skipped, self.opts)
 
 
 def per_rank_batch_size(cfg: DataConfig, world: int) -> int:
@@ -319,10 +326,7 @@ def build_train_reader(
     `per_rank_batch_size`)."""
     if cfg.train_shards is None:
         raise UserError("config key 'data.train_shards' is not set")
-    opts = SampleOptions(
-        kind, tokenizer, True, cfg.image_size, cfg.image_transform, cfg.hflip,
-        cfg.region_dropout, cfg.word_dropout, cfg.format, cfg.caption_key,
-    )  # fmt: skip
+    opts = sample_options(cfg, kind, tokenizer, train=True)
     return TrainReader(
         cfg.train_shards, opts, batch_size or per_rank_batch_size(cfg, world), rank, world,
         cfg.num_workers, seed, cfg.shuffle_buffer, cfg.resampled, cfg.verify_checksums,
@@ -333,8 +337,5 @@ def build_eval_reader(
     cfg: DataConfig, pattern: str, kind: str, tokenizer: Tokenizer, rank: int = 0, world: int = 1
 ) -> EvalReader:
     """An evaluation reader over `pattern` (no augmentation, index order, rank's slice)."""
-    opts = SampleOptions(
-        kind, tokenizer, False, cfg.image_size, cfg.image_transform,
-        format=cfg.format, caption_key=cfg.caption_key,
-    )  # fmt: skip
+    opts = sample_options(cfg, kind, tokenizer, train=False, augment=False)
     return EvalReader(pattern, opts, cfg.eval_batch_size, rank, world, align=cfg.eval_batch_size)

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from setdiv.data.shards import decode_meta, web_meta
 from setdiv.data.text import Tokenizer, word_dropout
 from setdiv.errors import UserError
 
+if TYPE_CHECKING:
+    from setdiv.config import DataConfig
+
 __all__ = [
     "Batch",
     "SampleOptions",
@@ -40,6 +43,8 @@ __all__ = [
     "image_file_pixels",
     "image_transform",
     "image_transform_steps",
+    "normalise",
+    "sample_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,12 @@ class SampleOptions:
     hflip: bool = True
     region_dropout: float = 0.0
     word_dropout: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Pixel normalisation (RGB, 0-1 scale), the image tower's."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    """crop style, test: Resize(size / crop_pct) + CenterCrop(size)."""
     format: str = "auto"
     """auto | setdiv | img2dataset (`shards.web_meta`); the readers resolve it from their
     shards."""
@@ -86,53 +97,70 @@ class SampleOptions:
 
 
 def image_transform_steps(
-    size: int, train: bool, style: str = "crop", hflip: bool = True
+    size: int,
+    train: bool,
+    style: str = "crop",
+    hflip: bool = True,
+    interpolation: str = "bilinear",
+    crop_pct: float = 0.875,
 ) -> list[Callable]:
     """The torchvision v2 steps of the official DivE image pipeline (before normalisation).
 
-    crop:   train RandomResizedCrop(size) (default scale 0.08-1), test Resize(size / 0.875) +
-            CenterCrop(size) (224 -> 256 -> 224).
+    crop:   train RandomResizedCrop(size) (default scale 0.08-1), test Resize(size / crop_pct)
+            + CenterCrop(size) (224 -> 256 -> 224 at the official 0.875).
     gpo512: train RandomResizedCrop(size, scale=(0.36, 1)), test Resize((size, size)) (the
             official `gpo_aug` 512-pixel setting).
     Training adds a horizontal flip when `hflip` (official, though captions say left/right).
     """
-    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode, v2
 
+    mode = InterpolationMode(interpolation)
     if train:
         scale = (0.36, 1.0) if style == "gpo512" else (0.08, 1.0)
-        steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
+        steps = [v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True)]
         return steps + ([v2.RandomHorizontalFlip()] if hflip else [])
     if style == "gpo512":
-        return [v2.Resize((size, size), antialias=True)]
-    return [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
+        return [v2.Resize((size, size), interpolation=mode, antialias=True)]
+    resize = v2.Resize(int(size / crop_pct), interpolation=mode, antialias=True)
+    return [resize, v2.CenterCrop(size)]
 
 
 def image_transform(opts: SampleOptions, train: bool) -> Callable[[Image.Image], np.ndarray]:
     """PIL image -> (3,size,size) uint8; normalisation happens batched in `collate`."""
     from torchvision.transforms import v2
 
-    steps = image_transform_steps(opts.image_size, train, opts.image_transform, opts.hflip)
+    steps = image_transform_steps(
+        opts.image_size, train, opts.image_transform, opts.hflip, opts.interpolation, opts.crop_pct
+    )
     pipeline = v2.Compose([v2.ToImage(), *steps])
     return lambda im: pipeline(im).numpy()
 
 
-def image_file_pixels(path: str | Path | BinaryIO, size: int, style: str = "crop") -> Tensor:
+def image_file_pixels(
+    path: str | Path | BinaryIO, size: int, style: str = "crop", opts: SampleOptions | None = None
+) -> Tensor:
     """(1,3,size,size) normalised pixels of an image file (or file object), as evaluation
-    reads a test image. Raises UserError for anything Pillow cannot (or will not) decode."""
-    opts = SampleOptions("image", None, False, size, style)  # type: ignore[arg-type]
+    reads a test image (`opts`: the data options, whose size and style win). Raises
+    UserError for anything Pillow cannot (or will not) decode."""
+    opts = opts or SampleOptions("image", None, False, size, style)  # type: ignore[arg-type]
     try:
         with Image.open(path) as im:
             pixels = image_transform(opts, False)(im.convert("RGB"))
     except (OSError, Image.DecompressionBombError) as exc:
         name = path if isinstance(path, (str, Path)) else "image"
         raise UserError(f"{name}: not a readable image ({exc})") from None
-    return _normalise(torch.from_numpy(pixels)[None])
+    return normalise(torch.from_numpy(pixels)[None], opts.mean, opts.std)
 
 
-def _normalise(pixels_B3HW: Tensor) -> Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return (pixels_B3HW.float() - mean) / std
+def normalise(
+    pixels_B3HW: Tensor,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Tensor:
+    """uint8 pixels (B,3,H,W) -> float, normalised with the tower's RGB mean and std."""
+    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    return (pixels_B3HW.float() - m) / s
 
 
 def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: list[int]) -> dict:
@@ -205,16 +233,20 @@ class Batch:
     """(B,) captions of each image."""
 
 
-def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Batch:
-    """Stack B decoded samples into a `Batch` (regions and tokens right-padded); `skipped`
-    adds to the samples' own "skipped" counts."""
+def collate(
+    samples: list[dict[str, Any]], pad_id: int, skipped: int = 0, opts: SampleOptions | None = None
+) -> Batch:
+    """Stack B decoded samples into a `Batch` (regions and tokens right-padded, pixels
+    normalised with `opts`' mean and std, default ImageNet's); `skipped` adds to the samples'
+    own "skipped" counts."""
     images = [s["image"] for s in samples]
     if images[0].ndim == 2:  # regions (R, C), R varies under region dropout
         batch_images = pad_sequence([torch.from_numpy(x) for x in images], batch_first=True)
         image_mask = torch.arange(batch_images.shape[1]) < torch.tensor([[len(x)] for x in images])
         batch_images = batch_images.float()
     else:  # uint8 pixels (3, H, W)
-        batch_images, image_mask = _normalise(torch.from_numpy(np.stack(images))), None
+        mean, std = (opts.mean, opts.std) if opts is not None else (IMAGENET_MEAN, IMAGENET_STD)
+        batch_images, image_mask = normalise(torch.from_numpy(np.stack(images)), mean, std), None
     captions = [torch.tensor(t, dtype=torch.long) for s in samples for t in s["tokens"]]
     tokens = pad_sequence(captions, batch_first=True, padding_value=pad_id)
     token_mask = torch.arange(tokens.shape[1]) < torch.tensor([[len(t)] for t in captions])
@@ -228,4 +260,28 @@ def collate(samples: list[dict[str, Any]], pad_id: int, skipped: int = 0) -> Bat
         skipped=skipped + sum(s.get("skipped", 0) for s in samples),
         captions=[c for s in samples for c in s["captions"]],
         caption_counts=[len(s["tokens"]) for s in samples],
+    )
+
+
+def sample_options(
+    cfg: DataConfig, kind: str, tokenizer: Tokenizer, train: bool, augment: bool = True
+) -> SampleOptions:
+    """The options `cfg` (data config) gives: its null preprocessing keys take the
+    torchvision CNNs' values (ImageNet normalisation, bilinear, crop 0.875); a timm or
+    open_clip tower fills them in from its own config (`setdiv.model.towers`) before."""
+    return SampleOptions(
+        kind,
+        tokenizer,
+        train,
+        cfg.image_size,
+        cfg.image_transform,
+        cfg.hflip,
+        cfg.region_dropout if augment else 0.0,
+        cfg.word_dropout if augment else 0.0,
+        tuple(cfg.image_mean) if cfg.image_mean is not None else IMAGENET_MEAN,  # type: ignore[arg-type]
+        tuple(cfg.image_std) if cfg.image_std is not None else IMAGENET_STD,  # type: ignore[arg-type]
+        cfg.interpolation or "bilinear",
+        cfg.crop_pct or 0.875,
+        cfg.format,
+        cfg.caption_key,
     )

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from setdiv.data.reader import build_eval_reader
-from setdiv.data.samples import image_file_pixels
+from setdiv.data.samples import image_file_pixels, sample_options
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode
 from setdiv.index.search import AUTO, Hits, SetSearcher
@@ -81,7 +81,8 @@ def _image_query(searcher: SetSearcher, args: argparse.Namespace) -> torch.Tenso
             f"the export's image encoder ({cfg.model.image.name}) reads region features, not "
             "image files: query with --sample SHARDS IMAGE_ID"
         )
-    pixels = image_file_pixels(args.image, cfg.data.image_size, cfg.data.image_transform)
+    opts = sample_options(cfg.data, "image", None, train=False, augment=False)  # type: ignore[arg-type]
+    pixels = image_file_pixels(args.image, cfg.data.image_size, cfg.data.image_transform, opts)
     return searcher.encode_images(pixels)
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from setdiv.data.samples import image_file_pixels
+from setdiv.data.samples import SampleOptions, image_file_pixels, sample_options
 from setdiv.errors import UserError
 from setdiv.index.search import Hits, SetSearcher
 from setdiv.model.encoders import IMAGE_INPUT_KIND
@@ -55,16 +55,19 @@ def _open_checked(data: bytes) -> Image.Image:
     return im
 
 
-def decode_query_image(data: bytes, size: int, style: str) -> Tensor:
+def decode_query_image(
+    data: bytes, size: int, style: str, opts: SampleOptions | None = None
+) -> Tensor:
     """(1, 3, size, size) normalised pixels of an encoded JPEG / PNG / WebP query image, with
     its header checked (format, pixel count) before any decoding; JPEGs are decoded at the
-    smallest scale that still covers `size`."""
+    smallest scale that still covers `size`. `opts`: the export's data options (tower
+    normalisation and interpolation)."""
     with _open_checked(data) as im:
         if im.format == "JPEG":
             im.draft("RGB", (size * 2, size * 2))
         buf = io.BytesIO()
         im.convert("RGB").save(buf, format="PNG", compress_level=0)
-    return image_file_pixels(io.BytesIO(buf.getvalue()), size, style)
+    return image_file_pixels(io.BytesIO(buf.getvalue()), size, style, opts)
 
 
 def thumbnail(data: bytes, size: int = THUMB) -> bytes:
@@ -138,10 +141,11 @@ class Service:
                 f"this index's model ({cfg.model.image.name}) reads region features, not images"
             )
         pixels = []
+        opts = sample_options(cfg.data, "image", None, train=False, augment=False)  # type: ignore[arg-type]
         for i, blob in enumerate(blobs):
             try:
                 pixels.append(
-                    decode_query_image(blob, cfg.data.image_size, cfg.data.image_transform)
+                    decode_query_image(blob, cfg.data.image_size, cfg.data.image_transform, opts)
                 )
             except UserError as exc:
                 raise UserError(f"image {i}: {exc}") from None

@@ -4,7 +4,8 @@ Shape legend: B batch, R regions / grid cells / tokens, Cin raw feature width, D
 feature width handed to the set module, D embedding width, S grid side.
 
 Image encoders (registry `IMAGE_ENCODERS`): `region` (precomputed BUTD features), `resnet152`
-and `resnext101_32x8d` (torchvision grids, weights from a local file). Text encoders
+and `resnext101_32x8d` (torchvision grids, weights from a local file), `timm` (any timm
+architecture: `setdiv.model.towers`). Text encoders
 (`TEXT_ENCODERS`): `bigru` (GloVe-initialised word vectors + bi-GRU) and `bert` (transformers,
 from a local directory). Nothing is ever downloaded.
 """
@@ -309,16 +310,32 @@ def _resnext101(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> C
     return CNNGridEncoder(cfg, dim, "resnext101_32x8d", pretrained)
 
 
+def _timm(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> nn.Module:
+    from setdiv.model.towers import TimmEncoder  # (timm is imported only when asked for)
+
+    return TimmEncoder(cfg, dim, pretrained)
+
+
 IMAGE_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
     "image encoder",
-    {"region": RegionEncoder, "resnet152": _resnet152, "resnext101_32x8d": _resnext101},
+    {
+        "region": RegionEncoder,
+        "resnet152": _resnet152,
+        "resnext101_32x8d": _resnext101,
+        "timm": _timm,
+    },
 )
 """The names `model.image.name` accepts."""
 TEXT_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
     "text encoder", {"bigru": BiGRUEncoder, "bert": BertEncoder}
 )
 """The names `model.text.name` accepts."""
-IMAGE_INPUT_KIND = {"region": "regions", "resnet152": "image", "resnext101_32x8d": "image"}
+IMAGE_INPUT_KIND = {
+    "region": "regions",
+    "resnet152": "image",
+    "resnext101_32x8d": "image",
+    "timm": "image",
+}
 """What each image encoder reads from the shards: region features or JPEG pixels."""
 
 

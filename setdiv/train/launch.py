@@ -20,6 +20,7 @@ from setdiv.distributed import (
     stop_on_sigterm,
 )
 from setdiv.errors import UserError
+from setdiv.model.towers import with_tower_preprocessing
 from setdiv.train import rundir
 
 __all__ = ["add_export_arguments", "add_train_arguments", "run_export", "run_train", "train"]
@@ -55,7 +56,7 @@ def train(
 
     job = job_from_env()
     log_as_rank(job)
-    cfg = config_lib.load([config], overrides)
+    cfg = with_tower_preprocessing(config_lib.load([config], overrides))
     with (
         stop_on_sigterm("training"),
         process_group(job, timeout_s=cfg.train.dist_timeout),

@@ -39,6 +39,7 @@ from setdiv.eval.evaluator import encode, gather_and_score, whole_set
 from setdiv.losses import build_loss
 from setdiv.model import build_model
 from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.model.towers import with_tower_preprocessing
 from setdiv.similarity import build_similarity
 from setdiv.train import engine as ds
 from setdiv.train.checkpoint import Checkpointer, TrainState
@@ -113,7 +114,7 @@ class Trainer:
             self._resume(resume)
         if is_rank_zero(self.rank):
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_lib.save(cfg, self.run_dir / "config.yaml")
+            config_lib.save(self.cfg, self.run_dir / "config.yaml")
             if self.vocab is not None:
                 self.vocab.save(self.run_dir / "vocab.json")
         self.metrics = MetricsWriter(self.run_dir, cfg.train.log_every, is_rank_zero(self.rank))
@@ -122,6 +123,7 @@ class Trainer:
 
     def _build(self, cfg: config_lib.Config) -> torch.nn.Module:
         """Tokenizer, training reader, model (same init on every rank), similarity, loss."""
+        cfg = with_tower_preprocessing(cfg)  # (idempotent: `launch` has done it already)
         text = cfg.model.text
         self.vocab = (
             Vocab.load(text.vocab_path) if text.name == "bigru" and text.vocab_path else None

@@ -1,0 +1,134 @@
+"""Pretrained image towers from other libraries, by registry name, from local files only.
+
+`timm`: any timm architecture (`model.image.arch`, e.g. `vit_tiny_patch16_224`,
+`convnext_atto`), built with `pretrained=False` and loaded from `model.image.weights` (a
+.safetensors or weights-only torch file). The set module reads the patch tokens of a ViT (the
+prefix tokens, CLS and registers, are left out; their position embeddings are already in the
+tokens) or the cells of a convnet's last feature map (with 2-D sine positions).
+
+Preprocessing is the tower's own: `with_tower_preprocessing` fills the data config's null
+normalisation, interpolation and crop keys from the architecture's pretrained config (what
+`timm.data.resolve_data_config` gives), before readers are built and the run's config is
+saved, so an export carries them and evaluation or search never needs the tower library.
+
+Shape legend: B batch, R tokens / cells, C tower width, D embedding width, S grid side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from setdiv.errors import UserError
+from setdiv.model.encoders import Features, ProjectionHead, load_state_dict_file
+from setdiv.model.positional import sine_positions_2d
+
+if TYPE_CHECKING:
+    from setdiv.config import Config, ImageEncoderConfig
+
+__all__ = ["TOWERS", "TimmEncoder", "tower_preprocessing", "with_tower_preprocessing"]
+
+log = logging.getLogger(__name__)
+
+TOWERS = ("timm",)
+"""Image encoder names whose preprocessing comes from the tower's own config."""
+
+
+def _timm_arch(cfg: ImageEncoderConfig) -> str:
+    import timm
+
+    if not cfg.arch:
+        raise UserError("config key 'model.image.arch': a timm architecture name is required")
+    if not timm.is_model(cfg.arch):
+        raise UserError(f"config key 'model.image.arch': {cfg.arch!r} is not a timm model")
+    return cfg.arch
+
+
+def tower_preprocessing(cfg: ImageEncoderConfig) -> dict[str, Any] | None:
+    """The tower's own input pipeline as data config values (image_size, image_mean,
+    image_std, interpolation, crop_pct); None for encoders that are not towers."""
+    if cfg.name != "timm":
+        return None
+    import timm
+
+    pcfg = timm.get_pretrained_cfg(_timm_arch(cfg))
+    if pcfg is None:  # an architecture without a pretrained config: build it to ask
+        model = timm.create_model(cfg.arch, pretrained=False, num_classes=0)
+        data = timm.data.resolve_data_config({}, model=model)
+    else:
+        data = timm.data.resolve_data_config(pcfg.to_dict())
+    interpolation = data.get("interpolation", "bicubic")
+    return {
+        "image_size": int(data["input_size"][-1]),
+        "image_mean": tuple(float(x) for x in data["mean"]),
+        "image_std": tuple(float(x) for x in data["std"]),
+        "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
+        "crop_pct": float(data.get("crop_pct", 0.875)),
+    }
+
+
+def with_tower_preprocessing(cfg: Config) -> Config:
+    """`cfg` with the data config's null preprocessing keys taken from the image tower (set
+    keys are kept); a tower that needs a fixed input size other than `data.image_size` is an
+    error naming both. Unchanged for the torchvision CNNs and region features."""
+    tower = tower_preprocessing(cfg.model.image)
+    if tower is None:
+        return cfg
+    data = cfg.data
+    fills = {k: v for k, v in tower.items() if k != "image_size" and getattr(data, k) is None}
+    if data.image_size != tower["image_size"] and "vit" in (cfg.model.image.arch or ""):
+        raise UserError(
+            f"config key 'data.image_size' is {data.image_size}, but {cfg.model.image.arch} "
+            f"takes {tower['image_size']}-pixel images: set data.image_size={tower['image_size']}"
+        )
+    if not fills:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, **fills))
+
+
+class TimmEncoder(nn.Module):
+    """A timm model's token grid (ViT patch tokens, or a convnet's last feature map) ->
+    projected local features; global = their mean."""
+
+    def __init__(self, cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> None:
+        super().__init__()
+        import timm
+
+        arch = _timm_arch(cfg)
+        self.backbone = timm.create_model(arch, pretrained=False, num_classes=0)
+        if pretrained and cfg.weights is None:
+            log.warning("model.image.weights is null: %s is randomly initialised", arch)
+        elif pretrained:
+            state = load_state_dict_file(cfg.weights, "model.image.weights")
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+            unexpected = [k for k in unexpected if not k.startswith(("head.", "fc.", "head_"))]
+            if missing or unexpected:
+                raise UserError(
+                    f"config key 'model.image.weights': {cfg.weights} does not fit {arch}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        if cfg.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        self.head = ProjectionHead(self.backbone.num_features, dim, cfg.dropout)
+        self.local_dim = dim
+
+    def forward(self, images_B3HW: Tensor, mask_BR: Tensor | None = None) -> Features:
+        del mask_BR  # every token is real
+        out = self.backbone.forward_features(images_B3HW)
+        pos_RD = None
+        if out.ndim == 4:  # convnet (B, C, S, S): cells with 2-D positions
+            B, C, H, W = out.shape
+            tokens_BRC = out.flatten(2).transpose(1, 2)
+            pos_RD = sine_positions_2d(H, W, self.local_dim, device=out.device)
+        else:  # ViT (B, prefix + R, C): the patch tokens carry their positions already
+            tokens_BRC = out[:, self.prefix :]
+        mask_BR = tokens_BRC.new_ones(tokens_BRC.shape[:2], dtype=torch.bool)
+        local_BRD = self.head(tokens_BRC, mask_BR)
+        if pos_RD is not None:
+            pos_RD = pos_RD.to(local_BRD.dtype)
+        return Features(local_BRD, mask_BR, local_BRD.mean(dim=1), pos=pos_RD)

@@ -1,0 +1,117 @@
+"""Pretrained towers by registry name (timm), from files the tests write: shapes, weights,
+parameter groups, and the tower's own preprocessing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from setdiv import config as config_lib
+from setdiv.data.samples import sample_options
+from setdiv.errors import UserError
+from setdiv.model import build_model
+from setdiv.model.towers import with_tower_preprocessing
+from setdiv.train.optim import group_parameters
+
+timm = pytest.importorskip("timm")
+ROOT = Path(__file__).parents[1]
+
+
+def tower_config(tmp_path: Path, arch: str, *extra: str) -> config_lib.Config:
+    return config_lib.load(
+        [ROOT / "configs/demo.yaml"],
+        [
+            "model.image.name=timm", f"model.image.arch={arch}", "model.text.vocab_size=50",
+            "model.embed_dim=32", *extra,
+        ],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arch", "tokens", "width"), [("vit_tiny_patch16_224", 196, 192), ("convnext_atto", 49, 320)]
+)
+def test_timm_tower_shapes_weights_and_groups(
+    tmp_path: Path, arch: str, tokens: int, width: int
+) -> None:
+    """The tower's token grid (ViT patches without CLS, convnet cells) reaches the set module;
+    weights come from a file (safetensors), and a wrong or missing file is one error naming
+    the key; the tower is the image_backbone group."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = timm.create_model(arch, pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "w.safetensors")
+    cfg = tower_config(tmp_path, arch, f"model.image.weights={tmp_path / 'w.safetensors'}")
+    model = build_model(cfg.model).eval()
+    tower = model.image_encoder.backbone
+    for k, v in ref.state_dict().items():
+        assert torch.equal(tower.state_dict()[k], v), k
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        feats = model.image_encoder(x)
+        own = ref.forward_features(x)
+    assert feats.local.shape == (2, tokens, 32) and feats.mask.all()
+    own_tokens = own[:, ref.num_prefix_tokens :] if own.ndim == 3 else own.flatten(2).mT
+    assert own_tokens.shape == (2, tokens, width)
+    torch.testing.assert_close(
+        feats.local, model.image_encoder.head(own_tokens, feats.mask), atol=1e-5, rtol=1e-5
+    )
+    assert model.encode_image(x).embeds.shape == (2, cfg.model.image_set.num_embeds, 32)
+    groups = group_parameters(model)
+    assert {id(p) for p in groups["image_backbone"]} == {id(p) for p in tower.parameters()}
+    # Wrong weights, missing file: one error naming the key.
+    other = "resnet18" if arch != "resnet18" else "vit_tiny_patch16_224"
+    wrong = timm.create_model(other, pretrained=False, num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in wrong.items()}, tmp_path / "wrong.safetensors")
+    with pytest.raises(UserError, match="'model.image.weights'.*does not fit"):
+        build_model(
+            tower_config(tmp_path, arch, f"model.image.weights={tmp_path}/wrong.safetensors").model
+        )
+    with pytest.raises(FileNotFoundError, match="'model.image.weights'"):
+        build_model(tower_config(tmp_path, arch, f"model.image.weights={tmp_path}/none.pth").model)
+    with pytest.raises(UserError, match="'model.image.arch'.*not a timm model"):
+        build_model(tower_config(tmp_path, "no_such_net").model)
+
+
+def test_preprocessing_is_the_towers_own(tmp_path: Path) -> None:
+    """The data config's null keys take the ViT's pretrained config (mean 0.5, std 0.5,
+    bicubic, crop 0.9), which the export then carries; the evaluation pixels of a photo equal
+    timm's own eval transform of it (to resampling differences); set keys win."""
+    cfg = with_tower_preprocessing(tower_config(tmp_path, "vit_tiny_patch16_224"))
+    own = timm.data.resolve_data_config({}, model=timm.create_model("vit_tiny_patch16_224"))
+    assert cfg.data.image_mean == own["mean"] and cfg.data.image_std == own["std"]
+    assert cfg.data.interpolation == own["interpolation"] == "bicubic"
+    assert cfg.data.crop_pct == own["crop_pct"] == 0.9
+    kept = with_tower_preprocessing(
+        tower_config(tmp_path, "vit_tiny_patch16_224", "data.crop_pct=1.0")
+    )
+    assert kept.data.crop_pct == 1.0 and kept.data.image_mean == own["mean"]
+    with pytest.raises(UserError, match="data.image_size=224"):
+        with_tower_preprocessing(
+            tower_config(tmp_path, "vit_tiny_patch16_224", "data.image_size=96")
+        )
+    # Pixels: a smooth random picture (upsampled noise), 840 x 600.
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((30, 42, 3)) * 255).astype(np.uint8)).resize((840, 600))
+    from timm.data import create_transform
+
+    ref = create_transform(**own)(photo)  # (3, 224, 224), normalised by timm
+    opts = sample_options(cfg.data, "image", None, train=False, augment=False)  # type: ignore[arg-type]
+    from setdiv.data.samples import image_file_pixels
+
+    buf = io.BytesIO()
+    photo.save(buf, "PNG")
+    ours = image_file_pixels(io.BytesIO(buf.getvalue()), 224, "crop", opts)[0]
+    assert ours.shape == ref.shape
+    # Same crop and normalisation: tensor vs PIL bicubic resampling differ a little.
+    assert (ours - ref).abs().mean() < 0.05, (ours - ref).abs().mean()
+    cnn = sample_options(
+        config_lib.load([ROOT / "configs/demo.yaml"], []).data, "image", None, False, False
+    )  # type: ignore[arg-type]
+    plain = image_file_pixels(io.BytesIO(buf.getvalue()), 224, "crop", cnn)[0]
+    assert (plain - ref).abs().mean() > 0.2  # ImageNet normalisation is visibly different
