@@ -269,9 +269,22 @@ class OptimConfig:
 
 
 @dataclass
+class SourceConfig:
+    shards: str = ""
+    """A brace pattern or glob of .tar files (setdiv or img2dataset)."""
+    weight: float = 1.0
+    """Relative share of the training samples drawn from this source."""
+
+
+@dataclass
 class DataConfig:
     train_shards: str | None = None
     """Training shards: a brace pattern or glob of .tar files."""
+    train_sources: list[SourceConfig] = field(default_factory=list)
+    """Instead of train_shards: several sources mixed by weight ([{shards, weight}, ...]),
+    drawn with replacement (resampled) into epochs of `samples_per_epoch`."""
+    samples_per_epoch: int | None = None
+    """Samples in one epoch (all ranks) when resampling; null: as many as the shards hold."""
     val_shards: str | None = None
     """Validation shards (evaluated with the full protocol)."""
     batch_size: int = _positive(200)
@@ -315,6 +328,18 @@ class DataConfig:
     place) | auto (setdiv where an index file lies next to the shards, else img2dataset)."""
     caption_key: str | None = None
     """img2dataset: take the caption from this field of `KEY.json` instead of `KEY.txt`."""
+
+    def _conflict(self) -> tuple[str, str] | None:
+        if self.train_sources and self.train_shards is not None:
+            return "train_sources", "data.train_shards is set too: give one or the other"
+        for i, source in enumerate(self.train_sources):
+            if not source.shards:
+                return f"train_sources.{i}.shards", "must name shards"
+            if not (0 < source.weight < math.inf):
+                return f"train_sources.{i}.weight", "must be > 0 and finite"
+        if self.samples_per_epoch is not None and self.samples_per_epoch < self.batch_size:
+            return "samples_per_epoch", f"must be at least data.batch_size={self.batch_size}"
+        return None
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader
@@ -133,3 +134,36 @@ def test_broken_web_samples_are_skipped_and_counted(
     batch = next(iter(train.epoch(0)))
     assert sorted(batch.image_ids) == ["000", "007"] and batch.skipped == 6
     assert np.isfinite(batch.images.numpy()).all()
+
+
+def test_weighted_sources_draw_samples_by_weight_and_resume_exactly(tmp_path: Path) -> None:
+    """Two sources at weights 3:1, the second with half-size shards: the samples of an epoch
+    of `samples_per_epoch` come from them 3:1 (draws are weighted by shard size, so samples,
+    not shards, follow the weights); the epoch is deterministic, and resuming it at a batch
+    gives the rest of it."""
+    from setdiv.data.convert import synthetic_samples
+    from setdiv.data.shards import write_shards
+
+    write_shards(synthetic_samples("train", 64, 0), tmp_path / "a", "train", "regions", "s", 16)
+    write_shards(synthetic_samples("val", 32, 0), tmp_path / "b", "val", "regions", "s", 8)
+    captions = [c for s in synthetic_samples("train", 64, 0) for c in s.captions]
+    tok = tokenizer(captions + [c for s in synthetic_samples("val", 32, 0) for c in s.captions])
+    sources = [(f"{tmp_path}/a/train-*.tar", 3.0), (f"{tmp_path}/b/val-*.tar", 1.0)]
+    opts = SampleOptions("regions", tok, train=True)
+    reader = TrainReader(
+        sources, opts, batch_size=16, num_workers=1, shuffle_buffer=8, samples_per_epoch=3200
+    )
+    assert reader.batches_per_epoch == 200
+    batches = list(reader.epoch(0))
+    ids = [i for b in batches for i in b.image_ids]
+    a_ids = {s.image_id for s in synthetic_samples("train", 64, 0)}
+    share = sum(i in a_ids for i in ids) / len(ids)
+    assert len(ids) == 3200 and 0.70 <= share <= 0.80, share
+    again = TrainReader(
+        sources, opts, batch_size=16, num_workers=1, shuffle_buffer=8, samples_per_epoch=3200
+    )
+    rest = list(again.epoch(0, start_batch=150))
+    assert [b.image_ids for b in rest] == [b.image_ids for b in batches[150:]]
+    assert torch.equal(rest[0].images, batches[150].images)
+    other = [i for b in again.epoch(1) for i in b.image_ids]
+    assert other != ids  # a new epoch draws anew

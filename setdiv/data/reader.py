@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import random
 import zlib
@@ -122,29 +123,56 @@ class _PassStream(IterableDataset):
 
 
 class TrainReader:
-    """Per-rank training batches of `batch_size` images (+ their 5 captions each)."""
+    """Per-rank training batches of `batch_size` images (+ their captions). `pattern`: one
+    shard pattern, or several (pattern, weight) sources, mixed by weight and drawn with
+    replacement into epochs of `samples_per_epoch` (all ranks)."""
 
     def __init__(
-        self, pattern: str, opts: SampleOptions, batch_size: int, rank: int = 0, world: int = 1,
-        num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
-        verify: bool = True,
+        self, pattern: str | list[tuple[str, float]], opts: SampleOptions, batch_size: int,
+        rank: int = 0, world: int = 1, num_workers: int = 2, seed: int = 0,
+        shuffle_buffer: int = 1000, resampled: bool = False, verify: bool = True,
+        samples_per_epoch: int | None = None,
     ) -> None:  # fmt: skip
-        self.pattern, self.shards = pattern, ShardSet.resolve(pattern, opts.kind, opts.format)
-        opts = dataclasses.replace(opts, format=self.shards.format)
-        n, self.workers = len(self.shards.paths), max(num_workers, 1)
+        sources = [(pattern, 1.0)] if isinstance(pattern, str) else list(pattern)
+        self.pattern = " + ".join(p for p, _ in sources)
+        sets = [ShardSet.resolve(p, opts.kind, opts.format) for p, _ in sources]
+        self.shards = sets[0]
+        formats = {s.format for s in sets}
+        if len(formats) > 1:  # (one decoder per reader: convert one source, or split readers)
+            raise UserError(f"{self.pattern}: sources of different formats {sorted(formats)}")
+        opts = dataclasses.replace(opts, format=formats.pop())
+        self.weighted = len(sources) > 1 or samples_per_epoch is not None
+        resampled = resampled or self.weighted
+        self.workers = max(num_workers, 1)
+        self.urls = [str(p) for s in sets for p in s.paths]
+        n = len(self.urls)
         if not resampled and n < world * self.workers:
             raise UserError(
                 f"{pattern}: {n} shards for {world} ranks x {num_workers} workers; write at least "
                 f"{world * self.workers} shards (smaller --shard-size) or use fewer workers"
             )
         if verify:
-            self.shards.verify(list(range(rank, n, world)))
+            for s in sets:
+                s.verify(list(range(rank, len(s.paths), world)))
         self.opts, self.batch_size, self.rank, self.world = opts, batch_size, rank, world
         self.num_workers, self.seed, self.buffer = num_workers, seed, shuffle_buffer
-        self.resampled, self.urls = resampled, [str(p) for p in self.shards.paths]
-        self.expected = {u: i.samples for u, i in zip(self.urls, self.shards.infos, strict=True)}
+        self.resampled = resampled
+        self.expected = {
+            str(p): i.samples for s in sets for p, i in zip(s.paths, s.infos, strict=True)
+        }
+        # Weighted draws: a source with probability w / (its mean shard size), so that the
+        # *samples* drawn from the sources follow the weights.
+        means = [max(s.num_samples / len(s.paths), 1e-9) for s in sets]
+        share = [w / m for (_, w), m in zip(sources, means, strict=True)]
+        self.source_p = [x / sum(share) for x in share]
+        self.source_urls = [[str(p) for p in s.paths] for s in sets]
+        self.samples_per_draw = sum(p * m for p, m in zip(self.source_p, means, strict=True))
         counts = sorted(self.expected.values())  # a rank's smallest possible share:
-        per_rank = sum(counts) // world if resampled else sum(counts[: n // world])
+        if samples_per_epoch is not None:
+            per_rank = samples_per_epoch // world
+        else:
+            per_rank = sum(counts) // world if resampled else sum(counts[: n // world])
+        self.per_rank = per_rank
         self.batches_per_epoch = per_rank // batch_size
         self.position = 0
         """Positions (good and corrupt samples) of the epoch read up to the last batch handed
@@ -157,10 +185,14 @@ class TrainReader:
     def _pass_shards(self, epoch: int, attempt: int) -> list[list[dict]]:
         """Each data worker's shards ({"url"}) for one pass. `resampled`: drawn with
         replacement, each with a "draw" (rank, worker, i) that also seeds its samples'
-        augmentation, so a shard drawn twice is not augmented twice the same way."""
+        augmentation, so a shard drawn twice is not augmented twice the same way; weighted
+        sources: each draw picks a source by weight, then one of its shards."""
         if self.resampled:
-            n = max(len(self.urls) // (self.world * self.workers), 1)
             keys = [f"{self.seed}/{epoch}/{self.rank}/{w}/{attempt}" for w in range(self.workers)]
+            if self.weighted:
+                n = math.ceil(self.per_rank / self.workers / self.samples_per_draw) + 1
+                return [self._weighted_draws(key, w, n) for w, key in enumerate(keys)]
+            n = max(len(self.urls) // (self.world * self.workers), 1)
             draw = functools.partial(wds.ResampledShards, self.urls, n, worker_seed=lambda: 0)
             return [
                 [{**d, "draw": (self.rank, w, i + 1)} for i, d in enumerate(
@@ -170,6 +202,14 @@ class TrainReader:
         mine = plan_epoch(self.shards, self.seed, epoch, self.world, attempt=attempt)[self.rank]
         split = [wds.slice(w, None, self.workers)(mine) for w in range(self.workers)]
         return [[{"url": self.urls[i]} for i in shards] for shards in split]
+
+    def _weighted_draws(self, key: str, worker: int, n: int) -> list[dict]:
+        rng = random.Random(zlib.crc32(f"sources/{key}".encode()))
+        picks = rng.choices(range(len(self.source_urls)), weights=self.source_p, k=n)
+        return [
+            {"url": rng.choice(self.source_urls[s]), "draw": (self.rank, worker, i + 1)}
+            for i, s in enumerate(picks)
+        ]
 
     def _samples(self, epoch: int, consumed: int) -> Iterator[dict]:
         """The rank's good samples of `epoch` after its first `consumed` positions (good and bad
@@ -324,12 +364,16 @@ def build_train_reader(
 ) -> TrainReader:  # fmt: skip
     """The training reader of `data.train_shards`, `batch_size` images per rank (default:
     `per_rank_batch_size`)."""
-    if cfg.train_shards is None:
-        raise UserError("config key 'data.train_shards' is not set")
+    if cfg.train_shards is None and not cfg.train_sources:
+        raise UserError("config key 'data.train_shards' (or 'data.train_sources') is not set")
+    pattern: str | list[tuple[str, float]] = cfg.train_shards or [
+        (source.shards, source.weight) for source in cfg.train_sources
+    ]
     opts = sample_options(cfg, kind, tokenizer, train=True)
     return TrainReader(
-        cfg.train_shards, opts, batch_size or per_rank_batch_size(cfg, world), rank, world,
+        pattern, opts, batch_size or per_rank_batch_size(cfg, world), rank, world,
         cfg.num_workers, seed, cfg.shuffle_buffer, cfg.resampled, cfg.verify_checksums,
+        cfg.samples_per_epoch,
     )  # fmt: skip
 
 
