@@ -143,7 +143,8 @@ class ImageEncoderConfig:
     """cnn / timm: local path of the pretrained state dict (.pth or .safetensors); null =
     random init."""
     arch: str | None = None
-    """timm: the architecture's registry name (e.g. vit_tiny_patch16_224, convnext_atto)."""
+    """timm / open_clip: the architecture's registry name (timm: vit_tiny_patch16_224,
+    convnext_atto, ...; open_clip: ViT-B-16, ...)."""
     grad_checkpointing: bool = False
     """timm: recompute the tower's activations in the backward pass (less memory)."""
     freeze_bn: bool = False

@@ -115,3 +115,58 @@ def test_preprocessing_is_the_towers_own(tmp_path: Path) -> None:
     )  # type: ignore[arg-type]
     plain = image_file_pixels(io.BytesIO(buf.getvalue()), 224, "crop", cnn)[0]
     assert (plain - ref).abs().mean() > 0.2  # ImageNet normalisation is visibly different
+
+
+def test_open_clip_vision_tower_from_a_whole_clip_checkpoint(tmp_path: Path) -> None:
+    """A tiny open_clip config registered by the test: the vision tower is loaded from a whole
+    CLIP checkpoint's `visual.*` entries, gives its patch tokens to the set module, and the
+    data config takes open_clip's own preprocessing, whose pixels match open_clip's eval
+    transform."""
+    import json
+
+    open_clip = pytest.importorskip("open_clip")
+    (tmp_path / "setdiv-tiny-vit.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 1},
+    }))  # fmt: skip
+    open_clip.add_model_config(tmp_path / "setdiv-tiny-vit.json")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("setdiv-tiny-vit", pretrained=None)
+    weights = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    save_file(weights, tmp_path / "clip.safetensors")
+    cfg = with_tower_preprocessing(
+        config_lib.load(
+            [ROOT / "configs/demo.yaml"],
+            [
+                "model.image.name=open_clip", "model.image.arch=setdiv-tiny-vit",
+                f"model.image.weights={tmp_path / 'clip.safetensors'}",
+                "model.text.vocab_size=50", "model.embed_dim=32", "data.image_size=32",
+            ],
+        )
+    )  # fmt: skip
+    model = build_model(cfg.model).eval()
+    tower = model.image_encoder.backbone
+    for k, v in clip.visual.state_dict().items():
+        assert torch.equal(tower.state_dict()[k], v), k
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.image_encoder(x)
+    assert feats.local.shape == (2, 16, 32) and feats.pooled.shape == (2, 32)
+    assert model.encode_image(x).embeds.shape == (2, cfg.model.image_set.num_embeds, 32)
+    own = open_clip.get_model_preprocess_cfg(clip)
+    assert cfg.data.image_mean == tuple(own["mean"]) and cfg.data.image_std == tuple(own["std"])
+    assert cfg.data.interpolation == own["interpolation"] and cfg.data.crop_pct == 1.0
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray((rng.random((12, 9, 3)) * 255).astype(np.uint8)).resize((90, 120))
+    ref = open_clip.image_transform(32, is_train=False, mean=own["mean"], std=own["std"])(photo)
+    buf = io.BytesIO()
+    photo.save(buf, "PNG")
+    from setdiv.data.samples import image_file_pixels
+
+    opts = sample_options(cfg.data, "image", None, train=False, augment=False)  # type: ignore[arg-type]
+    ours = image_file_pixels(io.BytesIO(buf.getvalue()), 32, "crop", opts)[0]
+    assert ours.shape == ref.shape and (ours - ref).abs().mean() < 0.05

@@ -5,7 +5,7 @@ feature width handed to the set module, D embedding width, S grid side.
 
 Image encoders (registry `IMAGE_ENCODERS`): `region` (precomputed BUTD features), `resnet152`
 and `resnext101_32x8d` (torchvision grids, weights from a local file), `timm` (any timm
-architecture: `setdiv.model.towers`). Text encoders
+architecture) and `open_clip` (a vision tower): `setdiv.model.towers`. Text encoders
 (`TEXT_ENCODERS`): `bigru` (GloVe-initialised word vectors + bi-GRU) and `bert` (transformers,
 from a local directory). Nothing is ever downloaded.
 """
@@ -316,6 +316,12 @@ def _timm(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> nn.Modu
     return TimmEncoder(cfg, dim, pretrained)
 
 
+def _open_clip(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> nn.Module:
+    from setdiv.model.towers import OpenClipImageEncoder  # (open_clip imported when asked for)
+
+    return OpenClipImageEncoder(cfg, dim, pretrained)
+
+
 IMAGE_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
     "image encoder",
     {
@@ -323,6 +329,7 @@ IMAGE_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
         "resnet152": _resnet152,
         "resnext101_32x8d": _resnext101,
         "timm": _timm,
+        "open_clip": _open_clip,
     },
 )
 """The names `model.image.name` accepts."""
@@ -335,6 +342,7 @@ IMAGE_INPUT_KIND = {
     "resnet152": "image",
     "resnext101_32x8d": "image",
     "timm": "image",
+    "open_clip": "image",
 }
 """What each image encoder reads from the shards: region features or JPEG pixels."""
 

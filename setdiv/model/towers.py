@@ -6,6 +6,10 @@
 prefix tokens, CLS and registers, are left out; their position embeddings are already in the
 tokens) or the cells of a convnet's last feature map (with 2-D sine positions).
 
+`open_clip`: the vision tower of an open_clip model (`model.image.arch`, e.g. `ViT-B-16`, or a
+config registered with `open_clip.add_model_config`), weights from a whole CLIP checkpoint
+(its `visual.*` entries) or a vision-only state dict; the set module reads its patch tokens.
+
 Preprocessing is the tower's own: `with_tower_preprocessing` fills the data config's null
 normalisation, interpolation and crop keys from the architecture's pretrained config (what
 `timm.data.resolve_data_config` gives), before readers are built and the run's config is
@@ -30,11 +34,17 @@ from setdiv.model.positional import sine_positions_2d
 if TYPE_CHECKING:
     from setdiv.config import Config, ImageEncoderConfig
 
-__all__ = ["TOWERS", "TimmEncoder", "tower_preprocessing", "with_tower_preprocessing"]
+__all__ = [
+    "TOWERS",
+    "OpenClipImageEncoder",
+    "TimmEncoder",
+    "tower_preprocessing",
+    "with_tower_preprocessing",
+]
 
 log = logging.getLogger(__name__)
 
-TOWERS = ("timm",)
+TOWERS = ("timm", "open_clip")
 """Image encoder names whose preprocessing comes from the tower's own config."""
 
 
@@ -48,9 +58,33 @@ def _timm_arch(cfg: ImageEncoderConfig) -> str:
     return cfg.arch
 
 
+def _open_clip_config(cfg: ImageEncoderConfig) -> dict[str, Any]:
+    import open_clip
+
+    found = open_clip.get_model_config(cfg.arch) if cfg.arch else None
+    if found is None:
+        raise UserError(
+            f"config key 'model.image.arch': {cfg.arch!r} is not an open_clip model config"
+        )
+    return found
+
+
 def tower_preprocessing(cfg: ImageEncoderConfig) -> dict[str, Any] | None:
     """The tower's own input pipeline as data config values (image_size, image_mean,
     image_std, interpolation, crop_pct); None for encoders that are not towers."""
+    if cfg.name == "open_clip":
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        model_cfg = _open_clip_config(cfg)
+        pre = model_cfg.get("preprocess_cfg") or {}
+        size = model_cfg["vision_cfg"].get("image_size", 224)
+        return {
+            "image_size": int(size if isinstance(size, int) else size[-1]),
+            "image_mean": tuple(float(x) for x in pre.get("mean", OPENAI_DATASET_MEAN)),
+            "image_std": tuple(float(x) for x in pre.get("std", OPENAI_DATASET_STD)),
+            "interpolation": pre.get("interpolation", "bicubic"),
+            "crop_pct": 1.0,  # open_clip: Resize(shortest side) + CenterCrop, no margin
+        }
     if cfg.name != "timm":
         return None
     import timm
@@ -80,7 +114,8 @@ def with_tower_preprocessing(cfg: Config) -> Config:
         return cfg
     data = cfg.data
     fills = {k: v for k, v in tower.items() if k != "image_size" and getattr(data, k) is None}
-    if data.image_size != tower["image_size"] and "vit" in (cfg.model.image.arch or ""):
+    fixed = cfg.model.image.name == "open_clip" or "vit" in (cfg.model.image.arch or "")
+    if data.image_size != tower["image_size"] and fixed:
         raise UserError(
             f"config key 'data.image_size' is {data.image_size}, but {cfg.model.image.arch} "
             f"takes {tower['image_size']}-pixel images: set data.image_size={tower['image_size']}"
@@ -132,3 +167,47 @@ class TimmEncoder(nn.Module):
         if pos_RD is not None:
             pos_RD = pos_RD.to(local_BRD.dtype)
         return Features(local_BRD, mask_BR, local_BRD.mean(dim=1), pos=pos_RD)
+
+
+class OpenClipImageEncoder(nn.Module):
+    """An open_clip vision tower's patch tokens -> projected local features; global = the
+    projection of the tower's own pooled output."""
+
+    def __init__(self, cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> None:
+        super().__init__()
+        import open_clip
+
+        _open_clip_config(cfg)
+        clip = open_clip.create_model(cfg.arch, pretrained=None, load_weights=False)
+        self.backbone = clip.visual
+        del clip  # (the text half is not needed here)
+        if pretrained and cfg.weights is None:
+            log.warning("model.image.weights is null: %s is randomly initialised", cfg.arch)
+        elif pretrained:
+            state = load_state_dict_file(cfg.weights, "model.image.weights")
+            if any(k.startswith("visual.") for k in state):
+                state = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise UserError(
+                    f"config key 'model.image.weights': {cfg.weights} does not fit "
+                    f"{cfg.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        if not hasattr(self.backbone, "output_tokens"):
+            raise UserError(
+                f"config key 'model.image.arch': {cfg.arch}'s vision tower gives no tokens"
+            )
+        self.backbone.output_tokens = True
+        if cfg.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        width = self.backbone.transformer.width
+        self.head = ProjectionHead(width, dim, cfg.dropout)
+        self.pooled = nn.Linear(self.backbone.output_dim, dim)
+        self.local_dim = dim
+
+    def forward(self, images_B3HW: Tensor, mask_BR: Tensor | None = None) -> Features:
+        del mask_BR  # every token is real
+        pooled_BE, tokens_BRC = self.backbone(images_B3HW)
+        mask_BR = tokens_BRC.new_ones(tokens_BRC.shape[:2], dtype=torch.bool)
+        local_BRD = self.head(tokens_BRC, mask_BR)
+        return Features(local_BRD, mask_BR, self.pooled(pooled_BE), pos=None)
