@@ -179,6 +179,11 @@ class TextEncoderConfig:
     """bert: global feature from the projected [CLS] state (cls) or a max pool over tokens (max)."""
     dropout: float = _fraction(0.1)
     """bigru: dropout on the word vectors and on the global feature (official: 0.1)."""
+    arch: str | None = None
+    """open_clip: the model config whose text tower to use (e.g. ViT-B-16)."""
+    weights: str | None = None
+    """open_clip: local CLIP checkpoint (.safetensors or weights-only torch file) holding the
+    text tower; null = random init."""
 
     def _conflict(self) -> tuple[str, str] | None:
         if self.vocab_path is not None and self.vocab_size is not None:

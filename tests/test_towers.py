@@ -3,6 +3,7 @@ parameter groups, and the tower's own preprocessing."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -170,3 +171,57 @@ def test_open_clip_vision_tower_from_a_whole_clip_checkpoint(tmp_path: Path) -> 
     opts = sample_options(cfg.data, "image", None, train=False, augment=False)  # type: ignore[arg-type]
     ours = image_file_pixels(io.BytesIO(buf.getvalue()), 32, "crop", opts)[0]
     assert ours.shape == ref.shape and (ours - ref).abs().mean() < 0.05
+
+
+def test_open_clip_text_tower_and_tokenizer(tmp_path: Path) -> None:
+    """The text tower of the same tiny CLIP: captions tokenised by open_clip's own BPE up to
+    end-of-text, token states equal to CLIP's own text encoder at the end-of-text token
+    (its projection aside), whatever the padding; word dropout is refused (no mask token)."""
+    import json
+
+    open_clip = pytest.importorskip("open_clip")
+    (tmp_path / "setdiv-tiny-txt.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 2},
+    }))  # fmt: skip
+    open_clip.add_model_config(tmp_path / "setdiv-tiny-txt.json")
+    from safetensors.torch import save_file
+
+    from setdiv.data.reader import build_train_reader
+    from setdiv.data.text import build_tokenizer
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("setdiv-tiny-txt", pretrained=None).eval()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "c.safetensors")
+    cfg = config_lib.load(
+        [ROOT / "configs/demo.yaml"],
+        [
+            "model.text.name=open_clip", "model.text.arch=setdiv-tiny-txt",
+            f"model.text.weights={tmp_path / 'c.safetensors'}", "model.text.vocab_size=null",
+            "model.embed_dim=32",
+        ],
+    )  # fmt: skip
+    tok = build_tokenizer(cfg.model.text)
+    captions = ["a dog on a skateboard", "two cats"]
+    own = open_clip.get_tokenizer("setdiv-tiny-txt")(captions)  # (2, 16), zero-padded
+    ids = [tok.encode(c) for c in captions]
+    assert ids[0] == own[0][: len(ids[0])].tolist() and ids[0][-1] == 49407
+    assert own[0][len(ids[0]) :].eq(0).all()
+    model = build_model(cfg.model).eval()
+    clip.text_projection = None  # CLIP's own pooled state, before its projection
+    with torch.no_grad():
+        ref = clip.encode_text(own)  # (2, 32)
+        for width in (16, max(map(len, ids))):  # context-length padding, or just enough
+            batch = torch.zeros(2, width, dtype=torch.long)
+            for i, row in enumerate(ids):
+                batch[i, : len(row)] = torch.tensor(row)
+            states = model.text_encoder.states(batch)
+            eot = torch.tensor([len(r) - 1 for r in ids])
+            torch.testing.assert_close(states[torch.arange(2), eot], ref, atol=1e-5, rtol=1e-5)
+        mask = batch > 0
+        mask[:, 0] = True
+        assert model.encode_text(batch, mask).embeds.shape == (2, cfg.model.text_set.num_embeds, 32)
+    with pytest.raises(UserError, match="'data.word_dropout'.*no mask token"):
+        build_train_reader(dataclasses.replace(cfg.data, word_dropout=0.2), "regions", tok, 0, 1, 0)

@@ -364,6 +364,11 @@ def build_train_reader(
 ) -> TrainReader:  # fmt: skip
     """The training reader of `data.train_shards`, `batch_size` images per rank (default:
     `per_rank_batch_size`)."""
+    if tokenizer.mask_id < 0 and cfg.word_dropout > 0:
+        raise UserError(
+            f"config key 'data.word_dropout' is {cfg.word_dropout}: the text tower's tokenizer "
+            "has no mask token (open_clip); set data.word_dropout=0"
+        )
     if cfg.train_shards is None and not cfg.train_sources:
         raise UserError("config key 'data.train_shards' (or 'data.train_sources') is not set")
     pattern: str | list[tuple[str, float]] = cfg.train_shards or [

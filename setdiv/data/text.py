@@ -37,10 +37,15 @@ class Tokenizer:
     continues_word: np.ndarray | None = None
     """(ids,) bool: the id is a word piece continuing the previous word (BERT `##...`);
     None: every id is a word of its own (bi-GRU)."""
+    clip: object | None = None
+    """An open_clip tokenizer (BPE, bundled with open_clip): ids up to its end-of-text."""
 
     def encode(self, caption: str) -> list[int]:
         if self.vocab is not None:
             return self.vocab.encode(caption)
+        if self.clip is not None:  # padded to its context length, truncated with end-of-text
+            ids = self.clip([caption])[0].tolist()  # type: ignore[operator]
+            return ids[: ids.index(self.clip.eot_token_id) + 1]  # type: ignore[attr-defined]
         # Truncated to what the encoder's positions cover: web alt-text can be very long.
         limit = min(getattr(self.bert, "model_max_length", BERT_MAX_TOKENS), BERT_MAX_TOKENS)
         ids = self.bert(caption, add_special_tokens=True, truncation=True, max_length=limit)  # type: ignore[misc]
@@ -54,6 +59,15 @@ def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Token
     A bigru vocabulary records the tokenizer that built it (official pickles: nltk); one that
     differs from `model.text.tokenizer` raises `ValueError` rather than silently splitting
     captions into words the vocabulary was not built from."""
+    if cfg.name == "open_clip":
+        import open_clip
+
+        if cfg.arch is None or open_clip.get_model_config(cfg.arch) is None:
+            raise UserError(f"config key 'model.text.arch': {cfg.arch!r} is not an open_clip model")
+        tok = open_clip.get_tokenizer(cfg.arch)
+        size = int(getattr(tok, "vocab_size", 0) or len(tok.encoder))
+        # No mask token in CLIP's vocabulary: word dropout is refused for it (the trainer).
+        return Tokenizer(None, None, 0, -1, 1, size, None, tok)
     if cfg.name == "bert":
         from transformers import AutoTokenizer
 

@@ -333,8 +333,16 @@ IMAGE_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
     },
 )
 """The names `model.image.name` accepts."""
+
+
+def _open_clip_text(cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> nn.Module:
+    from setdiv.model.towers import OpenClipTextEncoder
+
+    return OpenClipTextEncoder(cfg, dim, pretrained)
+
+
 TEXT_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
-    "text encoder", {"bigru": BiGRUEncoder, "bert": BertEncoder}
+    "text encoder", {"bigru": BiGRUEncoder, "bert": BertEncoder, "open_clip": _open_clip_text}
 )
 """The names `model.text.name` accepts."""
 IMAGE_INPUT_KIND = {

@@ -32,11 +32,12 @@ from setdiv.model.encoders import Features, ProjectionHead, load_state_dict_file
 from setdiv.model.positional import sine_positions_2d
 
 if TYPE_CHECKING:
-    from setdiv.config import Config, ImageEncoderConfig
+    from setdiv.config import Config, ImageEncoderConfig, TextEncoderConfig
 
 __all__ = [
     "TOWERS",
     "OpenClipImageEncoder",
+    "OpenClipTextEncoder",
     "TimmEncoder",
     "tower_preprocessing",
     "with_tower_preprocessing",
@@ -58,13 +59,14 @@ def _timm_arch(cfg: ImageEncoderConfig) -> str:
     return cfg.arch
 
 
-def _open_clip_config(cfg: ImageEncoderConfig) -> dict[str, Any]:
+def _open_clip_config(cfg: ImageEncoderConfig | TextEncoderConfig) -> dict[str, Any]:
     import open_clip
 
     found = open_clip.get_model_config(cfg.arch) if cfg.arch else None
     if found is None:
+        side = "image" if hasattr(cfg, "feature_dim") else "text"
         raise UserError(
-            f"config key 'model.image.arch': {cfg.arch!r} is not an open_clip model config"
+            f"config key 'model.{side}.arch': {cfg.arch!r} is not an open_clip model config"
         )
     return found
 
@@ -211,3 +213,55 @@ class OpenClipImageEncoder(nn.Module):
         mask_BR = tokens_BRC.new_ones(tokens_BRC.shape[:2], dtype=torch.bool)
         local_BRD = self.head(tokens_BRC, mask_BR)
         return Features(local_BRD, mask_BR, self.pooled(pooled_BE), pos=None)
+
+
+class OpenClipTextEncoder(nn.Module):
+    """An open_clip text tower's token states (after its final LayerNorm) -> projected local
+    features; global = the projected state at the end-of-text token (CLIP's own pooling).
+    The tower is causal, so padding after the end of a caption changes none of its states."""
+
+    def __init__(self, cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> None:
+        super().__init__()
+        import open_clip
+
+        model_cfg = _open_clip_config(cfg)
+        if "hf_model_name" in model_cfg.get("text_cfg", {}):
+            raise UserError(
+                f"config key 'model.text.arch': {cfg.arch}'s text tower is a Hugging Face "
+                "model: use model.text.name=bert with its local directory"
+            )
+        clip = open_clip.create_model(cfg.arch, pretrained=None, load_weights=False)
+        self.backbone = nn.Module()
+        for name in ("token_embedding", "transformer", "ln_final"):
+            setattr(self.backbone, name, getattr(clip, name))
+        self.backbone.positional_embedding = clip.positional_embedding
+        self.backbone.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        del clip
+        if pretrained and cfg.weights is None:
+            log.warning("model.text.weights is null: %s's text tower is random", cfg.arch)
+        elif pretrained:
+            state = load_state_dict_file(cfg.weights, "model.text.weights")
+            mine = self.backbone.state_dict()
+            state = {k: v for k, v in state.items() if k in mine}
+            missing = sorted(set(mine) - set(state))
+            if missing:
+                raise UserError(
+                    f"config key 'model.text.weights': {cfg.weights} does not fit {cfg.arch}'s "
+                    f"text tower: missing {missing[:5]}"
+                )
+            self.backbone.load_state_dict(state)
+        width = self.backbone.transformer.width
+        self.proj = nn.Linear(width, dim)
+        self.local_dim = dim
+
+    def states(self, ids_BR: Tensor) -> Tensor:
+        """(B, R, W) the tower's token states after its final LayerNorm."""
+        tower, R = self.backbone, ids_BR.shape[1]
+        x_BRW = tower.token_embedding(ids_BR) + tower.positional_embedding[:R]
+        return tower.ln_final(tower.transformer(x_BRW, attn_mask=tower.attn_mask[:R, :R]))
+
+    def forward(self, ids_BR: Tensor, mask_BR: Tensor) -> Features:
+        local_BRD = self.proj(self.states(ids_BR))
+        eot_B = (ids_BR * mask_BR).argmax(dim=1)  # the end-of-text id is the largest
+        pooled_BD = local_BRD[torch.arange(ids_BR.shape[0]), eot_B]
+        return Features(local_BRD, mask_BR, pooled_BD, pos=None)
