@@ -225,3 +225,22 @@ def test_open_clip_text_tower_and_tokenizer(tmp_path: Path) -> None:
         assert model.encode_text(batch, mask).embeds.shape == (2, cfg.model.text_set.num_embeds, 32)
     with pytest.raises(UserError, match="'data.word_dropout'.*no mask token"):
         build_train_reader(dataclasses.replace(cfg.data, word_dropout=0.2), "regions", tok, 0, 1, 0)
+
+
+def test_vit_setheads_recipe_builds_with_the_clip_preprocessing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`configs/vit_setheads.yaml`: an open_clip ViT-B/16 (both towers, frozen) under K=4 set
+    heads, CLIP's preprocessing filled in; `setdiv info` lists the frozen tower groups."""
+    pytest.importorskip("open_clip")
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from setdiv import cli
+
+    cfg = with_tower_preprocessing(config_lib.load([ROOT / "configs/vit_setheads.yaml"], []))
+    assert cfg.data.image_mean == OPENAI_DATASET_MEAN and cfg.data.image_std == OPENAI_DATASET_STD
+    assert (cfg.data.interpolation, cfg.data.crop_pct, cfg.data.image_size) == ("bicubic", 1.0, 224)
+    assert cli.main(["info", str(ROOT / "configs/vit_setheads.yaml"), "--random-init"]) == 0
+    out = capsys.readouterr().out
+    assert "OpenClipImageEncoder" in out and "OpenClipTextEncoder" in out
+    assert out.count("first 1000000 epoch(s)") == 2  # both towers frozen
