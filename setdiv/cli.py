@@ -163,6 +163,12 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     launch.add_export_arguments(ex)
     ex.set_defaults(func=launch.run_export)
 
+    from setdiv import extract
+
+    xt = sub.add_parser("extract", help="cache a frozen image tower's token features of shards")
+    extract.add_arguments(xt)
+    xt.set_defaults(func=extract.run)
+
     from setdiv import demo
 
     dm = sub.add_parser("demo", help="generate synthetic data, train K=4 and K=1, evaluate both")

@@ -328,6 +328,12 @@ class DataConfig:
     crop_pct: float | None = None
     """crop: the test image is resized to image_size / crop_pct, then centre-cropped; null: the
     image tower's own (0.875 for the CNNs)."""
+    train_transform: Literal["random", "test"] = "random"
+    """Training images: random (crop, flip) or test (the evaluation transform: what a
+    feature cache of `setdiv extract` holds)."""
+    features: str | None = None
+    """A `setdiv extract` output directory: training (and its validation) reads the tower's
+    token features of each shard from there, under the shard's own name, in place of images."""
     format: Literal["auto", "setdiv", "img2dataset"] = "auto"
     """Shard layout: setdiv (`setdiv shards`, an index file next to the shards, 5 captions per
     image) | img2dataset (`KEY.jpg` + `KEY.txt` (+ `KEY.json`), one caption per image, read in

@@ -83,6 +83,8 @@ class SampleOptions:
     hflip: bool = True
     region_dropout: float = 0.0
     word_dropout: float = 0.0
+    train_transform: str = "random"
+    """random (crop, flip) | test: training images through the test transform."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Pixel normalisation (RGB, 0-1 scale), the image tower's."""
     std: tuple[float, float, float] = IMAGENET_STD
@@ -90,8 +92,8 @@ class SampleOptions:
     crop_pct: float = 0.875
     """crop style, test: Resize(size / crop_pct) + CenterCrop(size)."""
     format: str = "auto"
-    """auto | setdiv | img2dataset (`shards.web_meta`); the readers resolve it from their
-    shards."""
+    """auto | setdiv | img2dataset (`shards.web_meta`) | features (`setdiv extract`); the
+    readers resolve it from their shards."""
     caption_key: str | None = None
     """img2dataset: the `.json` field holding the caption (None: `.txt`)."""
 
@@ -129,6 +131,7 @@ def image_transform(opts: SampleOptions, train: bool) -> Callable[[Image.Image],
     """PIL image -> (3,size,size) uint8; normalisation happens batched in `collate`."""
     from torchvision.transforms import v2
 
+    train = train and opts.train_transform == "random"
     steps = image_transform_steps(
         opts.image_size, train, opts.image_transform, opts.hflip, opts.interpolation, opts.crop_pct
     )
@@ -167,8 +170,10 @@ def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: li
     """A raw sample -> {"image", "tokens", ...}; raises on anything corrupt. `seed` + the
     sample's key drive its region / word dropout and (in a forked torch RNG) its random crop."""
     rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode())])
-    web = opts.format == "img2dataset"
-    meta = web_meta(raw, opts.caption_key) if web else decode_meta(raw)
+    if opts.format == "img2dataset":
+        meta = web_meta(raw, opts.caption_key)
+    else:
+        meta = decode_meta(raw, five=opts.format != "features")
     if opts.kind == "regions":  # stays numpy until collation: cheaper between processes
         regions_RC = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
         if regions_RC.ndim != 2 or not np.isfinite(regions_RC).all():
@@ -278,6 +283,7 @@ def sample_options(
         cfg.hflip,
         cfg.region_dropout if augment else 0.0,
         cfg.word_dropout if augment else 0.0,
+        cfg.train_transform,
         tuple(cfg.image_mean) if cfg.image_mean is not None else IMAGENET_MEAN,  # type: ignore[arg-type]
         tuple(cfg.image_std) if cfg.image_std is not None else IMAGENET_STD,  # type: ignore[arg-type]
         cfg.interpolation or "bilinear",

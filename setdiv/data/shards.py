@@ -95,6 +95,8 @@ class ShardIndex:
     shards: list[ShardInfo] = field(default_factory=list)
     dropped: int = 0
     """Images left out at conversion (e.g. fewer than 5 captions with --min-captions)."""
+    layout: str = "setdiv"
+    """setdiv (5 captions per image) | features (`setdiv extract`: any caption count)."""
 
     @property
     def num_samples(self) -> int:
@@ -103,6 +105,7 @@ class ShardIndex:
     def save(self, directory: Path) -> Path:
         data = {
             "format": INDEX_FORMAT,
+            "layout": self.layout,
             "split": self.split,
             "kind": self.kind,
             "source": self.source,
@@ -129,7 +132,12 @@ class ShardIndex:
             raise UserError(f"{path}: not a setdiv shard index (format {found!r})")
         try:
             shards = [ShardInfo(**s) for s in data["shards"]]
-            return cls(data["split"], data["kind"], data["source"], shards, data.get("dropped", 0))
+            layout = data.get("layout", "setdiv")
+            if layout not in ("setdiv", "features"):
+                raise UserError(f"{path}: unknown shard layout {layout!r}")
+            return cls(
+                data["split"], data["kind"], data["source"], shards, data.get("dropped", 0), layout
+            )
         except KeyError as exc:
             raise UserError(f"{path}: malformed shard index: no {exc} entry") from None
         except TypeError as exc:
@@ -156,7 +164,7 @@ class ShardSet:
     infos: list[ShardInfo]
     kind: str
     format: str = "setdiv"
-    """setdiv | img2dataset."""
+    """setdiv | img2dataset | features (`setdiv extract` output)."""
 
     @classmethod
     def resolve(cls, pattern: str, kind: str | None = None, fmt: str = "setdiv") -> ShardSet:
@@ -166,12 +174,7 @@ class ShardSet:
         lies next to the first shard, else img2dataset."""
         if fmt not in FORMATS:
             raise UserError(f"shard format must be one of {FORMATS}, got {fmt!r}")
-        paths: list[Path] = []
-        for part in braceexpand(pattern):
-            matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
-            if not matches:
-                raise FileNotFoundError(f"no shard matches {part!r}")
-            paths += [Path(m) for m in matches]
+        paths = cls.expand(pattern)
         if fmt == "auto":
             first = paths[0]
             indexed = index_path(first.parent, first.name.rsplit("-", 1)[0]).is_file()
@@ -183,7 +186,7 @@ class ShardSet:
                 )
             return cls(paths, [scan_img2dataset(p) for p in paths], "image", "img2dataset")
         indexes: dict[Path, ShardIndex] = {}
-        infos, kinds = [], set()
+        infos, kinds, layouts = [], set(), set()
         for p in paths:
             if not p.is_file():
                 raise FileNotFoundError(f"missing shard: {p}")
@@ -195,11 +198,26 @@ class ShardSet:
                 raise UserError(f"shard {p} is not listed in {idx_file}")
             infos.append(by_name[p.name])
             kinds.add(indexes[idx_file].kind)
+            layouts.add(indexes[idx_file].layout)
         if len(kinds) != 1:
             raise UserError(f"shards of different kinds in {pattern!r}: {sorted(kinds)}")
         if kind is not None and kind not in kinds:
             raise UserError(f"{pattern}: shards hold {kinds.pop()!r}, the model reads {kind!r}")
-        return cls(paths, infos, kinds.pop())
+        if len(layouts) != 1:
+            raise UserError(f"shards of different layouts in {pattern!r}: {sorted(layouts)}")
+        return cls(paths, infos, kinds.pop(), layouts.pop())
+
+    @staticmethod
+    def expand(pattern: str) -> list[Path]:
+        """The shard paths of a brace pattern / glob, in order; a part matching nothing is an
+        error naming it."""
+        paths: list[Path] = []
+        for part in braceexpand(pattern):
+            matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+            if not matches:
+                raise FileNotFoundError(f"no shard matches {part!r}")
+            paths += [Path(m) for m in matches]
+        return paths
 
     def verify(self, which: list[int] | None = None) -> None:
         """Compare sha256 of the chosen shards (default all) with the index; raise on mismatch.
@@ -269,11 +287,13 @@ def web_meta(raw: dict[str, Any], caption_key: str | None = None) -> dict[str, A
     return {"image_id": key, "captions": [caption.strip()], "caption_ids": [key]}
 
 
-def decode_meta(raw: dict[str, Any]) -> dict[str, Any]:
-    """The `.json` entry of a raw sample; raises unless it holds 5 captions."""
+def decode_meta(raw: dict[str, Any], five: bool = True) -> dict[str, Any]:
+    """The `.json` entry of a raw sample; raises unless it holds 5 captions (`five`), or at
+    least one."""
     meta = json.loads(raw["json"])
-    if len(meta["captions"]) != CAPTIONS_PER_IMAGE:
-        raise ValueError(f"{len(meta['captions'])} captions")
+    count = len(meta["captions"])
+    if (five and count != CAPTIONS_PER_IMAGE) or count < 1:
+        raise ValueError(f"{count} captions")
     return meta
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -151,20 +152,32 @@ class TimmEncoder(nn.Module):
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self.prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        self.grid = not hasattr(self.backbone, "num_prefix_tokens")
+        """A convnet (a feature map) rather than a ViT (tokens with their own positions)."""
         self.head = ProjectionHead(self.backbone.num_features, dim, cfg.dropout)
         self.local_dim = dim
 
-    def forward(self, images_B3HW: Tensor, mask_BR: Tensor | None = None) -> Features:
-        del mask_BR  # every token is real
+    def tokens(self, images_B3HW: Tensor) -> Tensor:
+        """(B, R, C) the tower's token grid: ViT patch tokens (no prefix tokens), or a
+        convnet's last feature map cells in row-major order. What `setdiv extract` caches."""
         out = self.backbone.forward_features(images_B3HW)
+        if out.ndim == 4:
+            return out.flatten(2).transpose(1, 2)
+        return out[:, self.prefix :]
+
+    def forward(self, images_B3HW: Tensor, mask_BR: Tensor | None = None) -> Features:
+        """Images (B, 3, H, W), or cached tokens (B, R, C) with their mask (`data.features`:
+        the tower is not run)."""
+        if images_B3HW.ndim == 3:
+            tokens_BRC = images_B3HW
+        else:
+            tokens_BRC, mask_BR = self.tokens(images_B3HW), None
+        if mask_BR is None:
+            mask_BR = tokens_BRC.new_ones(tokens_BRC.shape[:2], dtype=torch.bool)
         pos_RD = None
-        if out.ndim == 4:  # convnet (B, C, S, S): cells with 2-D positions
-            B, C, H, W = out.shape
-            tokens_BRC = out.flatten(2).transpose(1, 2)
-            pos_RD = sine_positions_2d(H, W, self.local_dim, device=out.device)
-        else:  # ViT (B, prefix + R, C): the patch tokens carry their positions already
-            tokens_BRC = out[:, self.prefix :]
-        mask_BR = tokens_BRC.new_ones(tokens_BRC.shape[:2], dtype=torch.bool)
+        if self.grid:  # convnet cells (a square map): 2-D positions
+            side = math.isqrt(tokens_BRC.shape[1])
+            pos_RD = sine_positions_2d(side, side, self.local_dim, device=tokens_BRC.device)
         local_BRD = self.head(tokens_BRC, mask_BR)
         if pos_RD is not None:
             pos_RD = pos_RD.to(local_BRD.dtype)

@@ -133,7 +133,9 @@ class Trainer:
                 "training a bigru model needs 'model.text.vocab_path' (see `setdiv demo`)"
             )
         self.tokenizer = build_tokenizer(text, self.vocab)
-        self.cfg, self.kind = cfg, IMAGE_INPUT_KIND[cfg.model.image.name]
+        # A feature cache (`setdiv extract`) replaces the images: the tower's tokens are read.
+        kind = "regions" if cfg.data.features else IMAGE_INPUT_KIND[cfg.model.image.name]
+        self.cfg, self.kind = cfg, kind
         self.batch_size = per_rank_batch_size(cfg.data, self.world)
         if is_rank_zero(self.rank):
             log.info(

@@ -1,0 +1,173 @@
+"""`setdiv extract`: run a frozen image tower once over shards and cache its token features.
+
+    setdiv extract CONFIG --data SHARDS --out DIR [--nproc N] [key=value ...]
+
+Every input shard becomes `DIR/<its name>`: one sample per readable image, under the image's
+own key, holding the tower's token grid as fp16 `.npy` (R, C) and the captions as `.json`.
+Training then reads the cache in place of the images with `data.features=DIR` (the tower is
+not run; the set heads and projections train at feature-reading speed). The images go through
+the test transform, so train the cached model against `data.train_transform=test` when
+comparing with on-the-fly features.
+
+Each output shard is written to a temporary file and renamed, then a `.done` record is
+written: a killed extraction, run again, skips the shards already done. Ranks (`--nproc`)
+split the shards. The index (`<prefix>-index.json`, layout "features", with sha256 sums) is
+written once every shard is done, so the reader verifies the cache like any shard set.
+
+Shape legend: B images, R tokens, C tower width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from setdiv import config as config_lib
+from setdiv.data.reader import EvalReader
+from setdiv.data.samples import sample_options
+from setdiv.data.shards import ShardIndex, ShardInfo, ShardSet, sha256_file
+from setdiv.data.text import build_tokenizer
+from setdiv.errors import UserError
+
+__all__ = ["add_arguments", "extract_shards", "run"]
+
+log = logging.getLogger(__name__)
+DONE = ".done"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the training config (its image tower and preprocessing)")
+    p.add_argument("--data", required=True, help="shards to extract (brace pattern / glob)")
+    p.add_argument("--out", required=True, help="the feature cache directory")
+    p.add_argument("--nproc", type=int, default=1, help="processes splitting the shards")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+
+
+def _done(out: Path, name: str) -> dict | None:
+    record = out / f"{name}{DONE}"
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def extract_shards(
+    cfg: config_lib.Config, paths: list[Path], fmt: str, out: Path, batch_size: int
+) -> None:
+    """Extract `paths` (skipping those already done) into `out`, one output shard each."""
+    from setdiv.model.encoders import build_image_encoder
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    encoder = build_image_encoder(cfg.model.image, cfg.model.embed_dim).eval()
+    tokenizer = build_tokenizer(cfg.model.text)
+    opts = sample_options(cfg.data, "image", tokenizer, train=False, augment=False)
+    opts.format = fmt
+    for path in paths:
+        if _done(out, path.name) is not None:
+            log.info("%s: already extracted", path.name)
+            continue
+        tmp = out / f".{path.name}.{os.getpid()}.tmp"
+        count, skipped = 0, 0
+        with wds.TarWriter(str(tmp)) as sink, torch.no_grad():
+            reader = EvalReader(str(path), opts, batch_size)
+            for batch in reader:
+                tokens = encoder.tokens(batch.images).to(torch.float16).numpy()
+                first = 0
+                for i, key in enumerate(batch.image_ids):
+                    n = batch.caption_counts[i]
+                    buf = io.BytesIO()
+                    np.save(buf, tokens[i], allow_pickle=False)
+                    meta = {
+                        "image_id": key,
+                        "captions": batch.captions[first : first + n],
+                        "caption_ids": batch.caption_ids[first : first + n],
+                    }
+                    sink.write({"__key__": str(key), "npy": buf.getvalue(),
+                                "json": json.dumps(meta).encode()})  # fmt: skip
+                    first, count = first + n, count + 1
+            skipped = reader.skipped
+        tmp.replace(out / path.name)
+        record = {"samples": count, "skipped": skipped, "sha256": sha256_file(out / path.name)}
+        (out / f"{path.name}{DONE}").write_text(json.dumps(record))
+        log.info("%s: %d images extracted (%d skipped)", path.name, count, skipped)
+
+
+def _worker(config: str, overrides: list[str], paths: list[str], fmt: str, out: str,
+            batch_size: int) -> None:  # fmt: skip
+    cfg = _config(config, overrides)
+    extract_shards(cfg, [Path(p) for p in paths], fmt, Path(out), batch_size)
+
+
+def _config(config: str, overrides: list[str]) -> config_lib.Config:
+    from setdiv.model.towers import with_tower_preprocessing
+
+    cfg = with_tower_preprocessing(config_lib.load([config], overrides))
+    if cfg.model.image.name != "timm":
+        raise UserError(
+            f"config key 'model.image.name' is {cfg.model.image.name!r}: setdiv extract caches "
+            "timm towers (open_clip and the CNNs are not supported yet)"
+        )
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1 or args.batch_size < 1:
+        raise UserError("--nproc and --batch-size must be >= 1")
+    cfg = _config(args.config, args.overrides)
+    shards = ShardSet.resolve(args.data, "image", cfg.data.format)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in shards.paths if _done(out, p.name) is None]
+    for p in todo:  # the partial output of a killed extraction
+        for stale in out.glob(f".{p.name}.*.tmp"):
+            stale.unlink()
+    print(f"extract: {len(todo)} of {len(shards.paths)} shard(s) to do -> {out}", flush=True)
+    if args.nproc == 1 or len(todo) <= 1:
+        extract_shards(cfg, todo, shards.format, out, args.batch_size)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(
+                    args.config,
+                    args.overrides,
+                    [str(p) for p in todo[r :: args.nproc]],
+                    shards.format,
+                    str(out),
+                    args.batch_size,
+                ),  # fmt: skip
+            )
+            for r in range(min(args.nproc, len(todo)))
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if failed:
+            raise UserError(f"{len(failed)} extraction process(es) failed: run it again to resume")
+    _write_indexes(out, shards.paths, cfg.model.image.arch or "")
+    total = sum(_done(out, p.name)["samples"] for p in shards.paths)  # type: ignore[index]
+    print(f"extract: {total} images in {len(shards.paths)} shard(s) at {out}")
+    return 0
+
+
+def _write_indexes(out: Path, paths: list[Path], arch: str) -> None:
+    """One `<prefix>-index.json` per shard name prefix (as `setdiv shards` writes them)."""
+    groups: dict[str, list[Path]] = {}
+    for p in paths:
+        groups.setdefault(p.name.rsplit("-", 1)[0], []).append(p)
+    for prefix, members in groups.items():
+        index = ShardIndex(prefix, "regions", f"setdiv extract ({arch})", layout="features")
+        for p in members:
+            done = _done(out, p.name)
+            index.shards.append(ShardInfo(p.name, done["samples"], done["sha256"]))  # type: ignore[index]
+        index.save(out)
