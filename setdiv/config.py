@@ -337,7 +337,8 @@ class DataConfig:
     format: Literal["auto", "setdiv", "img2dataset"] = "auto"
     """Shard layout: setdiv (`setdiv shards`, an index file next to the shards, 5 captions per
     image) | img2dataset (`KEY.jpg` + `KEY.txt` (+ `KEY.json`), one caption per image, read in
-    place) | auto (setdiv where an index file lies next to the shards, else img2dataset)."""
+    place) | auto (setdiv where an index file lies next to the shards; img2dataset where
+    there is none and the first shard holds `.txt` captions)."""
     caption_key: str | None = None
     """img2dataset: take the caption from this field of `KEY.json` instead of `KEY.txt`."""
 

@@ -171,14 +171,16 @@ class ShardSet:
         """Expand braces and globs; every shard must exist and be listed in its index, and
         hold `kind` samples ("regions" / "image") when given. `fmt` img2dataset: shards read
         in place (image kind, counted from their tar headers); auto: setdiv where an index
-        lies next to the first shard, else img2dataset."""
+        lies next to the first shard, img2dataset where none does and it holds `.txt`
+        captions."""
         if fmt not in FORMATS:
             raise UserError(f"shard format must be one of {FORMATS}, got {fmt!r}")
         paths = cls.expand(pattern)
         if fmt == "auto":
             first = paths[0]
             indexed = index_path(first.parent, first.name.rsplit("-", 1)[0]).is_file()
-            fmt = "setdiv" if indexed else "img2dataset"
+            web = not indexed and kind in (None, "image") and _has_txt(first)
+            fmt = "img2dataset" if web else "setdiv"  # (setdiv: "index not found" if none)
         if fmt == "img2dataset":
             if kind not in (None, "image"):
                 raise UserError(
@@ -241,6 +243,20 @@ def read_shard(path: str | Path, on_error: Callable[[Exception], bool]) -> Itera
     """The raw samples of one shard ({"__key__", "__url__", ext: bytes}) through webdataset's
     `tarfile_to_samples`; an unreadable or truncated tar ends early, after `on_error(exc)`."""
     return wds.tarfile_to_samples(handler=on_error)([{"url": str(path)}])
+
+
+def _has_txt(path: Path, look: int = 16) -> bool:
+    """Whether one of the first `look` members of a tar is a `.txt` caption (img2dataset)."""
+    try:
+        with tarfile.open(path) as tar:
+            for i, member in enumerate(tar):
+                if member.name.endswith(".txt"):
+                    return True
+                if i + 1 >= look:
+                    break
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+    return False
 
 
 def scan_img2dataset(path: Path) -> ShardInfo:
