@@ -143,8 +143,8 @@ def _warn_missing_paths(cfg: config_lib.Config) -> None:
 
     for key, value in config_lib.paths(cfg).items():
         try:
-            if key.endswith("_shards"):
-                ShardSet.resolve(value)
+            if key.endswith("shards"):
+                ShardSet.resolve(value, fmt=cfg.data.format)
             elif not Path(value).exists():
                 raise FileNotFoundError(value)
         except (FileNotFoundError, UserError) as exc:

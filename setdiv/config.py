@@ -512,6 +512,7 @@ PATH_KEYS = (
     "model.text.bert_path",
     "data.train_shards",
     "data.val_shards",
+    "data.features",
 )
 """Dotted keys that name local files (the `*_shards` keys: brace / glob patterns). A run checks
 them where it starts; a launcher on another machine can only warn about them."""
@@ -520,7 +521,10 @@ them where it starts; a launcher on another machine can only warn about them."""
 def paths(cfg: Config) -> dict[str, str]:
     """The file and shard paths `cfg` names, by dotted key (unset keys left out)."""
     node = OmegaConf.structured(cfg)
-    return {k: v for k in PATH_KEYS if (v := OmegaConf.select(node, k)) is not None}
+    out = {k: v for k in PATH_KEYS if (v := OmegaConf.select(node, k)) is not None}
+    for i, source in enumerate(cfg.data.train_sources):
+        out[f"data.train_sources.{i}.shards"] = source.shards
+    return out
 
 
 def to_yaml(cfg: Config) -> str:
