@@ -147,21 +147,49 @@ def text_input(B: int, vocab: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny open_clip model config, registered under its name for this process."""
+    import json
+
+    open_clip = pytest.importorskip("open_clip")
+    path = tmp_path_factory.mktemp("open_clip") / "setdiv-test-clip.json"
+    path.write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16,
+                       "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 1},
+    }))  # fmt: skip
+    open_clip.add_model_config(path)
+    return "setdiv-test-clip"
+
+
+TOWER_ARCH = {"timm": "convnext_atto"}
+"""Small architectures for the tower encoders (open_clip: `tiny_clip`)."""
+
+
 @pytest.mark.parametrize("name", sorted(IMAGE_ENCODERS))
-def test_image_encoders(name: str) -> None:
-    cfg = tiny_config(f"model.image.name={name}")
+def test_image_encoders(name: str, request: pytest.FixtureRequest) -> None:
+    arch = request.getfixturevalue("tiny_clip") if name == "open_clip" else TOWER_ARCH.get(name)
+    cfg = tiny_config(f"model.image.name={name}", *([f"model.image.arch={arch}"] if arch else []))
     model = build_model(cfg.model).train()
     images, mask = image_input(name, 2)
     out = model.encode_image(images, mask)
     check_set(out.embeds, 2, 4, 16)
-    frozen_bn = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert not frozen_bn  # freeze_bn defaults to off
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # freeze_bn defaults to off; a timm tower freezes what its token grid does not use.
+    unused = {f"image_encoder.{n}" for n in getattr(model.image_encoder, "unused", [])}
+    assert frozen == unused
     assert_all_params_get_grad(model.image_encoder, out.embeds.square().sum())
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_ENCODERS))
-def test_text_encoders(name: str, bert_dir: str) -> None:
-    cfg = tiny_config(f"model.text.name={name}", f"model.text.bert_path={bert_dir}")
+def test_text_encoders(name: str, bert_dir: str, request: pytest.FixtureRequest) -> None:
+    extra = (
+        [f"model.text.arch={request.getfixturevalue('tiny_clip')}"] if name == "open_clip" else []
+    )
+    cfg = tiny_config(f"model.text.name={name}", f"model.text.bert_path={bert_dir}", *extra)
     model = build_model(cfg.model).train()
     ids, mask = text_input(3)
     out = model.encode_text(ids, mask)
@@ -179,13 +207,19 @@ def test_full_model_every_parameter_gets_gradient() -> None:
 
 
 @pytest.mark.parametrize("text", sorted(TEXT_ENCODERS))
-def test_caption_embedding_does_not_depend_on_batch_padding(text: str, bert_dir: str) -> None:
+def test_caption_embedding_does_not_depend_on_batch_padding(
+    text: str, bert_dir: str, request: pytest.FixtureRequest
+) -> None:
+    clip = text == "open_clip"
+    extra = [f"model.text.arch={request.getfixturevalue('tiny_clip')}"] if clip else []
+
     def embed(compat: bool) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
         cfg = tiny_config(
             f"model.text.name={text}",
             f"model.text.bert_path={bert_dir}",
             f"model.text_set.compat_mask={compat}",
+            *extra,
         )
         model = build_model(cfg.model).eval()
         short = torch.tensor([[1, 7, 9, 11, 2]])

@@ -224,8 +224,15 @@ def test_slow_and_short_bodies_and_a_burst_get_4xx(
 def test_log_lines_escape_what_clients_send(server: int, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="setdiv.index.serve")
     request(server, "GET", "/x%0d%0aINFO%20forged%20line%1b[31m")
-    lines = [r.getMessage() for r in caplog.records if r.name == "setdiv.index.serve"]
-    line = next(m for m in lines if "forged" in m)
+    deadline = time.monotonic() + 10  # the line is written after the response is sent
+    while True:
+        lines = [r.getMessage() for r in caplog.records if r.name == "setdiv.index.serve"]
+        forged = [m for m in lines if "forged" in m]
+        if forged or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert forged, lines
+    line = forged[0]
     assert "\n" not in line and "\r" not in line and "\x1b" not in line
     assert "/x%0d%0aINFO%20forged" in line and " 404 " in line
 

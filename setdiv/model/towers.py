@@ -149,6 +149,7 @@ class TimmEncoder(nn.Module):
                     f"config key 'model.image.weights': {cfg.weights} does not fit {arch}: "
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
+        self.unused = self._freeze_unused(arch)
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self.prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
@@ -156,6 +157,28 @@ class TimmEncoder(nn.Module):
         """A convnet (a feature map) rather than a ViT (tokens with their own positions)."""
         self.head = ProjectionHead(self.backbone.num_features, dim, cfg.dropout)
         self.local_dim = dim
+
+    def _freeze_unused(self, arch: str) -> list[str]:
+        """Parameters the token grid does not depend on (a classifier head's norm, say): one
+        dry forward and backward finds them; they are frozen (no gradient, no optimizer
+        state, no unused-parameter trouble in data-parallel training) and their names
+        returned."""
+        import timm
+
+        pcfg = timm.get_pretrained_cfg(arch)
+        size = int(pcfg.input_size[-1]) if pcfg is not None else 224
+        self.backbone.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            self.backbone.forward_features(torch.zeros(1, 3, size, size)).float().sum().backward()
+        unused = [n for n, p in self.backbone.named_parameters() if p.grad is None]
+        self.backbone.zero_grad(set_to_none=True)
+        for name, p in self.backbone.named_parameters():
+            if name in unused:
+                p.requires_grad_(False)
+        if unused:
+            log.info("%s: %d parameter(s) unused by the token grid, frozen: %s", arch,
+                     len(unused), ", ".join(unused[:4]))  # fmt: skip
+        return [f"backbone.{n}" for n in unused]
 
     def tokens(self, images_B3HW: Tensor) -> Tensor:
         """(B, R, C) the tower's token grid: ViT patch tokens (no prefix tokens), or a
