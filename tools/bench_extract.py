@@ -52,13 +52,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--passes", type=int, default=3)
     args = p.parse_args()
+    tmp = tempfile.mkdtemp()
+    Vocab.build(["a photo of a thing"]).save(f"{tmp}/vocab.json")
     base = [
-        "model.image.name=timm", f"model.image.arch={args.arch}", "model.text.vocab_size=64",
+        "model.image.name=timm", f"model.image.arch={args.arch}", "model.text.vocab_size=null",
+        f"model.text.vocab_path={tmp}/vocab.json",
         f"data.train_shards={args.data}", f"data.batch_size={args.batch_size}",
         "data.num_workers=1", "data.train_transform=test", "data.region_dropout=0",
     ]  # fmt: skip
     cfg = with_tower_preprocessing(config_lib.load([ROOT / "configs/demo.yaml"], base))
-    vocab = Vocab.build(["a photo"])
+    vocab = Vocab.load(f"{tmp}/vocab.json")
     tok = Tokenizer(vocab, None, vocab.pad, vocab.mask, len(SPECIALS), len(vocab))
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
