@@ -61,7 +61,18 @@ def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(tmp_path: Pa
     assert len(rsums) == 6 and rsums[-1] > 200, rsums
     text = (ref / "config.yaml").read_text()
     assert "interpolation: bicubic" in text and "crop_pct: 0.9" in text  # the ViT's own
-    # Frozen towers: the exported MiniLM weights are the checkpoint's, untouched.
+    # Frozen towers: no optimizer state (ZeRO 0, torch AdamW), and the exported MiniLM
+    # weights are the checkpoint's, untouched.
+    tag = (ref / "checkpoints/latest").read_text().strip()  # DeepSpeed's pointer file
+    ckpt = torch.load(
+        ref / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+        weights_only=True,
+    )["optimizer"]  # fmt: skip
+    with_state = {
+        g["name"]: sum(i in ckpt["state"] for i in g["params"]) for g in ckpt["param_groups"]
+    }
+    assert with_state["image_backbone"] == with_state["text_backbone"] == 0, with_state
+    assert with_state["image_set"] > 0 and with_state["text_set"] > 0, with_state
     assert setdiv("export", str(ref), "--tag", "latest").returncode == 0
     from safetensors.torch import load_file
 
