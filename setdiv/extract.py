@@ -38,7 +38,7 @@ from setdiv.data.shards import ShardIndex, ShardInfo, ShardSet, sha256_file
 from setdiv.data.text import build_tokenizer
 from setdiv.errors import UserError
 
-__all__ = ["add_arguments", "extract_shards", "run"]
+__all__ = ["add_arguments", "extract_shards", "run", "write_indexes"]
 
 log = logging.getLogger(__name__)
 DONE = ".done"
@@ -64,7 +64,6 @@ def extract_shards(
     """Extract `paths` (skipping those already done) into `out`, one output shard each."""
     from setdiv.model.encoders import build_image_encoder
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     encoder = build_image_encoder(cfg.model.image, cfg.model.embed_dim).eval()
     tokenizer = build_tokenizer(cfg.model.text)
     opts = sample_options(cfg.data, "image", tokenizer, train=False, augment=False)
@@ -154,13 +153,13 @@ def run(args: argparse.Namespace) -> int:
         failed = [p.exitcode for p in procs if p.exitcode != 0]
         if failed:
             raise UserError(f"{len(failed)} extraction process(es) failed: run it again to resume")
-    _write_indexes(out, shards.paths, cfg.model.image.arch or "")
+    write_indexes(out, shards.paths, cfg.model.image.arch or "")
     total = sum(_done(out, p.name)["samples"] for p in shards.paths)  # type: ignore[index]
     print(f"extract: {total} images in {len(shards.paths)} shard(s) at {out}")
     return 0
 
 
-def _write_indexes(out: Path, paths: list[Path], arch: str) -> None:
+def write_indexes(out: Path, paths: list[Path], arch: str) -> None:
     """One `<prefix>-index.json` per shard name prefix (as `setdiv shards` writes them)."""
     groups: dict[str, list[Path]] = {}
     for p in paths:

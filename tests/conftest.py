@@ -100,3 +100,32 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         alive = [p for p in pids if Path(f"/proc/{p}").exists()]
         assert down.returncode == 0 and not alive, (down.stderr, alive)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def register_tiny_clip(
+    directory: Path,
+    name: str,
+    *,
+    image_size: int = 32,
+    width: int = 64,
+    patch_size: int = 8,
+    text_layers: int = 1,
+    embed_dim: int = 32,
+    **vision: int,
+) -> str:
+    """A tiny open_clip model config written to `directory` and registered as `name` (for
+    this process); `vision`: further vision_cfg keys (head_width, ...)."""
+    import json
+
+    import open_clip
+
+    path = Path(directory) / f"{name}.json"
+    path.write_text(json.dumps({
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": 1, "width": width,
+                       "patch_size": patch_size, **vision},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": text_layers},
+    }))  # fmt: skip
+    open_clip.add_model_config(path)
+    return name

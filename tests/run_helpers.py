@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,14 @@ CLEAN_ENV = {
 """Children start as fresh jobs, whatever this test process has in its env."""
 RAY_ENV = {**CLEAN_ENV, "RAY_AUTH_MODE": "disabled"}
 """A throw-away local Ray: no token written to ~/.ray."""
+
+
+def run_setdiv(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`setdiv ARGS` as a fresh single-node job from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "setdiv.cli", *args], capture_output=True, text=True,
+        timeout=timeout, cwd=ROOT, env=CLEAN_ENV,
+    )  # fmt: skip
 
 
 def write_data(root: Path, train: int = 256, val: int = 0, test: int = 0) -> Path:

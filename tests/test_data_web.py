@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from setdiv.data import samples as samples_mod
 from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader
 from setdiv.data.shards import web_meta
 from setdiv.data.text import Tokenizer
@@ -81,11 +82,13 @@ def write_web_shard(path: Path, samples: list[dict[str, bytes]]) -> None:
 
 
 def test_broken_web_samples_are_skipped_and_counted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Missing `.txt`, an empty caption, PNG bytes under `.jpg`, no image, a failed download
     (`status`), a non-object `.json`: each skipped and counted, never a crash; the two good
     samples are read, and a caption can come from a `.json` field instead."""
+    # The warner is rate-limited per process: an earlier test's warning must not silence ours.
+    monkeypatch.setattr(samples_mod.WARN, "last", -1e9)
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, "PNG")
     ok = json.dumps({"status": "success", "caption": "a blue sky"}).encode()

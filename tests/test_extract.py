@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_helpers import losses
+from run_helpers import CLEAN_ENV, losses, run_setdiv
 
 timm = pytest.importorskip("timm")
 ROOT = Path(__file__).parents[1]
@@ -24,7 +24,6 @@ pytestmark = [
     pytest.mark.skipif(not CC12M.is_file(), reason=f"the real CC12M sample is absent ({CC12M})"),
     pytest.mark.slow,
 ]
-ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
 
 
 def split_shards(out: Path, n: int) -> str:
@@ -59,11 +58,6 @@ def common(tmp_path: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def setdiv(*argv: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "setdiv.cli", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
-
-
 @pytest.mark.timeout(900)
 def test_training_from_the_cache_starts_like_training_on_images(tmp_path: Path) -> None:
     """Features of 4 shards extracted by 2 processes; one SGD step from the cache gives the
@@ -76,7 +70,8 @@ def test_training_from_the_cache_starts_like_training_on_images(tmp_path: Path) 
         caps = [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]  # type: ignore[union-attr]
     Vocab.build(caps).save(tmp_path / "vocab.json")
     cache = tmp_path / "cache"
-    done = setdiv("extract", *common(tmp_path), "--data", data, "--out", str(cache), "--nproc", "2")
+    extract = ["extract", *common(tmp_path), "--data", data]
+    done = run_setdiv(*extract, "--out", str(cache), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     index = json.loads((cache / "web-index.json").read_text())
     assert index["layout"] == "features" and index["num_samples"] == 32
@@ -86,9 +81,9 @@ def test_training_from_the_cache_starts_like_training_on_images(tmp_path: Path) 
         "data.train_transform=test", "data.region_dropout=0", "data.word_dropout=0",
         "train.epochs=1", "train.log_every=1",
     ]  # fmt: skip
-    images = setdiv("train", *common(tmp_path), *train, "--run-dir", str(tmp_path / "img"))
+    images = run_setdiv("train", *common(tmp_path), *train, "--run-dir", str(tmp_path / "img"))
     assert images.returncode == 0, images.stderr[-3000:]
-    cached = setdiv(
+    cached = run_setdiv(
         "train", *common(tmp_path), *train, f"data.features={cache}",
         "--run-dir", str(tmp_path / "cached"),
     )  # fmt: skip
@@ -100,7 +95,7 @@ def test_training_from_the_cache_starts_like_training_on_images(tmp_path: Path) 
     again = tmp_path / "again"
     proc = subprocess.Popen(
         [sys.executable, "-m", "setdiv.cli", "extract", *common(tmp_path), "--data", data,
-         "--out", str(again)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+         "--out", str(again)], cwd=ROOT, env=CLEAN_ENV, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 300
@@ -111,7 +106,7 @@ def test_training_from_the_cache_starts_like_training_on_images(tmp_path: Path) 
     first = sorted(again.glob("*.done"))
     assert 1 <= len(first) < 4, "killed too late"
     stamps = {p.name: p.stat().st_mtime_ns for p in again.glob("web-*.tar")}
-    resumed = setdiv("extract", *common(tmp_path), "--data", data, "--out", str(again))
+    resumed = run_setdiv(*extract, "--out", str(again))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{4 - len(first)} of 4 shard(s) to do" in resumed.stdout
     for done_file in first:

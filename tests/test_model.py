@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import tiny_config
+from conftest import register_tiny_clip, tiny_config
 from torch import nn
 
 from setdiv.config import SetModuleConfig
@@ -150,19 +150,17 @@ def text_input(B: int, vocab: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny open_clip model config, registered under its name for this process."""
-    import json
 
-    open_clip = pytest.importorskip("open_clip")
-    path = tmp_path_factory.mktemp("open_clip") / "setdiv-test-clip.json"
-    path.write_text(json.dumps({
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16,
-                       "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1},
-    }))  # fmt: skip
-    open_clip.add_model_config(path)
-    return "setdiv-test-clip"
+    pytest.importorskip("open_clip")
+    return register_tiny_clip(
+        tmp_path_factory.mktemp("open_clip"),
+        "setdiv-test-clip",
+        image_size=64,
+        width=32,
+        patch_size=16,
+        embed_dim=16,
+        head_width=16,
+    )
 
 
 TOWER_ARCH = {"timm": "convnext_atto"}

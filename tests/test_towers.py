@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import register_tiny_clip
 from PIL import Image
 
 from setdiv import config as config_lib
@@ -123,16 +124,9 @@ def test_open_clip_vision_tower_from_a_whole_clip_checkpoint(tmp_path: Path) -> 
     CLIP checkpoint's `visual.*` entries, gives its patch tokens to the set module, and the
     data config takes open_clip's own preprocessing, whose pixels match open_clip's eval
     transform."""
-    import json
 
     open_clip = pytest.importorskip("open_clip")
-    (tmp_path / "setdiv-tiny-vit.json").write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1},
-    }))  # fmt: skip
-    open_clip.add_model_config(tmp_path / "setdiv-tiny-vit.json")
+    register_tiny_clip(tmp_path, "setdiv-tiny-vit")
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -177,16 +171,9 @@ def test_open_clip_text_tower_and_tokenizer(tmp_path: Path) -> None:
     """The text tower of the same tiny CLIP: captions tokenised by open_clip's own BPE up to
     end-of-text, token states equal to CLIP's own text encoder at the end-of-text token
     (its projection aside), whatever the padding; word dropout is refused (no mask token)."""
-    import json
 
     open_clip = pytest.importorskip("open_clip")
-    (tmp_path / "setdiv-tiny-txt.json").write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 2},
-    }))  # fmt: skip
-    open_clip.add_model_config(tmp_path / "setdiv-tiny-txt.json")
+    register_tiny_clip(tmp_path, "setdiv-tiny-txt", text_layers=2)
     from safetensors.torch import save_file
 
     from setdiv.data.reader import build_train_reader

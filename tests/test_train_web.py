@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import last_step, losses
+from run_helpers import CLEAN_ENV, last_step, losses, run_setdiv
 
 ROOT = Path(__file__).parents[1]
 CC12M = ROOT.parent / "shared/data/cc12m_img2dataset_32/cc12m-train-0000.tar"
@@ -26,7 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not CC12M.is_file(), reason=f"the real CC12M sample is absent ({CC12M})"),
     pytest.mark.slow,
 ]
-ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
 
 
 def args(run: Path, *extra: str) -> list[str]:
@@ -41,15 +40,10 @@ def args(run: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def setdiv(*argv: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "setdiv.cli", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
-
-
 @pytest.mark.timeout(900)
 def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(tmp_path: Path) -> None:
     ref = tmp_path / "ref"
-    done = setdiv(*args(ref, "train.ckpt_every=5"))
+    done = run_setdiv(*args(ref, "train.ckpt_every=5"))
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
     rsums = [r["val_rsum"] for r in records if "val_rsum" in r]
@@ -73,7 +67,7 @@ def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(tmp_path: Pa
     }
     assert with_state["image_backbone"] == with_state["text_backbone"] == 0, with_state
     assert with_state["image_set"] > 0 and with_state["text_set"] > 0, with_state
-    assert setdiv("export", str(ref), "--tag", "latest").returncode == 0
+    assert run_setdiv("export", str(ref), "--tag", "latest").returncode == 0
     from safetensors.torch import load_file
 
     exported = load_file(ref / "export" / "model.safetensors")
@@ -85,7 +79,7 @@ def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(tmp_path: Pa
     run = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "setdiv.cli", *args(run, "train.ckpt_every=5")], cwd=ROOT,
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=CLEAN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and last_step(run) < 13:
@@ -94,7 +88,7 @@ def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(tmp_path: Pa
     proc.wait()
     killed_at = max(losses(run))
     assert 6 <= killed_at < 24, f"killed at step {killed_at}: not mid-run"
-    resumed = setdiv(*args(run, "train.ckpt_every=5"), "--resume", "latest")
+    resumed = run_setdiv(*args(run, "train.ckpt_every=5"), "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = losses(run)
     assert sorted(again) == sorted(loss)

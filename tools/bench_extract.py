@@ -66,12 +66,12 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         from setdiv.data.shards import ShardSet
-        from setdiv.extract import _write_indexes
+        from setdiv.extract import write_indexes
 
         shards = ShardSet.resolve(args.data, "image", cfg.data.format)
         t0 = time.perf_counter()
         extract_shards(cfg, shards.paths, shards.format, Path(cache), 64)
-        _write_indexes(Path(cache), shards.paths, args.arch)
+        write_indexes(Path(cache), shards.paths, args.arch)
         extract_s = time.perf_counter() - t0
         live = images_per_s(cfg, "image", tok, args.passes)
         cached_cfg = config_lib.override(cfg, [f"data.features={cache}"])
