@@ -173,7 +173,8 @@ class TextEncoderConfig:
     num_layers: int = _positive(1)
     """bigru: stacked GRU layers."""
     bert_path: str | None = None
-    """bert: local directory holding config.json and the weights (never downloaded); null =
+    """bert: a local Hugging Face encoder directory (config.json, weights, tokenizer files;
+    never downloaded): BERT, MiniLM, RoBERTa, DistilBERT, ... as `AutoModel` builds it; null =
     random init with the bert-base-uncased shape."""
     bert_global: Literal["cls", "max"] = "cls"
     """bert: global feature from the projected [CLS] state (cls) or a max pool over tokens (max)."""

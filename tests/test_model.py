@@ -11,6 +11,7 @@ from conftest import register_tiny_clip, tiny_config
 from torch import nn
 
 from setdiv.config import SetModuleConfig
+from setdiv.errors import UserError
 from setdiv.model import IMAGE_ENCODERS, SET_MODULES, TEXT_ENCODERS, build_model
 from setdiv.model.encoders import build_image_encoder, build_text_encoder
 from setdiv.model.set_modules import build_set_module
@@ -363,3 +364,79 @@ def test_pienet_official_init_and_bert_hidden_width(monkeypatch: pytest.MonkeyPa
         "model.text.name=bert", "model.text_set.name=pienet", "model.text.word_dim=300"
     )
     assert build_model(cfg.model).text_set.w1.out_features == 150  # word_dim 300 // 2
+
+
+def _tiny_hf(arch: str) -> object:
+    import transformers
+
+    common = dict(vocab_size=60, pad_token_id=0, max_position_embeddings=40)
+    return {
+        "bert": lambda: transformers.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **common,
+        ),
+        "distilbert": lambda: transformers.DistilBertConfig(
+            dim=32, n_layers=1, n_heads=2, hidden_dim=64, **common
+        ),
+        "roberta": lambda: transformers.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **common,
+        ),
+        "electra": lambda: transformers.ElectraConfig(
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **common,
+        ),
+    }[arch]()
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta", "electra"])
+def test_any_hugging_face_encoder_directory_is_a_text_tower(tmp_path: Path, arch: str) -> None:
+    """`model.text.bert_path` takes any encoder AutoModel builds: the saved weights are the ones
+    loaded (no pooler), token states of every real token reach the set, padding changes nothing."""
+    from transformers import AutoModel
+
+    AutoModel.from_config(_tiny_hf(arch)).save_pretrained(tmp_path / arch)
+    saved = AutoModel.from_pretrained(tmp_path / arch).state_dict()
+    cfg = tiny_config("model.text.name=bert", f"model.text.bert_path={tmp_path / arch}")
+    enc = build_text_encoder(cfg.model.text, 16)
+    loaded = enc.backbone.state_dict()
+    assert loaded and not any("pooler" in k for k in loaded)
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    random_arch = build_text_encoder(cfg.model.text, 16, pretrained=False).backbone.state_dict()
+    assert random_arch.keys() == loaded.keys()
+    assert any(not torch.equal(random_arch[k], loaded[k]) for k in loaded)
+
+    model = build_model(cfg.model).eval()
+    short = torch.tensor([[2, 7, 9, 11, 3]])
+    alone = model.encode_text(short, torch.ones_like(short, dtype=torch.bool)).embeds[0]
+    batch, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.bool)
+    batch[0, :5], mask[0, :5] = short[0], True
+    batch[1], mask[1] = torch.randint(5, 60, (9,)), True
+    out = model.encode_text(batch, mask)
+    check_set(out.embeds, 2, 4, 16)
+    torch.testing.assert_close(out.embeds[0], alone, atol=1e-5, rtol=0)
+    assert_all_params_get_grad(
+        model.train().text_encoder, model.encode_text(batch, mask).embeds.square().sum()
+    )
+
+
+def test_an_encoder_decoder_directory_is_refused_naming_the_key(tmp_path: Path) -> None:
+    from transformers import T5Config
+
+    T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=60).save_pretrained(
+        tmp_path
+    )
+    cfg = tiny_config("model.text.name=bert", f"model.text.bert_path={tmp_path}")
+    with pytest.raises(UserError, match=r"'model.text.bert_path'.*encoder-decoder model \(t5\)"):
+        build_text_encoder(cfg.model.text, 16)

@@ -101,3 +101,64 @@ def test_config_tokenizer_choices() -> None:
     assert config_lib.load([], ["model.text.tokenizer=regex"]).model.text.tokenizer == "regex"
     with pytest.raises(config_lib.ConfigError, match="model.text.tokenizer"):
         config_lib.load([], ["model.text.tokenizer=spacy"])
+
+
+@pytest.mark.parametrize("scheme", ["byte_bpe", "sentencepiece"])
+def test_word_boundaries_of_bpe_and_sentencepiece_tokenizers(tmp_path: Path, scheme: str) -> None:
+    """A Hugging Face directory with a byte-level BPE (RoBERTa-style `Ġword`) or a
+    SentencePiece-style (`▁word`) vocabulary: `continues_word` marks exactly the pieces the fast
+    tokenizer's own `word_ids()` puts in the same word as the piece before them."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [
+        "a",
+        "red",
+        "surfboard",
+        "on",
+        "the",
+        "beach",
+        "two",
+        "dogs",
+        "surfing",
+        "waves",
+        "near",
+        "boards",
+    ]
+    corpus = [" ".join(words[i : i + 4]) for i in range(len(words))] * 3
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    if scheme == "byte_bpe":
+        raw = RawTokenizer(models.BPE(unk_token="<unk>"))
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        raw.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    else:
+        raw = RawTokenizer(models.BPE(unk_token="<unk>"))
+        raw.pre_tokenizer = pre_tokenizers.Metaspace()
+        raw.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=specials)
+    raw.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    fast.save_pretrained(tmp_path / "hf")
+    tok = build_tokenizer(TextEncoderConfig(name="bert", bert_path=str(tmp_path / "hf")))
+    assert tok.mask_id == fast.mask_token_id and tok.pad_id == fast.pad_token_id
+    caption = "two red surfboards near the waves"
+    enc = fast(caption)
+    ids, word_ids = enc["input_ids"], enc.word_ids()
+    assert tok.encode(caption) == ids
+    assert tok.continues_word is not None
+    expected = [i > 0 and w is not None and w == word_ids[i - 1] for i, w in enumerate(word_ids)]
+    assert any(expected), "the caption should split at least one word into pieces"
+    assert [bool(tok.continues_word[i]) for i in ids] == expected

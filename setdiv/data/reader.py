@@ -386,7 +386,7 @@ def build_train_reader(
     if tokenizer.mask_id < 0 and cfg.word_dropout > 0:
         raise UserError(
             f"config key 'data.word_dropout' is {cfg.word_dropout}: the text tower's tokenizer "
-            "has no mask token (open_clip); set data.word_dropout=0"
+            "has no mask token (open_clip, some Hugging Face models); set data.word_dropout=0"
         )
     if cfg.train_shards is None and not cfg.train_sources:
         raise UserError("config key 'data.train_shards' (or 'data.train_sources') is not set")

@@ -28,7 +28,7 @@ class Tokenizer:
     vocab: Vocab | None
     """bi-GRU vocabulary, or None for a BERT tokenizer."""
     bert: object | None
-    """A transformers BertTokenizer(Fast) read from a local directory."""
+    """A transformers tokenizer (`AutoTokenizer`) read from a local directory."""
     pad_id: int
     mask_id: int
     first_word_id: int
@@ -52,9 +52,22 @@ class Tokenizer:
         return list(ids["input_ids"])
 
 
+def _continuations(pieces: list[str]) -> np.ndarray:
+    """(ids,) bool: the piece continues the previous word. WordPiece marks continuations
+    (`##ing`); SentencePiece (`▁the`) and byte-level BPE (`Ġthe`) mark word starts instead."""
+    if any(p.startswith("##") for p in pieces):
+        return np.array([p.startswith("##") for p in pieces], dtype=bool)
+    counts = {m: sum(p.startswith(m) for p in pieces) for m in ("\u2581", "\u0120")}  # ▁, Ġ
+    start = max(counts, key=counts.__getitem__)
+    if counts[start] == 0:  # unknown scheme: every piece a word of its own
+        return np.zeros(len(pieces), dtype=bool)
+    return np.array([not p.startswith(start) for p in pieces], dtype=bool)
+
+
 def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Tokenizer:
     """The tokenizer matching the text encoder config: a `Vocab` (given, or read from
-    `model.text.vocab_path`) for bigru; the BERT tokenizer in `model.text.bert_path` for bert.
+    `model.text.vocab_path`) for bigru; the Hugging Face tokenizer in `model.text.bert_path` for
+    bert (any encoder: WordPiece, SentencePiece or byte-level BPE pieces); open_clip's own.
 
     A bigru vocabulary records the tokenizer that built it (official pickles: nltk); one that
     differs from `model.text.tokenizer` raises `ValueError` rather than silently splitting
@@ -78,9 +91,10 @@ def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Token
         tok = AutoTokenizer.from_pretrained(cfg.bert_path, local_files_only=True)
         first_word = max(tok.all_special_ids) + 1
         pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-        continues = np.array([p.startswith("##") for p in pieces], dtype=bool)
+        mask_id = -1 if tok.mask_token_id is None else tok.mask_token_id
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         return Tokenizer(
-            None, tok, tok.pad_token_id, tok.mask_token_id, first_word, tok.vocab_size, continues
+            None, tok, pad_id, mask_id, first_word, tok.vocab_size, _continuations(pieces)
         )
     if vocab is None:
         if cfg.vocab_path is None:

@@ -6,8 +6,9 @@ feature width handed to the set module, D embedding width, S grid side.
 Image encoders (registry `IMAGE_ENCODERS`): `region` (precomputed BUTD features), `resnet152`
 and `resnext101_32x8d` (torchvision grids, weights from a local file), `timm` (any timm
 architecture) and `open_clip` (a vision tower): `setdiv.model.towers`. Text encoders
-(`TEXT_ENCODERS`): `bigru` (GloVe-initialised word vectors + bi-GRU) and `bert` (transformers,
-from a local directory). Nothing is ever downloaded.
+(`TEXT_ENCODERS`): `bigru` (GloVe-initialised word vectors + bi-GRU), `bert` (any Hugging Face
+encoder from a local directory: BERT, MiniLM, RoBERTa, DistilBERT, ...) and `open_clip` (a CLIP
+text tower). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = [
     "IMAGE_ENCODERS",
     "IMAGE_INPUT_KIND",
     "TEXT_ENCODERS",
-    "BertEncoder",
+    "HFTextEncoder",
     "BiGRUEncoder",
     "CNNGridEncoder",
     "Features",
@@ -265,29 +266,37 @@ class BiGRUEncoder(nn.Module):
         return Features(words_BRW, mask_BR, pooled_BD, pos=pos_RW.to(words_BRW.dtype))
 
 
-class BertEncoder(nn.Module):
-    """BERT token states -> Linear(hidden, D) local features; global = projected [CLS] or max."""
+class HFTextEncoder(nn.Module):
+    """A Hugging Face encoder's token states -> Linear(hidden, D) local features; global =
+    projected first token ([CLS] / <s>) or a max pool.
+
+    Any architecture `transformers.AutoModel` builds from a local directory's config.json
+    (BERT, MiniLM, RoBERTa, DistilBERT, ELECTRA, XLM-R, ...); its pooler, if it has one, is
+    never built. Encoder-decoder models are refused: only their encoder would be used.
+    """
 
     def __init__(self, cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel
+        from transformers import AutoConfig, BertConfig
 
-        if not pretrained and cfg.bert_path is not None:
-            # Architecture from config.json only; the caller loads a full state dict.
-            bert_cfg = BertConfig.from_pretrained(cfg.bert_path, local_files_only=True)
-            self.backbone = BertModel(bert_cfg, add_pooling_layer=False)
-        elif cfg.bert_path is None:
+        if cfg.bert_path is None:
             # Random init with the bert-base-uncased shape: for `setdiv info` and smoke runs.
             log.warning("model.text.bert_path is null: BERT is randomly initialised")
-            self.backbone = BertModel(BertConfig(), add_pooling_layer=False)
+            self.backbone = _hf_encoder(BertConfig(), None)
         elif not Path(cfg.bert_path).is_dir():
             raise FileNotFoundError(
-                f"config key 'model.text.bert_path': BERT directory not found: {cfg.bert_path}"
+                f"config key 'model.text.bert_path': Hugging Face directory not found: "
+                f"{cfg.bert_path}"
             )
         else:
-            self.backbone = BertModel.from_pretrained(
-                cfg.bert_path, local_files_only=True, add_pooling_layer=False
-            )
+            hf_cfg = AutoConfig.from_pretrained(cfg.bert_path, local_files_only=True)
+            if getattr(hf_cfg, "is_encoder_decoder", False):
+                raise UserError(
+                    f"config key 'model.text.bert_path': {cfg.bert_path} holds an "
+                    f"encoder-decoder model ({hf_cfg.model_type}); give an encoder"
+                )
+            # pretrained=False: the architecture only; the caller loads a full state dict.
+            self.backbone = _hf_encoder(hf_cfg, cfg.bert_path if pretrained else None)
         self.proj = nn.Linear(self.backbone.config.hidden_size, dim)
         self.pool = cfg.bert_global
         self.local_dim = dim
@@ -300,6 +309,22 @@ class BertEncoder(nn.Module):
         pooled_BD = local_BRD[:, 0] if self.pool == "cls" else _masked_max(local_BRD, mask_BR)
         pos_RD = sine_positions_1d(ids_BR.shape[1], self.local_dim, device=ids_BR.device)
         return Features(local_BRD, mask_BR, pooled_BD, pos=pos_RD.to(local_BRD.dtype))
+
+
+def _hf_encoder(hf_cfg: object, path: str | None) -> nn.Module:
+    """The `AutoModel` class for `hf_cfg`, without a pooler where the class takes that flag;
+    weights from `path` (local only), or randomly initialised when `path` is None."""
+    import inspect
+
+    from transformers import MODEL_MAPPING
+
+    cls = MODEL_MAPPING[type(hf_cfg)]
+    kw = {"add_pooling_layer": False}
+    if "add_pooling_layer" not in inspect.signature(cls.__init__).parameters:
+        kw = {}
+    if path is None:
+        return cls(hf_cfg, **kw)
+    return cls.from_pretrained(path, local_files_only=True, **kw)
 
 
 def _resnet152(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> CNNGridEncoder:
@@ -342,7 +367,7 @@ def _open_clip_text(cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -
 
 
 TEXT_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
-    "text encoder", {"bigru": BiGRUEncoder, "bert": BertEncoder, "open_clip": _open_clip_text}
+    "text encoder", {"bigru": BiGRUEncoder, "bert": HFTextEncoder, "open_clip": _open_clip_text}
 )
 """The names `model.text.name` accepts."""
 IMAGE_INPUT_KIND = {
