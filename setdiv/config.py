@@ -146,7 +146,8 @@ class ImageEncoderConfig:
     """timm / open_clip: the architecture's registry name (timm: vit_tiny_patch16_224,
     convnext_atto, ...; open_clip: ViT-B-16, ...)."""
     grad_checkpointing: bool = False
-    """timm: recompute the tower's activations in the backward pass (less memory)."""
+    """timm / open_clip: recompute the tower's activations in the backward pass (less
+    memory, one more forward of the tower per step)."""
     freeze_bn: bool = False
     """cnn: keep BatchNorm statistics and affine parameters fixed (eval mode, no grad)."""
     dropout: float = _fraction(0.1)
@@ -185,8 +186,12 @@ class TextEncoderConfig:
     weights: str | None = None
     """open_clip: local CLIP checkpoint (.safetensors or weights-only torch file) holding the
     text tower; null = random init."""
+    grad_checkpointing: bool = False
+    """bert / open_clip: recompute the tower's activations in the backward pass."""
 
     def _conflict(self) -> tuple[str, str] | None:
+        if self.grad_checkpointing and self.name == "bigru":
+            return "grad_checkpointing", "the bigru text encoder has no checkpointing: use false"
         if self.vocab_path is not None and self.vocab_size is not None:
             return "vocab_size", (
                 "model.text.vocab_path is set too: the size comes from the vocabulary file, "

@@ -231,3 +231,80 @@ def test_vit_setheads_recipe_builds_with_the_clip_preprocessing(
     out = capsys.readouterr().out
     assert "OpenClipImageEncoder" in out and "OpenClipTextEncoder" in out
     assert out.count("first 1000000 epoch(s)") == 2  # both towers frozen
+
+
+@pytest.mark.parametrize("tower", ["timm", "open_clip_image", "bert", "open_clip_text"])
+def test_gradient_checkpointing_recomputes_and_changes_no_gradient(
+    tmp_path: Path, tower: str
+) -> None:
+    """With `grad_checkpointing` the tower's first block starts a forward again in the backward
+    pass (it is really on), and the loss and every gradient equal those without it."""
+    side = "text" if tower in ("bert", "open_clip_text") else "image"
+    extra = []
+    if tower == "timm":
+        extra = ["model.image.name=timm", "model.image.arch=vit_tiny_patch16_224"]
+    elif tower == "open_clip_image":
+        pytest.importorskip("open_clip")
+        register_tiny_clip(tmp_path, "setdiv-ckpt-vit")
+        extra = ["model.image.name=open_clip", "model.image.arch=setdiv-ckpt-vit"]
+    elif tower == "open_clip_text":
+        pytest.importorskip("open_clip")
+        register_tiny_clip(tmp_path, "setdiv-ckpt-txt", text_layers=2)
+        extra = ["model.text.name=open_clip", "model.text.arch=setdiv-ckpt-txt",
+                 "model.text.vocab_size=null", "data.word_dropout=0"]  # fmt: skip
+    else:
+        from transformers import BertConfig, BertModel
+
+        BertModel(
+            BertConfig(
+                vocab_size=50,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+            )  # fmt: skip
+        ).save_pretrained(tmp_path / "bert")
+        extra = ["model.text.name=bert", f"model.text.bert_path={tmp_path / 'bert'}",
+                 "model.text.vocab_size=null"]  # fmt: skip
+    ids = torch.randint(5, 50, (2, 9))
+    images = torch.randn(2, 3, 224 if tower == "timm" else 32, 224 if tower == "timm" else 32)
+
+    def run(ckpt: bool) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        cfg = config_lib.load(
+            [ROOT / "configs/demo.yaml"],
+            ["model.embed_dim=32", "model.image.dropout=0", "model.text.dropout=0",
+             *extra, f"model.{side}.grad_checkpointing={ckpt}"],
+        )  # fmt: skip
+        model = build_model(cfg.model).train()
+        enc = model.text_encoder if side == "text" else model.image_encoder
+        backbone = enc.backbone
+        first = {
+            "timm": lambda: backbone.blocks[0],
+            "open_clip_image": lambda: backbone.transformer.resblocks[0],
+            "bert": lambda: backbone.encoder.layer[0].attention,  # (recomputed below __call__)
+            "open_clip_text": lambda: backbone.transformer.resblocks[0],
+        }[tower]()
+        calls = []
+        first.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute stops early
+        if side == "text":
+            out = model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))
+        else:
+            out = model.encode_image(images)
+        loss = out.embeds.square().mul(torch.arange(out.embeds.numel()).view_as(out.embeds)).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+        return len(calls), loss.detach(), grads
+
+    plain_calls, plain_loss, plain_grads = run(False)
+    ckpt_calls, ckpt_loss, ckpt_grads = run(True)
+    assert (plain_calls, ckpt_calls) == (1, 2)
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert plain_grads and plain_grads.keys() == ckpt_grads.keys()
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_bigru_encoder_refuses_checkpointing_naming_the_key() -> None:
+    with pytest.raises(UserError, match="model.text.grad_checkpointing"):
+        config_lib.load([ROOT / "configs/demo.yaml"], ["model.text.grad_checkpointing=true"])

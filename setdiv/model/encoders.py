@@ -297,6 +297,9 @@ class HFTextEncoder(nn.Module):
                 )
             # pretrained=False: the architecture only; the caller loads a full state dict.
             self.backbone = _hf_encoder(hf_cfg, cfg.bert_path if pretrained else None)
+        if cfg.grad_checkpointing:
+            enable = getattr(self.backbone, "activation_checkpointing_enable", None)
+            (enable or self.backbone.gradient_checkpointing_enable)({"use_reentrant": False})
         self.proj = nn.Linear(self.backbone.config.hidden_size, dim)
         self.pool = cfg.bert_global
         self.local_dim = dim

@@ -286,6 +286,7 @@ class OpenClipTextEncoder(nn.Module):
                     f"text tower: missing {missing[:5]}"
                 )
             self.backbone.load_state_dict(state)
+        self.backbone.transformer.grad_checkpointing = cfg.grad_checkpointing
         width = self.backbone.transformer.width
         self.proj = nn.Linear(width, dim)
         self.local_dim = dim
