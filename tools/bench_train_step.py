@@ -1,18 +1,25 @@
-"""Training throughput of the paper-size ROI + bi-GRU setting, split into data, forward,
-loss, backward and optimizer step.
+"""Training throughput of one recipe, split into forward, loss, backward and optimizer step.
 
-Paper size: 200 images x 36 BUTD regions (2048-d), 1000 captions, K = L = 4, T = 4, D = 1024,
-smooth-Chamfer + triplet + MMD + diversity, AdamW. Data: the training reader (2 workers) on
-BUTD-sized shards it writes to a temp dir. Also compares setdiv's block-wise log-sum-exp
-smooth-Chamfer + loss with the official formulation (whole element matrix, raw exp / sum /
-log) measured in the same run.
+`--recipe roi_bigru` (default), the paper size: 200 images x 36 BUTD regions (2048-d), 1000
+captions, K = L = 4, T = 4, D = 1024, smooth-Chamfer + triplet + MMD + diversity, AdamW. Data:
+the training reader (2 workers) on BUTD-sized shards it writes to a temp dir (CPU only).
 
-    python tools/bench_train_step.py [--reps 3] [--images 200] [--device cuda --precision bf16]
+`--recipe vit_setheads`: configs/vit_setheads.yaml, K=4 set heads over a frozen open_clip
+ViT-B/16 image tower and its text tower (random weights: speed does not depend on them), one
+224 px image and one CLIP-tokenised caption (<= 32 tokens) per pair, the towers frozen as
+the recipe freezes them.
+
+Both compare setdiv's block-wise log-sum-exp smooth-Chamfer + loss with the official
+formulation (whole element matrix, raw exp / sum / log) measured in the same run.
+
+    python tools/bench_train_step.py [--recipe vit_setheads] [--reps 3] [--images 200] \
+        [--device cuda --precision bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import statistics
 import sys
@@ -31,7 +38,7 @@ from setdiv.losses import build_loss
 from setdiv.model import build_model
 from setdiv.model.set_modules import SetOutput
 from setdiv.similarity import build_similarity
-from setdiv.train.optim import build_optimizer
+from setdiv.train.optim import build_optimizer, group_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_reader import write_region_shards  # noqa: E402
@@ -71,6 +78,16 @@ def make_batch(n_images: int, vocab: int, gen: torch.Generator) -> tuple[torch.T
     return regions, ids.masked_fill(~mask, 0), mask
 
 
+def clip_captions(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 32) CLIP-style ids (start, 8-30 words, end-of-text, padding) and their mask."""
+    lengths = torch.randint(10, 33, (n,), generator=gen)
+    ids = torch.randint(1, 49406, (n, int(lengths.max())), generator=gen)
+    ids[:, 0] = 49406  # <start_of_text>
+    ids[torch.arange(n), lengths - 1] = 49407  # <end_of_text>
+    mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    return ids.masked_fill(~mask, 0), mask
+
+
 def data_seconds_per_batch(n_images: int, reps: int) -> float:
     """Seconds per batch of the training reader (2 workers) on BUTD-sized region shards."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +105,7 @@ def data_seconds_per_batch(n_images: int, reps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=("roi_bigru", "vit_setheads"), default="roi_bigru")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,22 +114,42 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
-    cfg = config_lib.load(
-        ["configs/roi_bigru.yaml"],
-        ["model.text.vocab_path=null", "model.text.vocab_size=11354", "model.text.glove_path=null"],
-    )
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device, dtype).train()
+    gen = torch.Generator().manual_seed(0)
+    n = args.images
+    if args.recipe == "roi_bigru":
+        cfg = config_lib.load(
+            ["configs/roi_bigru.yaml"],
+            [
+                "model.text.vocab_path=null",
+                "model.text.vocab_size=11354",
+                "model.text.glove_path=null",
+            ],
+        )
+        model = build_model(cfg.model).to(device, dtype).train()
+        regions, ids, mask = (t.to(device) for t in make_batch(n, 11354, gen))
+        images = regions.to(dtype)
+        shape = f"{n} images x 36 regions, {5 * n} captions (<= {ids.shape[1]} tokens)"
+    else:
+        logging.getLogger("setdiv").setLevel(logging.ERROR)  # (random towers: no warning)
+        cfg = config_lib.load(["configs/vit_setheads.yaml"], [])
+        model = build_model(cfg.model).to(device, dtype).train()
+        groups = group_parameters(model)
+        for name in cfg.optim.freeze_groups:  # the recipe's frozen towers
+            for p in groups[name]:
+                p.requires_grad_(False)
+        images = torch.randn(n, 3, 224, 224, generator=gen).to(device, dtype)
+        ids, mask = clip_captions(n, gen)
+        ids, mask = ids.to(device), mask.to(device)
+        shape = f"{n} images 224 px, {n} captions (<= {ids.shape[1]} CLIP tokens)"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = build_loss(cfg.loss, build_similarity(cfg.similarity))
     official_loss = build_loss(cfg.loss, official_smooth_chamfer)
-    regions, ids, mask = (
-        t.to(device) for t in make_batch(args.images, 11354, torch.Generator().manual_seed(0))
-    )
-    regions = regions.to(dtype)
 
     def forward() -> tuple[SetOutput, SetOutput]:
-        return model(regions, None, ids, mask)
+        return model(images, None, ids, mask)
 
     holder: dict[str, object] = {}
 
@@ -149,17 +187,18 @@ def main() -> None:
     t_sl = timed(sim_loss(loss_fn), args.reps, device)
     t_sl_official = timed(sim_loss(official_loss), args.reps, device)
     t_data = (
-        data_seconds_per_batch(args.images, args.reps) if device.type == "cpu" else float("nan")
+        data_seconds_per_batch(n, args.reps)
+        if device.type == "cpu" and args.recipe == "roi_bigru"
+        else float("nan")
     )
-
-    n = args.images
+    K, L = cfg.model.image_set.num_embeds, cfg.model.text_set.num_embeds
     print(
         f"device {device} ({platform.processor() or platform.machine()}), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.precision}"
     )
     print(
-        f"batch: {n} images x 36 regions, {5 * n} captions (<= {ids.shape[1]} tokens), "
-        "K=L=4, T=4, D=1024"
+        f"recipe {args.recipe}, batch: {shape}, K={K} L={L}, D={cfg.model.embed_dim}; "
+        f"parameters: {trainable / 1e6:.1f}M trained, {frozen / 1e6:.1f}M frozen"
     )
     print(f"training step (fwd+loss+bwd+AdamW)  {t_step:8.3f} s   {n / t_step:8.1f} images/s")
     for name, t in (
@@ -169,10 +208,11 @@ def main() -> None:
         ("optimizer (clip + AdamW)", t_opt),
     ):
         print(f"  {name:<32}{t:8.3f} s   {100 * t / t_step:5.1f}%")
-    print(
-        f"data: reader, 2 workers, per batch  {t_data:8.3f} s   "
-        f"({n / t_data:.0f} images/s; overlaps compute)"
-    )
+    if t_data == t_data:  # (measured: CPU, roi_bigru)
+        print(
+            f"data: reader, 2 workers, per batch  {t_data:8.3f} s   "
+            f"({n / t_data:.0f} images/s; overlaps compute)"
+        )
     print(
         f"similarity+loss fwd+bwd: setdiv {t_sl:.3f} s, official {t_sl_official:.3f} s, "
         f"setdiv/official = {t_sl / t_sl_official:.2f}x"

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# One-shot GPU smoke check of setdiv on a machine that has torch + CUDA but not setdiv's other
+# One-shot GPU check of setdiv on a machine that has torch + CUDA but not setdiv's other
 # dependencies: installs the wheels tools/gpu_wheels.sh put in .whl/ (no index, no network) into $SITE, then
-#   a. the model-math unit tests (tests/test_{similarity,losses,model,metrics,optim}.py)
+#   a. the tests marked `cuda` (tests/test_cuda.py: the model math and every tower family on
+#      the device against CPU references) and the model-math / tower unit tests
 #   b. tools/bench_similarity.py on CUDA (COCO 5K x 25K shape)
-#   c. tools/bench_train_step.py on CUDA, bf16
+#   c. tools/bench_train_step.py on CUDA, bf16: the paper's ROI + bi-GRU recipe
+#   e. tools/bench_train_step.py --recipe vit_setheads on CUDA, bf16 (frozen ViT-B/16 towers)
 #   d. synthetic shards -> `setdiv train` (DeepSpeed, CUDA accelerator, bf16, 2 epochs) ->
 #      `setdiv export` -> `setdiv eval` on CUDA
-# Every step runs under `timeout`, logs into $OUT/ (6 files: env.log, a_pytest.log,
-# b_bench_similarity.log, c_bench_train_step.log, d_train_eval.log, summary.txt); a failed step
-# does not stop the next. Run from the repository root:  bash tools/gpu_check.sh
-# Worst case (every cap hit) about 7.5 minutes (caps 90+90+90+150 s); expected 2-4 minutes on one H200.
-# Local dry run on a CPU machine (same commands, CPU device):
-#   PY=/path/to/python DEVICE=cpu DS_ACC=cpu OUT=/tmp/gc_out SITE=/tmp/gc_site bash tools/gpu_check.sh
+# Every step runs under `timeout`, logs into $OUT/ (env.log, a_pytest.log, b_bench_similarity.log,
+# c_bench_train_step.log, e_bench_vit_step.log, d_train_eval.log, summary.txt, table.md); a
+# failed step does not stop the next. The summary ends with one Markdown table for
+# BENCHMARKS.md (table.md). Run from the repository root:  bash tools/gpu_check.sh
+# Worst case (every cap hit) 7 minutes of steps (caps 90+60+60+90+120 s) plus the install;
+# expected 2-4 minutes on one H200.
+# Local dry run on a CPU machine (same commands, CPU device, the venv's own packages: the .whl/
+# wheels are for the GPU machine's CPython 3.12):
+#   PY=.venv/bin/python DEVICE=cpu DS_ACC=cpu WHEELS=0 OUT=/tmp/gc_out bash tools/gpu_check.sh
 set -u
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +28,12 @@ OUT=${OUT:-/tmp/gpu_check_out}
 SITE=${SITE:-/tmp/site}
 WORK=${WORK:-/tmp/setdiv_gpu_check}
 CAP_A=${CAP_A:-90}
-CAP_B=${CAP_B:-90}
-CAP_C=${CAP_C:-90}
-CAP_D=${CAP_D:-150}
-STEPS=${STEPS:-abcd}  # which of the steps a-d to run (e.g. STEPS=d)
+CAP_B=${CAP_B:-60}
+CAP_C=${CAP_C:-60}
+CAP_E=${CAP_E:-90}
+CAP_D=${CAP_D:-120}
+WHEELS=${WHEELS:-1}  # 0: install nothing (a dry run with a complete environment)
+STEPS=${STEPS:-abced}  # which of the steps to run (e.g. STEPS=d)
 want() { [[ "$STEPS" == *"$1"* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -45,6 +52,7 @@ t0=$SECONDS
     echo "=== $(date -u) host $(uname -n) repo $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
     nvidia-smi || echo "nvidia-smi FAILED rc=$?"
     rm -rf "$SITE"
+    if [ "$WHEELS" = 0 ]; then echo "WHEELS=0: no wheels installed"; exit 0; fi
     install_wheels() {  # pip, or where pip fails, unzip: a wheel is a zip of its site-packages tree
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$SITE" "$@" && return 0
@@ -90,7 +98,8 @@ if torch.cuda.is_available():
           f"bf16 {torch.cuda.is_bf16_supported()}, nccl {torch.cuda.nccl.version()}")
 import importlib
 for name in ("deepspeed", "pydantic", "omegaconf", "webdataset", "braceexpand", "nltk",
-             "eccv_caption", "faiss", "transformers", "torchvision", "numpy", "typing_extensions"):
+             "eccv_caption", "faiss", "transformers", "torchvision", "numpy", "typing_extensions",
+             "timm", "open_clip", "safetensors", "ftfy"):
     try:
         m = importlib.import_module(name)
         print(f"  {name:<18} {getattr(m, '__version__', '?'):<12} {m.__file__}")
@@ -106,9 +115,11 @@ EOF
 if want a; then
 t0=$SECONDS
 echo "=== a. pytest (cap ${CAP_A}s)"
-timeout -k 10 "$CAP_A" "$PY" -m pytest -q -x --timeout=120 -p no:cacheprovider \
-    tests/test_similarity.py tests/test_losses.py tests/test_model.py tests/test_metrics.py \
-    tests/test_optim.py 2>&1 | tee "$OUT/a_pytest.log"
+# CPU dry run: the `cuda` tests on the CPU (SETDIV_TEST_DEVICE=cpu), which otherwise skip.
+[ "$DEVICE" = cuda ] || export SETDIV_TEST_DEVICE=cpu
+timeout -k 10 "$CAP_A" "$PY" -m pytest -q --timeout=120 -p no:cacheprovider \
+    tests/test_cuda.py tests/test_similarity.py tests/test_losses.py tests/test_model.py \
+    tests/test_towers.py tests/test_metrics.py tests/test_optim.py 2>&1 | tee "$OUT/a_pytest.log"
 rc=$?
 [ "$rc" -eq 0 ] || printf "\nSTEP a FAILED rc=%s\n" "$rc" | tee -a "$OUT/a_pytest.log"
 record a_pytest "$rc" $((SECONDS - t0))
@@ -137,6 +148,18 @@ timeout -k 10 "$CAP_C" "$PY" tools/bench_train_step.py --device "$DEVICE" --prec
 rc=$?
 [ "$rc" -eq 0 ] || printf "\nSTEP c FAILED rc=%s\n" "$rc" | tee -a "$OUT/c_bench_train_step.log"
 record c_bench_train_step "$rc" $((SECONDS - t0))
+fi
+
+# ---------------------------------------------------------------- e. ViT recipe step benchmark
+if want e; then
+t0=$SECONDS
+echo "=== e. bench_train_step --recipe vit_setheads bf16 (cap ${CAP_E}s)"
+if [ "$DEVICE" = cuda ]; then E_ARGS=(--images 256); else E_ARGS=(--images 2 --reps 1); fi
+timeout -k 10 "$CAP_E" "$PY" tools/bench_train_step.py --recipe vit_setheads --device "$DEVICE" \
+    --precision bf16 "${E_ARGS[@]}" 2>&1 | tee "$OUT/e_bench_vit_step.log"
+rc=$?
+[ "$rc" -eq 0 ] || printf "\nSTEP e FAILED rc=%s\n" "$rc" | tee -a "$OUT/e_bench_vit_step.log"
+record e_bench_vit_step "$rc" $((SECONDS - t0))
 fi
 
 # ---------------------------------------------------------------- d. train / export / eval
@@ -196,8 +219,6 @@ fi
 {
     echo "=== summary ($((SECONDS - T_ALL)) s in all; device $DEVICE, DS_ACCELERATOR $DS_ACC for d)"
     for line in "${SUMMARY[@]}"; do echo "$line"; done
-    grep -hE "passed|failed|error" "$OUT/a_pytest.log" 2>/dev/null | tail -n 2
-    grep -hE "^(smooth_chamfer|bare|at )" "$OUT/b_bench_similarity.log" 2>/dev/null
-    grep -hE "^training step|similarity\+loss" "$OUT/c_bench_train_step.log" 2>/dev/null
     grep -hE "Guessing device|ProcessGroupNCCL|Traceback" "$OUT/d_train_eval.log" 2>/dev/null
+    "$PY" tools/gpu_check_table.py "$OUT" | tee "$OUT/table.md"
 } 2>&1 | tee "$OUT/summary.txt"
