@@ -8,7 +8,9 @@ one of its choices fails at merge; a number outside its field's range (see `_pos
 config is written next to a run with `save` and read back identically with `load`.
 
 Registry names (`similarity.name`, `model.*.name`, `model.text.tokenizer`) are `Literal` types
-built from the registries themselves, which import this module for type hints only.
+spelled out here, so that loading a config imports no torch (launchers, sweep drivers, `--help`);
+tests/test_config.py checks them against the registries. This module imports nothing from
+setdiv but `setdiv.errors` (which imports nothing).
 
 This module is the only reader of YAML and of override strings in setdiv.
 """
@@ -24,11 +26,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from setdiv.data.vocab import TOKENIZERS
 from setdiv.errors import UserError
-from setdiv.model.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from setdiv.model.set_modules import SET_MODULES
-from setdiv.similarity import SIMILARITIES
 
 __all__ = [
     "Config",
@@ -58,14 +56,20 @@ class ConfigError(UserError):
 
 
 # --- choices: a value outside them fails at merge (OmegaConf checks Literal types) -------------
-# The registry names are read from the registries (a runtime Literal: one list of names, the
-# registry's keys). Values stay plain `str`, so `cfg.name == "slot"` and YAML round trips hold.
+# The registries' names, spelled out (tests/test_config.py checks each against its registry:
+# a name registered there and not here fails that test). Values stay plain `str`, so
+# `cfg.name == "slot"` and YAML round trips hold.
 
-SimilarityName = Literal[tuple(SIMILARITIES)]
-SetModuleName = Literal[tuple(SET_MODULES)]
-ImageEncoderName = Literal[tuple(IMAGE_ENCODERS)]
-TextEncoderName = Literal[tuple(TEXT_ENCODERS)]
-TokenizerName = Literal[TOKENIZERS]
+SimilarityName = Literal["smooth_chamfer", "chamfer", "mil", "match_prob"]
+"""`setdiv.similarity.SIMILARITIES`."""
+SetModuleName = Literal["slot", "transformer", "pienet"]
+"""`setdiv.model.set_modules.SET_MODULES`."""
+ImageEncoderName = Literal["region", "resnet152", "resnext101_32x8d", "timm", "open_clip"]
+"""`setdiv.model.encoders.IMAGE_ENCODERS`."""
+TextEncoderName = Literal["bigru", "bert", "open_clip"]
+"""`setdiv.model.encoders.TEXT_ENCODERS`."""
+TokenizerName = Literal["nltk", "regex"]
+"""`setdiv.data.vocab.TOKENIZERS`."""
 Protocol = Literal["coco", "f30k", "web"]
 """coco: 5K + 1K folds (+ ECCV/CxC); f30k: 1K; web: whole-set recalls, any caption count."""
 """Evaluation protocols: COCO 5K / 1K folds, Flickr30K 1K."""

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from setdiv import config as config_lib
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_configs_exist() -> None:
@@ -213,3 +214,47 @@ def test_config_errors_are_user_errors() -> None:
 
     assert issubclass(config_lib.ConfigError, UserError)
     assert config_lib.ConfigError("x").exit_code == 2
+
+
+def test_the_configs_registry_names_are_the_registries() -> None:
+    """The config spells the registries' names out (so it imports no torch): the same names,
+    in the same order, as the registries the models and tokenizers are built from."""
+    from typing import get_args
+
+    from setdiv.data.vocab import TOKENIZERS
+    from setdiv.model.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+    from setdiv.model.set_modules import SET_MODULES
+    from setdiv.similarity import SIMILARITIES
+
+    assert get_args(config_lib.SimilarityName) == tuple(SIMILARITIES)
+    assert get_args(config_lib.SetModuleName) == tuple(SET_MODULES)
+    assert get_args(config_lib.ImageEncoderName) == tuple(IMAGE_ENCODERS)
+    assert get_args(config_lib.TextEncoderName) == tuple(TEXT_ENCODERS)
+    assert get_args(config_lib.TokenizerName) == tuple(TOKENIZERS)
+
+
+def test_loading_a_config_imports_no_torch_and_no_other_setdiv_module() -> None:
+    """`python -X importtime`: importing setdiv.config and loading every shipped config loads
+    neither torch nor numpy, and no setdiv module but setdiv.errors (which imports nothing)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import glob, setdiv.config as c\n"
+        "for f in sorted(glob.glob('configs/*.yaml')): c.load([f])\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in r.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "omegaconf" in modules  # (the parse found the import lines)
+    assert not {m for m in modules if m.split(".")[0] in ("torch", "numpy", "nltk")}
+    assert {m for m in modules if m.split(".")[0] == "setdiv"} == {
+        "setdiv", "setdiv.config", "setdiv.errors",
+    }  # fmt: skip
