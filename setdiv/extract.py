@@ -36,6 +36,7 @@ from setdiv.data.reader import EvalReader
 from setdiv.data.samples import sample_options
 from setdiv.data.shards import ShardIndex, ShardInfo, ShardSet, sha256_file
 from setdiv.data.text import build_tokenizer
+from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError
 
 __all__ = ["add_arguments", "extract_shards", "run", "write_indexes"]
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the training config (its image tower and preprocessing)")
     p.add_argument("--data", required=True, help="shards to extract (brace pattern / glob)")
     p.add_argument("--out", required=True, help="the feature cache directory")
-    p.add_argument("--nproc", type=int, default=1, help="processes splitting the shards")
+    add_nproc_argument(p, "processes splitting the shards")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -102,8 +103,8 @@ def test_info_lists_param_groups_with_lr_and_freezing(capsys: pytest.CaptureFixt
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["train", "configs/demo.yaml", "--run-dir", "R", "--nproc-per-node", "0"],
-         "--nproc-per-node must be >= 1, got 0"),
+        (["train", "configs/demo.yaml", "--run-dir", "R", "--nproc", "0"],
+         "--nproc must be >= 1, got 0"),
         (["train", "configs/demo.yaml", "--run-dir", "R", "model.image.name=vgg"],
          "'model.image.name': 'vgg' is not one of"),
         (["train", "configs/demo.yaml", "--run-dir", "R", "optim.lr=nan"],
@@ -190,3 +191,59 @@ def test_a_user_error_on_rank_zero_of_a_2_process_job_keeps_its_class() -> None:
     with pytest.raises(UserError, match="the run directory is taken") as raised:
         spawn_local(_user_error_on_rank_zero, 2)
     assert cli.user_exit_code(raised.value) == 2
+
+
+def _rank_count_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every CLI that takes a rank count: setdiv's subcommands and the cluster scripts."""
+    from setdiv_cluster import ensemble, sweep
+
+    top = cli.build_parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    index_subs = next(
+        a for a in subs["index"]._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    return {
+        "setdiv train": subs["train"],
+        "setdiv eval": subs["eval"],
+        "setdiv extract": subs["extract"],
+        "setdiv index build": index_subs["build"],
+        "cluster/sweep.py": sweep.build_parser(),
+        "cluster/ensemble.py": ensemble.build_parser(),
+    }
+
+
+def test_one_rank_count_flag_everywhere_old_spellings_warn() -> None:
+    """`--nproc N` in every CLI that starts ranks; the old spellings still set it, with a
+    FutureWarning naming `--nproc`, and `--help` shows only the new one."""
+    old = {
+        "setdiv train": "--nproc-per-node",
+        "cluster/sweep.py": "--nproc-per-trial",
+        "cluster/ensemble.py": "--nproc-per-run",
+    }
+    for name, parser in _rank_count_parsers().items():
+        flags = {s for a in parser._actions for s in a.option_strings if "nproc" in s}
+        assert flags == {"--nproc", *([old[name]] if name in old else [])}, name
+        nproc = next(a for a in parser._actions if "--nproc" in a.option_strings)
+        assert nproc.default == 1 and nproc.dest == "nproc", name
+        assert "--nproc N" in parser.format_help(), name
+        assert "nproc-per" not in parser.format_help(), name
+        if name in old:
+            ns = argparse.Namespace()
+            with pytest.warns(FutureWarning, match=f"{old[name]} is deprecated.*use --nproc"):
+                parser._option_string_actions[old[name]](parser, ns, 3, old[name])
+            assert ns.nproc == 3
+    with pytest.warns(FutureWarning, match="--nproc-per-node is deprecated"):
+        args = cli.parse_args(
+            ["train", "configs/demo.yaml", "--run-dir", "R", "--nproc-per-node", "2"]
+        )
+    assert args.nproc == 2
+
+
+def test_run_ranks_runs_in_process_for_one_and_refuses_zero() -> None:
+    from setdiv.distributed import run_ranks
+
+    seen: list[tuple] = []
+    run_ranks(lambda *a: seen.append(a), 1, "x", 2)
+    assert seen == [("x", 2)]
+    with pytest.raises(UserError, match="--nproc must be >= 1, got 0"):
+        run_ranks(lambda: None, 0)

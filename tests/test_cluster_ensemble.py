@@ -92,7 +92,7 @@ def test_two_seed_ensemble_through_ray_then_local(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [["--max-failures", "-1"], ["--nproc-per-run", "0"], ["--gpus-per-run", "-2"]]
+    "bad", [["--max-failures", "-1"], ["--nproc", "0"], ["--gpus-per-run", "-2"]]
 )
 def test_bad_counts_fail_before_anything_starts(bad: list[str], tmp_path: Path) -> None:
     r = subprocess.run(

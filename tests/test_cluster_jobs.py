@@ -22,7 +22,7 @@ from run_helpers import (
     write_data,
 )
 
-from cluster.jobs import child_env, run_child
+from setdiv_cluster.jobs import child_env, run_child
 
 FAMILY = [  # a leader that starts a grandchild, as `setdiv train` starts ranks and workers
     sys.executable,
@@ -60,12 +60,12 @@ def test_training_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "setdiv.cli", "train", str(ROOT / "configs/demo.yaml"),
-        *tiny_overrides(data, epochs=200), "--run-dir", str(run), "--nproc-per-node", "2",
+        *tiny_overrides(data, epochs=200), "--run-dir", str(run), "--nproc", "2",
     ]  # fmt: skip
     script = (
         "import sys, json\n"
         "from pathlib import Path\n"
-        "from cluster.jobs import child_env, run_child\n"
+        "from setdiv_cluster.jobs import child_env, run_child\n"
         "run_child(json.loads(sys.argv[1]), Path(sys.argv[2]), child_env(), "
         "record=Path(sys.argv[3]))\n"
     )

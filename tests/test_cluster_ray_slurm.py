@@ -31,7 +31,7 @@ def stand_ins(bin_dir: Path, log: Path) -> None:
         ),
         "python": (  # the driver; `python -c` (the token generator) goes to the real one
             f'if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
-            # `-m cluster.ray_cluster wait`: returns once every worker's `ray start` ran
+            # `-m setdiv_cluster.ray_cluster wait`: returns once every worker's `ray start` ran
             'if [ "$1" = -m ]; then\n'
             f'  for _ in $(seq 600); do [ "$(grep -c "ray start" {log})" -ge 3 ] && break; '
             "sleep 0.1; done\n"

@@ -100,10 +100,10 @@ def logs(run_dir: Path, job_id: str) -> str:
 
 
 def reference(tmp: Path, overrides: list[str]) -> dict[int, float]:
-    """The same training as `setdiv train --nproc-per-node 2`, losses by step."""
+    """The same training as `setdiv train --nproc 2`, losses by step."""
     r = subprocess.run(
         [sys.executable, "-m", "setdiv.cli", "train", "configs/demo.yaml", *overrides,
-         "--run-dir", str(tmp), "--nproc-per-node", "2"],
+         "--run-dir", str(tmp), "--nproc", "2"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=CLEAN_ENV,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

@@ -23,8 +23,8 @@ from run_helpers import (
     write_data,
 )
 
-from cluster.jobs import TrainJob
 from setdiv import config as config_lib
+from setdiv_cluster.jobs import TrainJob
 
 SUBMIT = str(ROOT / "cluster" / "submit.py")
 
@@ -166,7 +166,7 @@ def test_local_executor_preempted_job_requeues_and_resumes(data: Path, tmp_path:
     overrides = [*tiny_overrides(data, epochs=3), "train.ckpt_every=3"]
     ref = subprocess.run(
         [sys.executable, "-m", "setdiv.cli", "train", "configs/demo.yaml", *overrides]
-        + ["--run-dir", str(tmp_path / "ref"), "--nproc-per-node", "2"],
+        + ["--run-dir", str(tmp_path / "ref"), "--nproc", "2"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -26,8 +26,8 @@ from run_helpers import (
     write_data,
 )
 
-from cluster.sweep import parse_space
 from setdiv import config as config_lib
+from setdiv_cluster.sweep import parse_space
 
 SWEEP = [sys.executable, str(ROOT / "cluster" / "sweep.py")]
 
@@ -195,8 +195,8 @@ def test_nonfinite_validation_fails_the_trial_and_never_wins(tmp_path: Path) -> 
     RSUM 600) is failed by the trial before anything reaches Tune, and is never the best."""
     from types import SimpleNamespace
 
-    from cluster.sweep import _row, best_row
-    from cluster.trials import NONFINITE_MARK, NonFiniteTrialError, _Reporter
+    from setdiv_cluster.sweep import _row, best_row
+    from setdiv_cluster.trials import NONFINITE_MARK, NonFiniteTrialError, _Reporter
 
     runs = tmp_path / "runs"
     for name, scores in (("good", [100.0, 120.0]), ("nan", [150.0, float("nan")])):

@@ -512,12 +512,12 @@ def test_closing_an_epoch_shuts_its_workers_down_then_and_there(
 ) -> None:
     """An exception raised while the workers shut down (a requeue signal handler's
     SystemExit) must reach whoever closed the epoch, not be swallowed by a finaliser."""
-    from setdiv import distributed
+    from setdiv.data import workers as data_workers
 
     class RequeueError(Exception):
         pass
 
-    real_start = distributed.start_data_workers
+    real_start = data_workers.start_data_workers
 
     def start(loader: object) -> object:
         it = real_start(loader)
@@ -532,7 +532,7 @@ def test_closing_an_epoch_shuts_its_workers_down_then_and_there(
         it._shutdown_workers = shutdown_then_signal
         return it
 
-    monkeypatch.setattr(distributed, "start_data_workers", start)
+    monkeypatch.setattr(data_workers, "start_data_workers", start)
     make_synth(tmp_path, 40, 10)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)
     batches = TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=1).epoch(0)
@@ -549,7 +549,7 @@ def test_a_requeue_signal_in_a_worker_finaliser_reaches_the_epoch_closer(
     once they are done, and its exception reaches whoever closed the epoch."""
     import weakref
 
-    from setdiv import distributed
+    from setdiv.data import workers as data_workers
 
     class RequeueError(Exception):
         pass
@@ -557,14 +557,14 @@ def test_a_requeue_signal_in_a_worker_finaliser_reaches_the_epoch_closer(
     def requeue(_signum: int, _frame: object) -> None:
         raise RequeueError
 
-    real_start = distributed.start_data_workers
+    real_start = data_workers.start_data_workers
 
     def start(loader: object) -> object:
         workers = real_start(loader)
         weakref.finalize(workers, os.kill, os.getpid(), signal.SIGUSR2)  # signal in a finaliser
         return workers
 
-    monkeypatch.setattr(distributed, "start_data_workers", start)
+    monkeypatch.setattr(data_workers, "start_data_workers", start)
     make_synth(tmp_path, 40, 10)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)
     batches = TrainReader(f"{tmp_path}/train-*.tar", opts, 4, num_workers=1).epoch(0)

@@ -93,7 +93,7 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(data: Path, tmp_path: Path) -
         *base_args(data, *common, "data.batch_size=32", "data.num_workers=1"),
         "--run-dir",
         str(tmp_path / "two"),
-        "--nproc-per-node",
+        "--nproc",
         "2",
     )
     assert two.returncode == 0, two.stderr[-3000:]
@@ -160,7 +160,7 @@ def test_resume_over_corrupt_samples_reproduces_the_run(data: Path, tmp_path: Pa
         *base_args(data, *DETERMINISTIC, "data.shuffle_buffer=16", "train.epochs=2"),
         f"data.train_shards={shards}/train-*.tar",
         *("data.verify_checksums=false", "train.ckpt_every=3", "train.keep_last=10"),
-        *("data.batch_size=32", "data.num_workers=1", "--nproc-per-node", "2"),
+        *("data.batch_size=32", "data.num_workers=1", "--nproc", "2"),
     ]
     ref = setdiv("train", *args, "--run-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -191,7 +191,7 @@ def test_zero2_bf16_weights_two_processes_train(data: Path, tmp_path: Path) -> N
         ),
         "--run-dir",
         str(tmp_path / "z2"),
-        "--nproc-per-node",
+        "--nproc",
         "2",
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -217,7 +217,7 @@ def test_zero3_checkpoint_exports_and_evaluates(data: Path, tmp_path: Path) -> N
         ),
         "--run-dir",
         str(run),
-        "--nproc-per-node",
+        "--nproc",
         "2",
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -328,7 +328,7 @@ def test_clear_errors_before_any_work(data: Path, tmp_path: Path) -> None:
         *base_args(data, "data.num_workers=2"),
         "--run-dir",
         str(tmp_path / "b"),
-        "--nproc-per-node",
+        "--nproc",
         "4",
     )
     assert r.returncode != 0 and "4 shards for 4 ranks x 2 workers" in r.stderr
@@ -462,7 +462,7 @@ def test_run_dir_is_owned_and_a_killed_launcher_leaves_no_orphans(
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "setdiv.cli", "train", *args, "--run-dir", str(run),
-         "--nproc-per-node", "2"],
+         "--nproc", "2"],
         cwd=ROOT, env=CLEAN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
@@ -476,7 +476,7 @@ def test_run_dir_is_owned_and_a_killed_launcher_leaves_no_orphans(
         assert owner["pid"] in tree  # rank 0 owns the run
         assert len(tree) >= 4  # two ranks, a data worker each
         second = setdiv("train", *args, "--run-dir", str(run), "--resume", "latest",
-                        "--nproc-per-node", "2")  # fmt: skip
+                        "--nproc", "2")  # fmt: skip
         assert second.returncode == 2
         assert f"is being trained by pid {owner['pid']} on host" in second.stderr
         os.kill(proc.pid, signal.SIGKILL)  # the launcher only
@@ -494,7 +494,7 @@ def test_run_dir_is_owned_and_a_killed_launcher_leaves_no_orphans(
         ([], "already holds a run: pass --resume latest"),
         (["--resume", "latest", "model.embed_dim=32"], "model.embed_dim: 64 -> 32"),
     ]:
-        r = setdiv("train", *args, "--run-dir", str(run), "--nproc-per-node", "2", *extra)
+        r = setdiv("train", *args, "--run-dir", str(run), "--nproc", "2", *extra)
         assert r.returncode == 2 and expected in r.stderr, r.stderr[-3000:]
         errors = [x for x in r.stderr.splitlines() if "error" in x.lower()]
         assert errors == [next(x for x in errors if x.startswith("setdiv train: error:"))]

@@ -1,6 +1,6 @@
 """One Markdown table for BENCHMARKS.md from the logs `tools/gpu_check.sh` leaves in OUT.
 
-    python tools/gpu_check_table.py OUT
+python tools/gpu_check_table.py OUT
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ def _lines(path: Path, pattern: str) -> list[str]:
     if not path.is_file():
         return []
     text = path.read_text(errors="replace")
-    return [line.strip() for line in text.splitlines() if re.search(pattern, line)]
+    lines = (" ".join(line.split()) for line in text.splitlines())  # spaces collapsed
+    return [line for line in lines if re.search(pattern, line)]
 
 
 def _first(path: Path, pattern: str, missing: str = "not run") -> str:

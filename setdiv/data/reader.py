@@ -24,9 +24,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from setdiv import distributed
 from setdiv.config import DataConfig
 from setdiv.data import samples
+from setdiv.data import workers as data_workers
 from setdiv.data.samples import (
     Batch,
     SampleOptions,
@@ -265,16 +265,16 @@ class TrainReader:
             # resumed run's model dropout would drift from the uninterrupted run's.
             generator=torch.Generator().manual_seed(zlib.crc32(str(stream.key).encode())),
             prefetch_factor=4 if self.num_workers else None,
-            worker_init_fn=functools.partial(distributed.data_worker_init, rank_pid=os.getpid()),
+            worker_init_fn=functools.partial(data_workers.data_worker_init, rank_pid=os.getpid()),
         )
-        workers = distributed.start_data_workers(loader)
+        workers = data_workers.start_data_workers(loader)
         try:
             for chunk in workers:
                 yield from chunk
         finally:
             # Shut down and freed (their processes' finalisers run) with the job signals held
             # back: a requeue's SystemExit raised in a finaliser would be lost.
-            with distributed.deferred_job_signals():
+            with data_workers.deferred_job_signals():
                 getattr(workers, "_shutdown_workers", lambda: None)()  # (none with 0 workers)
                 del workers
 

@@ -20,8 +20,9 @@ from setdiv.distributed import (
     pick_device,
     process_group,
     rank_and_world,
-    spawn_local,
+    run_ranks,
 )
+from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import (
     STANDARD_SIZE,
@@ -50,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--data", required=True, help="test shards (brace pattern or glob)")
     p.add_argument("--protocol", choices=get_args(config_lib.Protocol), required=True)
-    p.add_argument("--nproc", type=int, default=1, help="local processes sharing the image rows")
+    add_nproc_argument(p, "local processes sharing the image rows")
     p.add_argument(
         "--out",
         default=None,
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything that can be checked before any work -- overrides, export, shards and
     their checksums, the output directory -- then evaluate on 1 or `--nproc` processes."""
     if args.nproc < 1:
-        raise UserError("--nproc must be >= 1")
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     for item in args.overrides:
         if not item.startswith(EVAL_OVERRIDABLE):
             raise config_lib.ConfigError(
@@ -214,8 +215,5 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create the output directory: {exc}") from None
     args.out = str(out)
-    if args.nproc == 1:  # a lone process, or one rank of a job torchrun / srun started
-        _worker(args)
-    else:
-        spawn_local(_worker, args.nproc, args)
+    run_ranks(_worker, args.nproc, args)
     return 0

@@ -21,8 +21,9 @@ from setdiv.distributed import (
     pick_device,
     process_group,
     rank_and_world,
-    spawn_local,
+    run_ranks,
 )
+from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode
 from setdiv.export import ExportedModel, load_exported
@@ -50,7 +51,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp16", action="store_true", default=None, help="store the element matrix in fp16"
     )
-    p.add_argument("--nproc", type=int, default=1, help="local processes encoding the gallery")
+    add_nproc_argument(p, "local processes encoding the gallery")
 
 
 SPEC_OPTIONS = ("kind", "nlist", "m", "codec", "nprobe", "ef_search")
@@ -188,13 +189,10 @@ def _worker(args: argparse.Namespace) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Check the export, shards and index spec before any encoding, then build."""
     if args.nproc < 1:
-        raise UserError("--nproc must be >= 1")
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     _spec(args)
     shards = ShardSet.resolve(args.data)
     _check_existing(args, export_identity(args.export)[1], shards)
     shards.verify()
-    if args.nproc == 1:
-        _worker(args)
-    else:
-        spawn_local(_worker, args.nproc, args)
+    run_ranks(_worker, args.nproc, args)
     return 0

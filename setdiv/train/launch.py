@@ -16,9 +16,10 @@ from setdiv.distributed import (
     log_as_rank,
     on_all_ranks,
     process_group,
-    spawn_local,
+    run_ranks,
     stop_on_sigterm,
 )
+from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError
 from setdiv.model.towers import with_tower_preprocessing
 from setdiv.train import rundir
@@ -32,7 +33,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config (a delta over the defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4")
     p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints go")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="local ranks to spawn")
+    add_nproc_argument(p, "ranks to spawn on this machine", deprecated=["--nproc-per-node"])
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     p.add_argument(
         "--overwrite",
@@ -75,15 +76,12 @@ def train(
 
 def run_train(args: argparse.Namespace) -> int:
     config_lib.load([args.config], args.overrides)  # bad keys fail here, before any spawn
-    if args.nproc_per_node < 1:
-        raise UserError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     if args.resume is not None and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     job_args = (args.config, list(args.overrides), args.run_dir, args.resume, args.overwrite)
-    if args.nproc_per_node > 1:
-        spawn_local(train, args.nproc_per_node, *job_args)
-    else:  # a lone process, or one rank of a job torchrun / srun started
-        train(*job_args)
+    run_ranks(train, args.nproc, *job_args)
     return 0
 
 

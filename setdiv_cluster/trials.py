@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
+from setdiv_cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
 
 __all__ = [
     "NonFiniteTrialError",
@@ -74,7 +74,7 @@ class TrialSpec:
     ties: tuple[tuple[str, str], ...] = ()
     """(key, source): `key` takes the sampled value of `source`."""
     nproc: int = 1
-    """Local ranks per trial (`--nproc-per-node`)."""
+    """Local ranks per trial (`setdiv train --nproc`)."""
     threads: int = 1
     """OMP threads per rank."""
     epochs: int = 0
@@ -185,7 +185,7 @@ def run_training(
         str(run_dir),
         "--resume",
         "latest",
-        "--nproc-per-node",
+        "--nproc",
         str(spec.nproc),
     )
     code = run_child(

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import submitit
 
-from setdiv.distributed import die_with_parent
+from setdiv.distributed.jobs import JOB_VARIABLES, die_with_parent
 
 __all__ = [
     "ChildFailedError",
@@ -50,28 +50,19 @@ class ChildFailedError(RuntimeError):
 
 
 JOB_VARIABLE_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_", "TORCHELASTIC_")
-JOB_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
+INHERITED_JOB_VARIABLES = (*JOB_VARIABLES, "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 """What describes a running job, and what a new job must not inherit from the one it is
-started in (submitit's `clean_env` list, plus torchrun's). `SBATCH_*` would override the
-script's own `#SBATCH` lines."""
+started in: the variables `process_group` exports, plus torchrun's others (with the prefixes,
+submitit's `clean_env` list). `SBATCH_*` would override the script's own `#SBATCH` lines."""
 SITE_VARIABLES = ("SLURM_CONF", "SLURM_DEBUG_FLAGS")
 """Kept, although they start with SLURM_: where the site's Slurm configuration is (a site
 that points at it only through SLURM_CONF cannot submit without it)."""
 
 
 def is_job_variable(name: str) -> bool:
-    """Whether `name` describes the job this process runs in (see `JOB_VARIABLES`)."""
+    """Whether `name` describes the job this process runs in (`INHERITED_JOB_VARIABLES`)."""
     return name not in SITE_VARIABLES and (
-        name.startswith(JOB_VARIABLE_PREFIXES) or name in JOB_VARIABLES
+        name.startswith(JOB_VARIABLE_PREFIXES) or name in INHERITED_JOB_VARIABLES
     )
 
 
@@ -120,7 +111,7 @@ class TrainJob:
 
     def __call__(self) -> str:
         from setdiv.cli import user_exit_code
-        from setdiv.distributed import job_from_env, log_as_rank
+        from setdiv.distributed.jobs import job_from_env, log_as_rank
         from setdiv.train.launch import train
 
         job = self.started()
@@ -147,7 +138,7 @@ class TrainJob:
         resuming from the newest complete checkpoint. From here on this rank is leaving:
         the SIGTERM that Slurm sends the step when it requeues is expected, and must not kill
         submitit's `scontrol requeue` child before it is done."""
-        from setdiv.distributed import leaving
+        from setdiv.distributed.group import leaving
 
         leaving("requeued by the time limit / preemption signal")
         return submitit.helpers.DelayedSubmission(self.restarted())
