@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
-
-from torch import nn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, get_args
 
 from setdiv import config as config_lib
 from setdiv.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["build_parser", "group_summary", "main", "model_summary", "parse_args", "user_exit_code"]
 
@@ -106,8 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run.run(args)
 
 
-def _add_info(sub: argparse._SubParsersAction) -> None:
-    info = sub.add_parser("info", help="build the model of a config and print its structure")
+def _info_arguments(info: argparse.ArgumentParser) -> None:
     info.add_argument("config", help="YAML config (a delta over the defaults)")
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.embed_dim=256")
     info.add_argument("--depth", type=int, default=2, help="module levels to list")
@@ -125,62 +126,65 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=cmd_info)
 
 
-def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+def _shards_arguments(shards: argparse.ArgumentParser) -> None:
     from setdiv.data import make_shards
 
-    shards = sub.add_parser("shards", help="convert a dataset into WebDataset shards")
     make_shards.add_arguments(shards)
     shards.set_defaults(func=cmd_shards)
 
-    from setdiv.data.vocab import TOKENIZERS
 
-    vc = sub.add_parser("vocab", help="build the bi-GRU vocabulary of training shards' captions")
+def _vocab_arguments(vc: argparse.ArgumentParser) -> None:
     vc.add_argument("--shards", required=True, help="training shards, e.g. 'train-*.tar'")
     vc.add_argument("--out", required=True, help="vocabulary JSON to write")
     vc.add_argument("--min-count", type=int, default=1, help="drop words seen fewer times")
     vc.add_argument(
         "--tokenizer",
-        choices=TOKENIZERS,
+        choices=get_args(config_lib.TokenizerName),
         default="nltk",
         help="caption tokenisation; must match model.text.tokenizer when training",
     )
     vc.set_defaults(func=cmd_vocab)
 
 
-def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+def _eval_arguments(ev: argparse.ArgumentParser) -> None:
     from setdiv.eval import run as eval_run
 
-    ev = sub.add_parser("eval", help="evaluate an exported model on test shards")
     eval_run.add_arguments(ev)
     ev.set_defaults(func=cmd_eval)
 
+
+def _train_arguments(tr: argparse.ArgumentParser) -> None:
     from setdiv.train import launch
 
-    tr = sub.add_parser("train", help="train through DeepSpeed")
     launch.add_train_arguments(tr)
     tr.set_defaults(func=launch.run_train)
-    ex = sub.add_parser("export", help="consolidated fp32 safetensors from a run's checkpoint")
+
+
+def _export_arguments(ex: argparse.ArgumentParser) -> None:
+    from setdiv.train import launch
+
     launch.add_export_arguments(ex)
     ex.set_defaults(func=launch.run_export)
 
+
+def _extract_arguments(xt: argparse.ArgumentParser) -> None:
     from setdiv import extract
 
-    xt = sub.add_parser("extract", help="cache a frozen image tower's token features of shards")
     extract.add_arguments(xt)
     xt.set_defaults(func=extract.run)
 
+
+def _demo_arguments(dm: argparse.ArgumentParser) -> None:
     from setdiv import demo
 
-    dm = sub.add_parser("demo", help="generate synthetic data, train K=4 and K=1, evaluate both")
     demo.add_arguments(dm)
     dm.set_defaults(func=demo.run)
 
 
-def _add_index_commands(sub: argparse._SubParsersAction) -> None:
+def _index_arguments(ix: argparse.ArgumentParser) -> None:
     from setdiv.index import build as index_build
     from setdiv.index import query as index_query
 
-    ix = sub.add_parser("index", help="search indexes over embedding sets: build, eval")
     ix_sub = ix.add_subparsers(dest="index_command", required=True)
     ixb = ix_sub.add_parser("build", help="encode a gallery and add it to an index")
     index_build.add_build_arguments(ixb)
@@ -188,24 +192,49 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     ixe = ix_sub.add_parser("eval", help="two-stage search against exact search on queries")
     index_query.add_eval_arguments(ixe)
     ixe.set_defaults(func=index_query.run_eval)
-    se = sub.add_parser("search", help="query an index (two-stage: ANN + exact set rerank)")
+
+
+def _search_arguments(se: argparse.ArgumentParser) -> None:
+    from setdiv.index import query as index_query
+
     index_query.add_search_arguments(se)
     se.set_defaults(func=index_query.run_search)
+
+
+def _serve_arguments(sv: argparse.ArgumentParser) -> None:
     from setdiv.index import serve as index_serve
 
-    sv = sub.add_parser("serve", help="an HTTP API (and a query page) over an index")
     index_serve.add_arguments(sv)
     sv.set_defaults(func=index_serve.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `setdiv` parser: one subcommand per library entry point."""
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "info": ("build the model of a config and print its structure", _info_arguments),
+    "shards": ("convert a dataset into WebDataset shards", _shards_arguments),
+    "vocab": ("build the bi-GRU vocabulary of training shards' captions", _vocab_arguments),
+    "eval": ("evaluate an exported model on test shards", _eval_arguments),
+    "train": ("train through DeepSpeed", _train_arguments),
+    "export": ("consolidated fp32 safetensors from a run's checkpoint", _export_arguments),
+    "extract": ("cache a frozen image tower's token features of shards", _extract_arguments),
+    "demo": ("generate synthetic data, train K=4 and K=1, evaluate both", _demo_arguments),
+    "index": ("search indexes over embedding sets: build, eval", _index_arguments),
+    "search": ("query an index (two-stage: ANN + exact set rerank)", _search_arguments),
+    "serve": ("an HTTP API (and a query page) over an index", _serve_arguments),
+}
+"""Subcommand -> (its help line, what adds its arguments). The arguments of a subcommand are
+added only when it is the one asked for: each imports its module (torch, for most), and
+`setdiv --help` imports none of them."""
+
+
+def build_parser(only: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `setdiv` parser: one subcommand per library entry point, with the arguments of
+    those in `only` (default: all of them)."""
     parser = argparse.ArgumentParser(prog="setdiv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_info(sub)
-    _add_data_commands(sub)
-    _add_run_commands(sub)
-    _add_index_commands(sub)
+    for name, (help_line, add_arguments) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_line)
+        if only is None or name in only:
+            add_arguments(command)
     return parser
 
 
@@ -214,7 +243,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parses the rest intermixed (`train CONFIG --run-dir D key=value` and `train CONFIG key=value
     --run-dir D` are the same), which argparse cannot do through subparsers."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(only=argv[:1])
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     command = sub.choices.get(argv[0]) if argv else None
     if command is not None and any(a.dest == "overrides" for a in command._actions):

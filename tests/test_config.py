@@ -256,5 +256,6 @@ def test_loading_a_config_imports_no_torch_and_no_other_setdiv_module() -> None:
     assert "omegaconf" in modules  # (the parse found the import lines)
     assert not {m for m in modules if m.split(".")[0] in ("torch", "numpy", "nltk")}
     assert {m for m in modules if m.split(".")[0] == "setdiv"} == {
-        "setdiv", "setdiv.config", "setdiv.errors",
+        "setdiv", "setdiv.config", "setdiv.config.schema", "setdiv.config.loading",
+        "setdiv.errors",
     }  # fmt: skip

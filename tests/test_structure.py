@@ -1,0 +1,141 @@
+"""The package's shape, checked from its source: no import cycle among setdiv's modules, no
+module over 400 lines, one way to start ranks, and launchers that import no torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PACKAGES = ("setdiv", "setdiv_cluster")
+MAX_LINES = 400
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name -> file of every module in setdiv and setdiv_cluster."""
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports run when the module is imported: at module level, also inside `if` / `try`
+    blocks (TYPE_CHECKING included: a cycle there is still a cycle of the design), not inside
+    functions or classes (those run later, on first use)."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    stack: list[ast.stmt] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        elif isinstance(node, ast.If | ast.Try):
+            stack += node.body + node.orelse
+            stack += [s for h in getattr(node, "handlers", []) for s in h.body]
+            stack += getattr(node, "finalbody", [])
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the setdiv modules it imports at import time (a `from pkg import name` counts
+    as importing `pkg.name` when that is a module, else `pkg`)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        edges: set[str] = set()
+        for node in _top_level_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                assert node.level == 0, f"{path}: relative import"
+                base = node.module or ""
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                           for a in node.names]  # fmt: skip
+            edges |= {t for t in targets if t in mods and t != name}
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle_among_setdiv_modules() -> None:
+    graph = import_graph()
+    assert len(graph) > 60 and graph["setdiv.train.trainer"], "the walk found the modules"
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_no_module_over_400_lines() -> None:
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in modules().values()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
+
+
+def _calls(path: Path, name: str) -> int:
+    tree = ast.parse(path.read_text())
+    return sum(
+        isinstance(n, ast.Call)
+        and (getattr(n.func, "id", None) == name or getattr(n.func, "attr", None) == name)
+        for n in ast.walk(tree)
+    )
+
+
+def test_train_eval_and_index_build_start_ranks_through_run_ranks() -> None:
+    mods = modules()
+    spawners = {m for m, p in mods.items() if _calls(p, "spawn_local")}
+    assert spawners == {"setdiv.distributed.group"}  # (inside run_ranks)
+    for m in ("setdiv.train.launch", "setdiv.eval.run", "setdiv.index.build"):
+        assert _calls(mods[m], "run_ranks") == 1, m
+
+
+@pytest.mark.parametrize(
+    "argv", [["cluster/submit.py", "--help"], ["-m", "setdiv.cli", "--help"]], ids=str
+)
+def test_launchers_import_no_torch(argv: list[str]) -> None:
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in r.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "setdiv.config" in imported  # (the parse found the import lines)
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy")}
