@@ -25,7 +25,8 @@ def running_server(service: Any) -> Iterator[int]:
     """`setdiv serve`'s app, protocol and middleware over `service` on a free loopback port."""
     import uvicorn
 
-    from setdiv.index.serve import Guard, HeadTimeoutH11, create_app
+    from setdiv.index.guard import Guard, HeadTimeoutH11
+    from setdiv.index.serve import create_app
 
     port = free_port()
     config = uvicorn.Config(

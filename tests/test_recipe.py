@@ -235,7 +235,7 @@ def test_half_weights_is_a_separate_setting() -> None:
 
 
 def test_margin_stall_counts_whole_epochs_at_the_margin() -> None:
-    from setdiv.train.trainer import MarginStall
+    from setdiv.train.watch import MarginStall
 
     stall = MarginStall(margin=0.2, reduction="mean")
     for i2t, t2i in ((0.21, 0.195), (0.2, 0.2), (0.219, 0.181)):  # all within 10% of 0.2

@@ -176,7 +176,7 @@ def test_open_clip_text_tower_and_tokenizer(tmp_path: Path) -> None:
     register_tiny_clip(tmp_path, "setdiv-tiny-txt", text_layers=2)
     from safetensors.torch import save_file
 
-    from setdiv.data.reader import build_train_reader
+    from setdiv.data.loaders import build_train_reader
     from setdiv.data.text import build_tokenizer
 
     torch.manual_seed(0)

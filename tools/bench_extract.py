@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from setdiv import config as config_lib  # noqa: E402
-from setdiv.data.reader import build_train_reader  # noqa: E402
+from setdiv.data.loaders import build_train_reader  # noqa: E402
 from setdiv.data.text import Tokenizer  # noqa: E402
 from setdiv.data.vocab import SPECIALS, Vocab  # noqa: E402
 from setdiv.extract import extract_shards  # noqa: E402

@@ -446,7 +446,7 @@ def similarity_spread(rd: Path, shards: Path) -> dict[str, dict[str, float]]:
     exported final model, the mean and std of the image-caption similarities, the mean over
     captions of (hardest negative image - positive image), and the share of captions whose
     hardest negative outscores the positive. A collapsed model has a tiny std and a gap ~0."""
-    from setdiv.data.reader import build_eval_reader
+    from setdiv.data.loaders import build_eval_reader
     from setdiv.export import load_exported
     from setdiv.losses import positive_mask
     from setdiv.model import build_model

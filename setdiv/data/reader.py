@@ -17,14 +17,12 @@ import random
 import zlib
 from collections.abc import Iterator
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from setdiv.config import DataConfig
 from setdiv.data import samples
 from setdiv.data import workers as data_workers
 from setdiv.data.samples import (
@@ -33,17 +31,11 @@ from setdiv.data.samples import (
     collate,
     decode_sample,
     image_transform,
-    sample_options,
 )
 from setdiv.data.shards import ShardSet, read_shard
-from setdiv.data.text import Tokenizer
 from setdiv.errors import UserError
 
-__all__ = [
-    *("Batch", "EvalReader", "SampleOptions", "TrainReader", "build_eval_reader"),
-    "feature_shards",
-    *("build_train_reader", "per_rank_batch_size", "plan_epoch"),
-]
+__all__ = ["Batch", "EvalReader", "SampleOptions", "TrainReader", "plan_epoch"]
 
 CHUNK = 16
 """Samples per message from a data worker to its rank."""
@@ -351,68 +343,3 @@ class EvalReader:
                     pending, skipped = [], 0
         if pending:
             yield collate(pending, pad_id, skipped, self.opts)
-
-
-def feature_shards(cfg: DataConfig, pattern: str) -> str:
-    """`pattern`'s shards in the feature cache `data.features` (same names), or `pattern`
-    itself without a cache. A shard missing there is an error naming it."""
-    if cfg.features is None:
-        return pattern
-    names = [Path(p).name for p in ShardSet.expand(pattern)]
-    root = Path(cfg.features)
-    missing = [n for n in names if not (root / n).is_file()]
-    if missing:
-        raise UserError(
-            f"config key 'data.features': {root} has no features of {missing[:3]} "
-            f"({len(missing)} of {len(names)} shards): run `setdiv extract` over {pattern!r}"
-        )
-    paths = [str(root / n) for n in names]
-    return "{" + ",".join(paths) + "}" if len(paths) > 1 else paths[0]
-
-
-def per_rank_batch_size(cfg: DataConfig, world: int) -> int:
-    """`data.batch_size` (the global batch) split over `world` ranks."""
-    if cfg.batch_size % world:
-        raise UserError(f"'data.batch_size'={cfg.batch_size} does not split over {world} ranks")
-    return cfg.batch_size // world
-
-
-def build_train_reader(
-    cfg: DataConfig, kind: str, tokenizer: Tokenizer, rank: int, world: int, seed: int,
-    batch_size: int | None = None,
-) -> TrainReader:  # fmt: skip
-    """The training reader of `data.train_shards`, `batch_size` images per rank (default:
-    `per_rank_batch_size`)."""
-    if tokenizer.mask_id < 0 and cfg.word_dropout > 0:
-        raise UserError(
-            f"config key 'data.word_dropout' is {cfg.word_dropout}: the text tower's tokenizer "
-            "has no mask token (open_clip, some Hugging Face models); set data.word_dropout=0"
-        )
-    if cfg.train_shards is None and not cfg.train_sources:
-        raise UserError("config key 'data.train_shards' (or 'data.train_sources') is not set")
-    cached = kind == "regions" and cfg.features is not None  # tower features, not images
-    pattern: str | list[tuple[str, float]] = (
-        (feature_shards(cfg, cfg.train_shards) if cached else cfg.train_shards)
-        if cfg.train_shards
-        else [
-            (feature_shards(cfg, source.shards) if cached else source.shards, source.weight)
-            for source in cfg.train_sources
-        ]
-    )
-    opts = sample_options(cfg, kind, tokenizer, train=True)
-    return TrainReader(
-        pattern, opts, batch_size or per_rank_batch_size(cfg, world), rank, world,
-        cfg.num_workers, seed, cfg.shuffle_buffer, cfg.resampled, cfg.verify_checksums,
-        cfg.samples_per_epoch,
-    )  # fmt: skip
-
-
-def build_eval_reader(
-    cfg: DataConfig, pattern: str, kind: str, tokenizer: Tokenizer, rank: int = 0, world: int = 1
-) -> EvalReader:
-    """An evaluation reader over `pattern` (no augmentation, index order, rank's slice); a
-    model reading cached tower features ("regions" with `data.features`) reads them."""
-    if kind == "regions" and cfg.features is not None:
-        pattern = feature_shards(cfg, pattern)
-    opts = sample_options(cfg, kind, tokenizer, train=False, augment=False)
-    return EvalReader(pattern, opts, cfg.eval_batch_size, rank, world, align=cfg.eval_batch_size)

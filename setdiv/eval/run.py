@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from setdiv import config as config_lib
-from setdiv.data.reader import ShardSet, build_eval_reader
+from setdiv.data.loaders import build_eval_reader
+from setdiv.data.reader import ShardSet
 from setdiv.distributed import (
     all_reduce_sum,
     is_rank_zero,

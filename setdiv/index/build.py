@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from setdiv.data.reader import ShardSet, build_eval_reader
+from setdiv.data.loaders import build_eval_reader
+from setdiv.data.reader import ShardSet
 from setdiv.distributed import (
     all_gather_list,
     all_gather_rows,

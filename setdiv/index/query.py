@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from setdiv.data.reader import build_eval_reader
+from setdiv.data.loaders import build_eval_reader
 from setdiv.data.samples import image_file_pixels, sample_options
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode

@@ -12,7 +12,7 @@ bounded and need a Content-Length or chunked encoding; a request has `DEADLINE_S
 (408 if the client is still sending, 503 if the answer is not ready) and at most
 `MAX_IN_FLIGHT` are in the server at once (503 and Retry-After beyond); a connection that
 sends no complete request head within `HEAD_TIMEOUT_S` is closed. Log lines escape what
-clients sent.
+clients sent. The transport-level checks are `setdiv.index.guard`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import binascii
 import json
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -34,9 +33,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from setdiv.errors import UserError
+from setdiv.index.guard import (
+    DEADLINE_S,
+    MAX_BODY,
+    MAX_IN_FLIGHT,
+    Guard,
+    HeadTimeoutH11,
+    error_response,
+    escape,
+)
 from setdiv.index.page import PAGE
 from setdiv.index.search import AUTO, SetSearcher
 from setdiv.index.service import Service
@@ -45,8 +52,6 @@ __all__ = ["Guard", "SearchRequest", "add_arguments", "app_from_env", "create_ap
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 8 << 20
-"""Largest request body (bytes): a batch of a few JPEGs."""
 MAX_QUERIES = 64
 MAX_IMAGES = 8
 MAX_IMAGE_B64 = MAX_BODY
@@ -54,9 +59,6 @@ MAX_K = 100
 MAX_CANDIDATES = 4096
 MAX_TEXT = 1000
 """Characters per text query."""
-DEADLINE_S = 30.0
-MAX_IN_FLIGHT = 64
-HEAD_TIMEOUT_S = 10.0
 QUERY_KEYS = ("text", "texts", "image", "images")
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
@@ -96,132 +98,6 @@ class SearchRequest(BaseModel):
         )
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
-
-
-def _escape(text: str) -> str:
-    """`text` with control and non-ASCII characters escaped, for one log line."""
-    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-
-
-class Guard:
-    """ASGI middleware: Host check, body size and framing, the in-flight bound, the whole-
-    request deadline and one escaped log line per request."""
-
-    def __init__(self, app: Any, allowed_hosts: set[str] | None) -> None:
-        self.app, self.allowed_hosts = app, allowed_hosts
-        self.in_flight = 0
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, state = time.monotonic(), {"status": 0}
-
-        async def send_logged(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-            await send(message)
-
-        try:
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                return await refusal(scope, receive, send_logged)
-            if self.in_flight >= MAX_IN_FLIGHT:
-                busy = _error(503, "busy: too many requests in flight")
-                busy.headers["Retry-After"] = "1"
-                return await busy(scope, receive, send_logged)
-            self.in_flight += 1
-            try:
-                await self._run(scope, receive, send_logged, start + DEADLINE_S, state)
-            finally:
-                self.in_flight -= 1
-        finally:
-            client = scope.get("client") or ("-", 0)
-            raw = scope.get("raw_path") or scope["path"].encode()
-            log.info(
-                '%s "%s %s" %d %.0f ms',
-                client[0],
-                _escape(scope["method"]),
-                _escape(raw.decode("latin-1")),
-                state["status"],
-                1000 * (time.monotonic() - start),
-            )
-
-    def _refusal(self, scope: dict) -> Response | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        host = headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if self.allowed_hosts is not None and name.strip("[]") not in self.allowed_hosts:
-            return _error(400, f"unknown Host {_escape(host)!r} (--allowed-host)")
-        if scope["method"] != "POST":
-            return None
-        length = headers.get("content-length")
-        if length is None and "chunked" not in headers.get("transfer-encoding", ""):
-            return _error(411, "a Content-Length is required")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return _error(413, f"bodies are limited to {MAX_BODY} bytes")
-        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        if scope["path"] == "/search" and ctype != "application/json":
-            return _error(415, "send application/json")
-        return None
-
-    async def _run(
-        self, scope: dict, receive: Callable, send: Callable, deadline: float, state: dict
-    ) -> None:
-        received, body_done = 0, False
-
-        async def bounded_receive() -> dict:
-            nonlocal received, body_done
-            left = deadline - time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
-            except TimeoutError:
-                raise _LateError(408, "the request body did not arrive in time") from None
-            received += len(message.get("body", b""))
-            body_done = body_done or not message.get("more_body", False)
-            if received > MAX_BODY:
-                raise _LateError(413, f"bodies are limited to {MAX_BODY} bytes")
-            return message
-
-        try:
-            await asyncio.wait_for(
-                self.app(scope, bounded_receive, send), timeout=deadline - time.monotonic()
-            )
-        except (_LateError, TimeoutError) as exc:
-            if isinstance(exc, _LateError):
-                status, message = exc.status, str(exc)
-            elif scope["method"] == "POST" and not body_done:
-                status, message = 408, "the request body did not arrive in time"
-            else:
-                status, message = 503, "no answer within the request deadline"
-            if state["status"] == 0:  # nothing sent yet: say why
-                await _error(status, message)(scope, receive, send)
-
-
-class _LateError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class HeadTimeoutH11(H11Protocol):
-    """uvicorn's h11 protocol, closing connections that send no complete request head in
-    `HEAD_TIMEOUT_S` (uvicorn itself waits forever for one)."""
-
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._drop_if_silent)
-
-    def _drop_if_silent(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._head_timer.cancel()
-        super().connection_lost(exc)
-
-
 def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastAPI:
     """The FastAPI app over `service` (`allowed_hosts`: Host header names accepted; None:
     any)."""
@@ -250,15 +126,15 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
         errors = exc.errors()
         parts = [f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in errors]
         detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]
-        return _error(400, "; ".join(parts)[:2000], detail=detail)
+        return error_response(400, "; ".join(parts)[:2000], detail=detail)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+    async def httperror_response(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(404)
     async def not_found(request: Request, _: Exception) -> JSONResponse:
-        return _error(404, f"no such path: {_escape(request.url.path)}")
+        return error_response(404, f"no such path: {escape(request.url.path)}")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -276,7 +152,7 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
         try:
             data = await run_in_threadpool(service.picture, item)
         except (LookupError, UserError) as exc:
-            return _error(404, str(exc))
+            return error_response(404, str(exc))
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     for path, endpoint in (("/health", health), ("/", page), ("/image/{item}", image)):
@@ -287,7 +163,9 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
         kind, queries = body.queries()
         wanted = "text" if service.modality == "image" else "image"
         if kind != wanted:
-            return _error(400, f"this index holds {service.modality} items: send {wanted} queries")
+            return error_response(
+                400, f"this index holds {service.modality} items: send {wanted} queries"
+            )
         try:
             if kind == "text":
                 if any(not q.strip() for q in queries):
@@ -297,7 +175,7 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
                 payload = await run_in_threadpool(service.decode_images, _b64(queries))
             hits = await asyncio.wrap_future(service.submit(kind, payload, body.k, body.candidates))
         except (UserError, ValueError) as exc:
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         return {
             "results": [
                 {

@@ -16,12 +16,8 @@ import torch
 from tqdm import tqdm
 
 from setdiv import config as config_lib
-from setdiv.data.reader import (
-    Batch,
-    build_eval_reader,
-    build_train_reader,
-    per_rank_batch_size,
-)
+from setdiv.data.loaders import build_eval_reader, build_train_reader, per_rank_batch_size
+from setdiv.data.reader import Batch
 from setdiv.data.text import build_tokenizer
 from setdiv.data.vocab import Vocab
 from setdiv.distributed import (
@@ -45,47 +41,11 @@ from setdiv.train import engine as ds
 from setdiv.train.checkpoint import Checkpointer, TrainState
 from setdiv.train.metrics_writer import MetricsWriter
 from setdiv.train.optim import build_optimizer, group_lr_lambdas
+from setdiv.train.watch import MarginStall, NonFiniteLossError
 
-__all__ = ["MarginStall", "NonFiniteLossError", "Trainer"]
+__all__ = ["Trainer"]
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(UserError):
-    """Too many consecutive non-finite losses, or non-finite weights at a checkpoint: training
-    stops, the last (finite) checkpoint is kept. Reported as one line, like any user error."""
-
-    exit_code = 3
-    """`setdiv train` exits with this code, so a scheduler can tell divergence from a crash."""
-
-
-class MarginStall:
-    """Counts the steps of an epoch whose triplet terms (mean reduction) both sit within 10% of
-    the margin: what a hardest-negative loss shows when every similarity is alike."""
-
-    def __init__(self, margin: float, reduction: str, tolerance: float = 0.1) -> None:
-        self.margin, self.tolerance = margin, tolerance
-        self.enabled = margin > 0 and reduction == "mean"
-        self.steps, self.at_margin = 0, 0
-        self.sums = {"i2t_loss": 0.0, "t2i_loss": 0.0}
-
-    def update(self, terms: dict[str, float]) -> None:
-        """Count one finite step's global loss terms."""
-        if not self.enabled or not all(k in terms for k in self.sums):
-            return
-        self.steps += 1
-        for k in self.sums:
-            self.sums[k] += terms[k]
-        if all(abs(terms[k] - self.margin) <= self.tolerance * self.margin for k in self.sums):
-            self.at_margin += 1
-
-    def mean(self, key: str) -> float:
-        """The epoch's mean of `i2t_loss` or `t2i_loss` so far."""
-        return self.sums[key] / max(self.steps, 1)
-
-    def whole_epoch(self) -> bool:
-        """Whether every step counted sat at the margin."""
-        return self.steps > 0 and self.at_margin == self.steps
 
 
 class Trainer:
