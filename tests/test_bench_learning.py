@@ -3,7 +3,8 @@ method's similarity, losses and recalls as setdiv does: two implementations, one
 
 from __future__ import annotations
 
-import importlib.util
+import ast
+import importlib
 import sys
 from pathlib import Path
 
@@ -14,16 +15,30 @@ import torch.nn.functional as F
 from setdiv import losses, similarity
 from setdiv.eval.metrics import recall_at_k
 
-TOOL = Path(__file__).parents[1] / "tools" / "bench_learning.py"
+TOOLS = Path(__file__).parents[1] / "tools"
 
 
 @pytest.fixture(scope="module")
-def ref():  # noqa: ANN201 -- the tool module
-    spec = importlib.util.spec_from_file_location("bench_learning", TOOL)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["bench_learning"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+def ref():  # noqa: ANN201 -- the reference module
+    sys.path.insert(0, str(TOOLS))
+    try:
+        return importlib.import_module("learning_bench.reference")
+    finally:
+        sys.path.remove(str(TOOLS))
+
+
+def test_the_reference_imports_nothing_from_setdiv() -> None:
+    """Independent means independent: neither the reference nor what it imports from the
+    benchmark package names setdiv."""
+    for name in ("reference", "variants"):
+        tree = ast.parse((TOOLS / "learning_bench" / f"{name}.py").read_text())
+        imported = {
+            alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names
+        } | {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in imported if m.split(".")[0] == "setdiv"}, name
+        assert {m for m in imported if m.startswith("learning_bench")} <= {
+            "learning_bench.variants"
+        }, name
 
 
 def test_reference_agrees_with_setdiv_on_random_sets(ref) -> None:  # noqa: ANN001

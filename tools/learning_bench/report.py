@@ -1,0 +1,71 @@
+"""The benchmark's report: the markdown table (mean ± std over seeds), results.md and
+results.json."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from learning_bench.data import DataSpec
+from learning_bench.variants import VARIANTS, Recipe, Width
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _mean_std(xs: list[float | None], digits: int = 1) -> str:
+    """`mean ± std` over seeds (sample std), or the one value."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def table(results: list[dict], recipe: Recipe) -> str:
+    """One row per (variant, dropout), mean ± std over its seeds."""
+    lines = [
+        "| variant | impl | K | similarity | dropout | negatives | test RSUM | R@1 i2t | R@1 t2i "
+        "| train-subset RSUM | last-epoch triplet i2t / t2i | train min | eval min | seeds |",
+        "|---|---|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for res in results:
+        groups.setdefault((res["variant"], res["dropout"]), []).append(res)
+    for (name, dropout), runs in groups.items():
+        v, wu = VARIANTS[name], VARIANTS[name].warmup_epochs(recipe)
+        col = {key: [x[key] for x in runs] for key in runs[0] if key not in ("test", "train")}
+        test = {key: [x["test"][key] for x in runs] for key in ("rsum", "i2t_r1", "t2i_r1")}
+        train_rsum = [x["train"]["rsum"] for x in runs]
+        cells = [
+            name,
+            v.impl,
+            str(v.k),
+            v.similarity,
+            dropout,
+            "mean" if wu >= recipe.epochs else f"mean {wu} ep, then hardest" if wu else "hardest",
+            _mean_std(test["rsum"]),
+            _mean_std(test["i2t_r1"]),
+            _mean_std(test["t2i_r1"]),
+            _mean_std(train_rsum),
+            f"{_mean_std(col['final_i2t_loss'], 3)} / {_mean_std(col['final_t2i_loss'], 3)}",
+            _mean_std(col["train_min"]),
+            _mean_std(col["eval_min"]),
+            ",".join(str(x) for x in col["seed"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(out: Path, spec: DataSpec, recipe: Recipe, width: Width, results: list[dict]) -> str:
+    text = (
+        f"data: {asdict(spec)}\nrecipe: {asdict(recipe)}\nwidth: {asdict(width)}\n\n"
+        + table(results, recipe)
+        + "\n"
+    )
+    (out / "results.md").write_text(text)
+    payload = {"spec": asdict(spec), "recipe": asdict(recipe), "width": asdict(width)}
+    (out / "results.json").write_text(json.dumps({**payload, "runs": results}, indent=1))
+    return text
