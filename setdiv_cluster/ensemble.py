@@ -25,8 +25,6 @@ from typing import get_args
 from setdiv import config as config_lib
 from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError, check_at_least
-from setdiv.eval.ensemble import ensemble
-from setdiv.eval.evaluator import format_table, write_result
 from setdiv_cluster.cli import INTERRUPTED, run_cli
 from setdiv_cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
 from setdiv_cluster.ray_cluster import add_arguments as add_ray_arguments
@@ -199,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return INTERRUPTED
+    from setdiv.eval.ensemble import ensemble  # (torch: imported once there is work)
+    from setdiv.eval.evaluator import format_table, write_result
+
     names = [f"seed{s}" for s in seeds]
     rows, result = ensemble(sims, args.protocol, names=names)
     write_result(result, exp / "ensemble")

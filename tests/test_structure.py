@@ -124,7 +124,14 @@ def test_train_eval_and_index_build_start_ranks_through_run_ranks() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["cluster/submit.py", "--help"], ["-m", "setdiv.cli", "--help"]], ids=str
+    "argv",
+    [
+        ["cluster/submit.py", "--help"],
+        ["cluster/sweep.py", "--help"],
+        ["cluster/ensemble.py", "--help"],
+        ["-m", "setdiv.cli", "--help"],
+    ],
+    ids=str,
 )
 def test_launchers_import_no_torch(argv: list[str]) -> None:
     r = subprocess.run(

@@ -9,7 +9,10 @@ resets a param group's optimizer state, and merges a ZeRO checkpoint's fp32 part
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,37 @@ _REPO_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions
 
 
 def _environment() -> None:
-    # CPU-only machines: DeepSpeed's CPU accelerator (gloo). Its shared-memory comm op is
-    # JIT-compiled once; keep the build in a cache that outlives the run.
+    # CPU-only machines: DeepSpeed's CPU accelerator (gloo). Its shared-memory comm op (for
+    # several ranks on one machine) is JIT-compiled once; keep the build in a cache that
+    # outlives the run.
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_REPO_CACHE))
+
+
+@contextlib.contextmanager
+def _no_shared_memory_op_for_one_rank() -> Iterator[None]:
+    """A lone CPU rank has no peer to share memory with: DeepSpeed's communication backend is
+    set up without its shared-memory op, which would otherwise be JIT-compiled (about two
+    minutes on a fresh 2-core machine, after importing torch's C++ extension machinery and its
+    "No CUDA runtime" warning) and never used. Several ranks, or a GPU, keep DeepSpeed's own
+    choice."""
+    import torch.distributed as dist
+
+    lone = not dist.is_initialized() or dist.get_world_size() == 1
+    if torch.cuda.is_available() or not lone:
+        yield
+        return
+    # deepspeed==0.19.8 (pinned): build_shm_op() in deepspeed/comm/torch.py (the module, not
+    # the `torch` that `deepspeed.comm` re-exports under the same attribute name)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+    built = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = built
 
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -> dict[str, Any]:
@@ -74,9 +103,10 @@ def initialize(
     _environment()
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    with _no_shared_memory_op_for_one_rank():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
     return engine
 
 
