@@ -29,7 +29,7 @@ from setdiv.data.convert import synthetic_samples
 from setdiv.data.shards import write_shards
 from setdiv.data.vocab import Vocab
 from setdiv.distributed import free_port
-from setdiv.index import serve
+from setdiv.index import guard, serve
 from setdiv.index.search import SetSearcher
 from setdiv.index.service import MAX_PIXELS, THUMB, Service, decode_query_image
 
@@ -172,7 +172,7 @@ def test_server_survives_odd_clients(server: int, monkeypatch: pytest.MonkeyPatc
             b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\r\n"
         )
         assert b" 411 " in raw.recv(4096).split(b"\r\n")[0]
-    monkeypatch.setattr(serve, "HEAD_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(guard, "HEAD_TIMEOUT_S", 1.0)
     with socket.create_connection(("127.0.0.1", server), timeout=20) as stalled:
         stalled.sendall(b"POST /search HTTP/1.1\r\nContent-Length: 100\r\n")  # and then nothing
         assert request(server, "GET", "/health")[0] == 200  # others are served meanwhile
@@ -184,7 +184,7 @@ def test_server_survives_odd_clients(server: int, monkeypatch: pytest.MonkeyPatc
 def test_slow_and_short_bodies_and_a_burst_get_4xx(
     server: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(serve, "DEADLINE_S", 2.0)
+    monkeypatch.setattr(guard, "DEADLINE_S", 2.0)
     head = b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     slow = []
     for _ in range(60):  # a burst of slow clients: each sends part of its body, then stalls
@@ -206,7 +206,7 @@ def test_slow_and_short_bodies_and_a_burst_get_4xx(
     status, out, _ = request(server, "POST", "/search", b"[" * 100_000 + b"]" * 100_000)
     assert status == 400, out
     # The in-flight bound: held slots make the next request a 503 with Retry-After.
-    monkeypatch.setattr(serve, "MAX_IN_FLIGHT", 3)
+    monkeypatch.setattr(guard, "MAX_IN_FLIGHT", 3)
     held = []
     for _ in range(3):
         c = socket.create_connection(("127.0.0.1", server), timeout=30)
