@@ -25,6 +25,8 @@ __all__ = [
     "diversity_loss",
     "mmd_loss",
     "positive_mask",
+    "similarity_moments",
+    "similarity_spread",
     "triplet_loss",
 ]
 
@@ -122,6 +124,28 @@ def diversity_loss(slots_BKD: Tensor) -> Tensor:
     return _diversity_per_sample(slots_BKD).mean()
 
 
+def similarity_moments(sims: Tensor) -> Tensor:
+    """A block of similarities (any shape) -> (4,) float64 [count, sum, centred sum of squares,
+    count * mean^2]: summed over the blocks of a matrix (ranks' rows), `similarity_spread`
+    gives the whole matrix's standard deviation without cancellation in the sum of squares."""
+    x = sims.detach().double().reshape(-1)
+    n = float(x.numel())
+    mean = x.mean() if n else x.new_zeros(())
+    centred = ((x - mean) ** 2).sum()
+    return torch.stack([x.new_tensor(n), x.sum(), centred, n * mean**2])
+
+
+def similarity_spread(moments: Tensor) -> float:
+    """(4,) moments of `similarity_moments`, summed over blocks -> the population standard
+    deviation of all the similarities (0.0 when there are none). A collapsing model shows it
+    near 0: every image scores every caption alike."""
+    n, total, centred, n_mean_sq = (float(v) for v in moments)
+    if n <= 0:
+        return 0.0
+    squares = centred + n_mean_sq - total * total / n
+    return max(squares / n, 0.0) ** 0.5
+
+
 def _wide(t: Tensor) -> Tensor:
     """16-bit tensors in float32 for the regularisers; float32/64 unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -137,12 +161,16 @@ class SetRetrievalLoss(nn.Module):
     loss, and after the gather's backward each rank holds the whole-batch gradient for its own
     samples. (A data-parallel engine averages parameter gradients over ranks, so the caller
     back-propagates world_size x the local loss.)
+
+    After each forward, `sim_moments` holds `similarity_moments` of this rank's rows of the
+    similarity matrix: summed over ranks they describe the whole batch's matrix.
     """
 
     def __init__(self, cfg: LossConfig, similarity: Callable[[Tensor, Tensor], Tensor]) -> None:
         super().__init__()
         self.cfg = cfg
         self.similarity = similarity
+        self.sim_moments: Tensor | None = None
 
     def forward(self, image: SetOutput, text: SetOutput, epoch: int = 0) -> dict[str, Tensor]:
         """Local image sets (n,K,D), caption sets (5n,L,D), image-major -> this rank's share
@@ -155,6 +183,7 @@ class SetRetrievalLoss(nn.Module):
         pos_NM = positive_mask(N, M, image.embeds.device)
         rows_nM = self.similarity(image.embeds, txt_all)
         cols_Nm = rows_nM if world == 1 else self.similarity(img_all, text.embeds)
+        self.sim_moments = similarity_moments(rows_nM)
         hardest = cfg.hardest_negatives and epoch >= cfg.mean_negative_epochs
         terms = _triplet_terms(
             rows_nM,

@@ -23,7 +23,7 @@ from setdiv.distributed import (
     on_all_ranks,
     process_group,
 )
-from setdiv.losses import build_loss
+from setdiv.losses import build_loss, similarity_spread
 from setdiv.model.set_modules import SetOutput
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
@@ -43,10 +43,9 @@ LOSS = LossConfig(margin=0.2, mmd_weight=0.5, div_weight=0.5)
 
 def loss_and_grads(img, txt, si, st):  # noqa: ANN001, ANN201
     leaves = [t.clone().requires_grad_() for t in (img, txt, si, st)]
-    terms = build_loss(LOSS, similarity.smooth_chamfer)(
-        SetOutput(leaves[0], leaves[2]), SetOutput(leaves[1], leaves[3])
-    )
-    return terms, leaves
+    loss = build_loss(LOSS, similarity.smooth_chamfer)
+    terms = loss(SetOutput(leaves[0], leaves[2]), SetOutput(leaves[1], leaves[3]))
+    return terms, leaves, loss.sim_moments
 
 
 def _worker(rank: int, port: int, queue: mp.Queue) -> None:
@@ -59,7 +58,7 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
         )
         assert job_from_env().rank == rank
         img, txt, si, st = global_batch()
-        terms, leaves = loss_and_grads(
+        terms, leaves, moments = loss_and_grads(
             img[3 * rank : 3 * rank + 3],
             txt[15 * rank : 15 * rank + 15],
             si[3 * rank : 3 * rank + 3],
@@ -69,6 +68,7 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
         total.backward()
         values = torch.stack([t.detach() for t in terms.values()])
         dist.all_reduce(values)
+        dist.all_reduce(moments)  # this rank's rows of the similarity matrix -> all of it
         grads = [leaf.grad for leaf in leaves]
         # An empty rank in a row gather.
         rows = all_gather_rows(
@@ -83,10 +83,11 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
             failure = str(exc)
         # numpy, pickled by value: a tensor would travel as a shared-memory handle that dies
         # with this process if the parent reads it late
-        queue.put((rank, values.numpy(), [g.numpy() for g in grads], rows.shape, failure))
+        spread = similarity_spread(moments)
+        queue.put((rank, values.numpy(), [g.numpy() for g in grads], rows.shape, failure, spread))
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 -- report to the parent instead of hanging it
-        queue.put((rank, traceback.format_exc(), None, None, None))
+        queue.put((rank, traceback.format_exc(), None, None, None, None))
 
 
 def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
@@ -98,16 +99,19 @@ def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
         p.start()
     results = {}
     for _ in range(2):
-        rank, values, grads, shape, failure = queue.get(timeout=100)
+        rank, values, grads, shape, failure, spread = queue.get(timeout=100)
         assert grads is not None, values  # a traceback from the worker
-        results[rank] = (values, grads, shape, failure)
+        results[rank] = (values, grads, shape, failure, spread)
     for p in procs:
         p.join(timeout=30)
-    terms, leaves = loss_and_grads(*global_batch())
+    terms, leaves, _ = loss_and_grads(*global_batch())
     sum(terms.values()).backward()
     whole = torch.stack([t.detach() for t in terms.values()])
+    img, txt = global_batch()[:2]
+    whole_std = similarity.smooth_chamfer(img, txt).numpy().std()  # the 6 x 30 matrix
     for rank in range(2):
-        values, grads, shape, failure = results[rank]
+        values, grads, shape, failure, spread = results[rank]
+        assert spread == pytest.approx(whole_std, rel=1e-9)
         torch.testing.assert_close(torch.from_numpy(values), whole)
         for i, (local, full) in enumerate(zip(grads, leaves, strict=True)):
             n = local.shape[0]

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 
 from setdiv import similarity
 from setdiv.config import LossConfig
-from setdiv.losses import build_loss, diversity_loss, mmd_loss, positive_mask, triplet_loss
+from setdiv.losses import (
+    build_loss,
+    diversity_loss,
+    mmd_loss,
+    positive_mask,
+    similarity_moments,
+    similarity_spread,
+    triplet_loss,
+)
 from setdiv.model.set_modules import SetOutput
 
 
@@ -92,7 +100,8 @@ def _sets(n: int, k: int, d: int) -> SetOutput:
 def test_loss_returns_weighted_named_terms() -> None:
     img, txt = _sets(4, 3, 8), _sets(20, 3, 8)
     cfg = LossConfig(margin=0.2, mmd_weight=0.5, div_weight=0.25)
-    terms = build_loss(cfg, similarity.smooth_chamfer)(img, txt)
+    loss = build_loss(cfg, similarity.smooth_chamfer)
+    terms = loss(img, txt)
     assert set(terms) == {"i2t_loss", "t2i_loss", "mmd_loss", "div_loss"}
     S = similarity.smooth_chamfer(img.embeds, txt.embeds).detach().double().numpy()
     i2t, t2i = naive_triplet(S, 0.2, hardest=True)
@@ -104,6 +113,8 @@ def test_loss_returns_weighted_named_terms() -> None:
     assert terms["div_loss"].item() == pytest.approx(0.25 * div.item(), rel=1e-6)
     sum(terms.values()).backward()
     assert torch.isfinite(img.embeds.grad).all() and torch.isfinite(txt.slots.grad).all()
+    # the loss keeps the batch's similarity moments for the trainer's `sim_std`
+    assert similarity_spread(loss.sim_moments) == pytest.approx(S.std(), rel=1e-5)
 
 
 def test_mean_negative_warmup_switches_to_hardest() -> None:
@@ -116,3 +127,21 @@ def test_mean_negative_warmup_switches_to_hardest() -> None:
         got = loss(img, txt, epoch=epoch)
         assert set(got) == {"i2t_loss", "t2i_loss"}
         assert got["i2t_loss"].item() == pytest.approx(naive_triplet(S, 0.2, hardest)[0], abs=1e-6)
+
+
+def test_similarity_spread_of_a_collapsed_matrix_summed_over_parts() -> None:
+    """A matrix whose entries differ only in the 4th decimal around 0.997 (the collapsed
+    demo model's): the spread summed over uneven row blocks (ranks) is numpy's std of the
+    whole, with no cancellation from the large mean."""
+    rng = np.random.default_rng(0)
+    S = 0.997 + 7e-4 * rng.standard_normal((12, 60))
+    blocks = [S[:5], S[5:6], S[6:], S[:0]]  # uneven ranks, one empty
+    total = sum(similarity_moments(torch.from_numpy(b).float()) for b in blocks)
+    expected = np.asarray(S, dtype=np.float32).astype(np.float64).std()
+    assert similarity_spread(total) == pytest.approx(expected, rel=1e-9)
+    assert similarity_spread(similarity_moments(torch.ones(3, 3))) == 0.0
+    assert similarity_spread(similarity_moments(torch.empty(0, 4))) == 0.0
+    spread = np.array([[0.1, 0.9], [0.5, 0.5]])  # hand-worked: mean 0.5, squares 0.32 / 4
+    assert similarity_spread(similarity_moments(torch.from_numpy(spread))) == pytest.approx(
+        math.sqrt(0.08)
+    )

@@ -4,6 +4,7 @@ ZeRO 0-3, and mixed precision as autocast over fp32 weights."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -257,14 +258,24 @@ def _check_margin_warning(cfg: config_lib.Config, run_dir: Path) -> None:
         trainer = Trainer(cfg, run_dir)
         loss_fn = trainer.loss_fn
 
-        def at_margin(img: object, txt: object, epoch: int = 0) -> dict:
-            terms = loss_fn(img, txt, epoch=epoch)  # keeps the graph; values pinned at 0.2
-            return {k: v - v.detach() + (0.2 if "2" in k else 0.0) for k, v in terms.items()}
+        class AtMargin:
+            def __call__(self, img: object, txt: object, epoch: int = 0) -> dict:
+                terms = loss_fn(img, txt, epoch=epoch)  # keeps the graph; values pinned at 0.2
+                return {k: v - v.detach() + (0.2 if "2" in k else 0.0) for k, v in terms.items()}
 
-        trainer.loss_fn = at_margin
+            @property
+            def sim_moments(self) -> torch.Tensor:  # the real batch's similarities
+                return loss_fn.sim_moments
+
+        trainer.loss_fn = AtMargin()
         trainer.train()
     warned = [r for r in records if "sat at the margin" in r]
     assert len(warned) == 1 and "epoch 0" in warned[0] and "mean_negative_epochs" in warned[0]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    spreads = [r["sim_std"] for r in logged if "sim_std" in r]
+    assert spreads and all(0.0 < s < 2.0 for s in spreads)
+    said = float(warned[0].split("standard deviation in a batch: ")[1].split(")")[0])
+    assert min(spreads) - 1e-4 <= said <= max(spreads) + 1e-4  # the epoch's mean of them
 
 
 def test_trainer_warns_when_the_triplet_sits_at_the_margin_for_an_epoch(

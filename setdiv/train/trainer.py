@@ -32,7 +32,7 @@ from setdiv.distributed import (
 )
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode, gather_and_score, whole_set
-from setdiv.losses import build_loss
+from setdiv.losses import build_loss, similarity_spread
 from setdiv.model import build_model
 from setdiv.model.encoders import IMAGE_INPUT_KIND
 from setdiv.model.towers import with_tower_preprocessing
@@ -158,13 +158,19 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, float] | None:
         """Forward, loss, backward, optimizer step. Returns the global loss terms (summed over
-        ranks), or None when the step was skipped for a non-finite loss."""
+        ranks) and `sim_std`, the standard deviation of the batch's similarity matrix (one
+        all-reduce for both), or None when the step was skipped for a non-finite loss."""
         self.engine.train()
         images, image_mask, tokens, token_mask = self._to_device(batch)
         img, txt = self.engine(images, image_mask, tokens, token_mask)
         terms = self.loss_fn(img, txt, epoch=self.state.epoch)
         local = sum(terms.values())
-        values = all_reduce_sum(torch.stack([t.detach().float() for t in terms.values()]))
+        moments = getattr(self.loss_fn, "sim_moments", None)
+        packed = [t.detach().double().reshape(1) for t in terms.values()]
+        packed = all_reduce_sum(
+            torch.cat(packed + ([moments.to(local.device)] if moments is not None else []))
+        )
+        values = packed[: len(terms)]
         if not torch.isfinite(values).all():  # same verdict on every rank: all skip together
             return None
         # The engine averages gradients over ranks; the loss shares sum to the global loss.
@@ -172,6 +178,8 @@ class Trainer:
         self.engine.step()
         out = {name: float(v) for name, v in zip(terms, values, strict=True)}
         out["loss"] = float(values.sum())
+        if moments is not None:  # the spread of the whole batch's similarity matrix
+            out["sim_std"] = similarity_spread(packed[len(terms) :])
         return out
 
     # --- loop ----------------------------------------------------------------------------------
@@ -254,7 +262,8 @@ class Trainer:
         log.warning(
             "epoch %d: the triplet terms sat at the margin %.3g for all %d steps "
             "(i2t %.4f, t2i %.4f): positives score no higher than the %s negatives, "
-            "the similarities are collapsing to a constant. Remedies (BENCHMARKS.md): "
+            "the similarities are collapsing to a constant (their standard deviation in a "
+            "batch: %.4f). Remedies (BENCHMARKS.md): "
             "more mean-negative epochs (loss.mean_negative_epochs) or mean negatives "
             "throughout (loss.hardest_negatives=false), less input dropout "
             "(data.region_dropout, data.word_dropout), a lower LR.",
@@ -264,6 +273,7 @@ class Trainer:
             stalled.mean("i2t_loss"),
             stalled.mean("t2i_loss"),
             "hardest" if hardest else "mean",
+            stalled.spread(),
         )
 
     def _apply_freeze(self) -> None:

@@ -26,6 +26,7 @@ class MarginStall:
         self.enabled = margin > 0 and reduction == "mean"
         self.steps, self.at_margin = 0, 0
         self.sums = {"i2t_loss": 0.0, "t2i_loss": 0.0}
+        self.spreads: list[float] = []
 
     def update(self, terms: dict[str, float]) -> None:
         """Count one finite step's global loss terms."""
@@ -34,12 +35,19 @@ class MarginStall:
         self.steps += 1
         for k in self.sums:
             self.sums[k] += terms[k]
+        if "sim_std" in terms:
+            self.spreads.append(terms["sim_std"])
         if all(abs(terms[k] - self.margin) <= self.tolerance * self.margin for k in self.sums):
             self.at_margin += 1
 
     def mean(self, key: str) -> float:
         """The epoch's mean of `i2t_loss` or `t2i_loss` so far."""
         return self.sums[key] / max(self.steps, 1)
+
+    def spread(self) -> float:
+        """The epoch's mean `sim_std` (the batches' similarity spread) so far; NaN when the
+        steps did not report one."""
+        return sum(self.spreads) / len(self.spreads) if self.spreads else float("nan")
 
     def whole_epoch(self) -> bool:
         """Whether every step counted sat at the margin."""
