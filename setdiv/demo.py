@@ -4,7 +4,7 @@ Generates the built-in ambiguous synthetic dataset as shards, trains the set mod
 smooth-Chamfer) and the single-embedding baseline (K = 1) through the DeepSpeed trainer,
 exports both, evaluates both with the evaluator on the test split, prints the two side by
 side, and writes `attention.png` (slot attention of the K = 4 model) and `curves.png`
-(training loss and validation RSUM of both) into the output directory.
+(training loss, similarity spread and validation RSUM of both) into the output directory.
 """
 
 from __future__ import annotations
@@ -66,21 +66,34 @@ def _make_data(out: Path, sizes: tuple[int, int, int, int], seed: int) -> Path:
     return vocab_path
 
 
-def _curves(runs: dict[str, Path], out: Path) -> None:
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+def _curves(runs: dict[str, Path], out: Path, hardest_from_epoch: int | None) -> None:
+    """Training loss, the batches' similarity spread (`sim_std`: near 0 is a collapse) and
+    validation RSUM of each run, with the switch to hardest negatives marked."""
+    fig, (ax_loss, ax_std, ax_val) = plt.subplots(1, 3, figsize=(14, 3.6))
+    switch = None
     for name, run_dir in runs.items():
         records = [
             json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
         ]
         train = [r for r in records if "loss" in r]
         val = [r for r in records if "val_rsum" in r]
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["loss"] for r in train], label=name)
+        ax_std.plot(steps, [r.get("sim_std", float("nan")) for r in train], label=name)
         ax_val.plot([r["epoch"] for r in val], [r["val_rsum"] for r in val], marker="o", label=name)
+        if hardest_from_epoch is not None and switch is None:
+            # a validation record closes an epoch: its step is the last of that epoch
+            switch = next((r["step"] for r in val if r["epoch"] == hardest_from_epoch), None)
+    for ax in (ax_loss, ax_std):
+        if switch is not None:
+            ax.axvline(switch, color="grey", ls="--", lw=1, label="hardest negatives from here")
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
+    ax_std.set(xlabel="step", ylabel="std of the batch's similarities", title="similarity spread")
+    ax_std.set_ylim(bottom=0)
     ax_val.set(xlabel="epoch", ylabel="RSUM", title="validation RSUM")
-    for ax in (ax_loss, ax_val):
+    for ax in (ax_loss, ax_std, ax_val):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
@@ -167,5 +180,7 @@ def _train_and_evaluate(
         "slot_max_attention": [analysis[f"slot_max_attention_{i}"] for i in range(k)],
         "uniform": analysis["slot_max_attention_uniform"],
     }
-    _curves(runs, out)
+    loss = cfg.loss  # the same for both models
+    switch = loss.mean_negative_epochs if loss.hardest_negatives else None
+    _curves(runs, out, switch if switch and switch < cfg.train.epochs else None)
     return rows, specialisation
