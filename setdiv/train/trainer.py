@@ -166,10 +166,10 @@ class Trainer:
         terms = self.loss_fn(img, txt, epoch=self.state.epoch)
         local = sum(terms.values())
         moments = getattr(self.loss_fn, "sim_moments", None)
-        packed = [t.detach().double().reshape(1) for t in terms.values()]
-        packed = all_reduce_sum(
-            torch.cat(packed + ([moments.to(local.device)] if moments is not None else []))
-        )
+        parts = [t.detach().double().reshape(1) for t in terms.values()]
+        if moments is not None:
+            parts.append(moments.to(local.device))
+        packed = all_reduce_sum(torch.cat(parts))
         values = packed[: len(terms)]
         if not torch.isfinite(values).all():  # same verdict on every rank: all skip together
             return None
