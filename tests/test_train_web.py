@@ -36,7 +36,11 @@ def args(run: Path, *extra: str) -> list[str]:
         f"data.train_shards={CC12M}", f"data.val_shards={CC12M}", "data.val_protocol=web",
         "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=1",
         "optim.freeze_groups=[image_backbone,text_backbone]", "optim.freeze_epochs=100",
-        "optim.lr=1e-3", "train.epochs=6", "train.log_every=1", *extra, "--run-dir", str(run),
+        "optim.lr=1e-3", "train.epochs=6", "train.log_every=1",
+        # one objective all run, so first and last losses compare (the demo's mean-negative
+        # first epoch would make the hardest-negative loss after it look like a rise)
+        "loss.mean_negative_epochs=0",
+        *extra, "--run-dir", str(run),
     ]  # fmt: skip
 
 
