@@ -181,6 +181,6 @@ def _train_and_evaluate(
         "uniform": analysis["slot_max_attention_uniform"],
     }
     loss = cfg.loss  # the same for both models
-    switch = loss.mean_negative_epochs if loss.hardest_negatives else None
+    switch = loss.mean_negative_epochs  # where the hard negatives start (0: none)
     _curves(runs, out, switch if switch and switch < cfg.train.epochs else None)
     return rows, specialisation

@@ -59,13 +59,18 @@ def _follow_umask(path: Path) -> None:
 
 
 def export_model(
-    model: nn.Module, cfg: config_lib.Config, out_dir: str | Path, vocab: Vocab | None = None
+    model: nn.Module,
+    cfg: config_lib.Config,
+    out_dir: str | Path,
+    vocab: Vocab | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write `model` (fp32, contiguous) with its config and text assets into `out_dir`."""
+    """Write `model` (fp32, contiguous) with its config and text assets into `out_dir`;
+    `metadata` joins the weights file's header (InfoNCE's learned temperature)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"format": "setdiv/1"})
+    save_file(state, str(out / WEIGHTS), metadata={"format": "setdiv/1", **(metadata or {})})
     _follow_umask(out / WEIGHTS)  # safetensors writes 0600 whatever the umask
     text = cfg.model.text
     if text.name == "bigru":
@@ -112,10 +117,18 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     run_dir = Path(run_dir)
     cfg = config_lib.load([run_dir / "config.yaml"])
     state = checkpoint.consolidated_weights(run_dir, tag)
+    # The objective's parameters (InfoNCE's temperature) trained with the model but are not
+    # part of it: the temperature travels in the header.
+    metadata = {}
+    if "objective.log_scale" in state:
+        scale = float(state["objective.log_scale"].exp())
+        scale = min(max(scale, 1.0), cfg.loss.max_logit_scale)  # clamped, as in training
+        metadata["temperature"] = f"{1 / scale:.6g}"
+    state = {k: v for k, v in state.items() if not k.startswith("objective.")}
     model = build_model(architecture_only(cfg, run_dir).model, pretrained=False)
     model.load_state_dict(state)
     vocab = Vocab.load(run_dir / "vocab.json") if (run_dir / "vocab.json").is_file() else None
-    return export_model(model, cfg, out or run_dir / "export", vocab)
+    return export_model(model, cfg, out or run_dir / "export", vocab, metadata)
 
 
 def find_export(path: str | Path) -> Path:

@@ -156,6 +156,8 @@ REGISTRIES = [
     ("model.image.name", "setdiv.model.encoders", "IMAGE_ENCODERS"),
     ("model.text.name", "setdiv.model.encoders", "TEXT_ENCODERS"),
     ("model.text.tokenizer", "setdiv.data.vocab", "TOKENIZERS"),
+    ("loss.name", "setdiv.losses", "OBJECTIVES"),
+    ("loss.negatives", "setdiv.losses", "NEGATIVES"),
 ]
 """Every config key that names a registry entry, and the registry it names."""
 
@@ -257,5 +259,37 @@ def test_loading_a_config_imports_no_torch_and_no_other_setdiv_module() -> None:
     assert not {m for m in modules if m.split(".")[0] in ("torch", "numpy", "nltk")}
     assert {m for m in modules if m.split(".")[0] == "setdiv"} == {
         "setdiv", "setdiv.config", "setdiv.config.schema", "setdiv.config.loading",
-        "setdiv.errors",
+        "setdiv.config.objective", "setdiv.config.rules", "setdiv.errors",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "why"),
+    [
+        (["loss.hn_beta=0.5"], "loss.hn_beta", "loss.name=infonce only"),
+        (["loss.temperature=0.05"], "loss.temperature", "loss.name=infonce only"),
+        (["loss.learn_temperature=false"], "loss.learn_temperature", "infonce only"),
+        (["loss.name=infonce", "loss.negatives=hardest"], "loss.negatives", "triplet only"),
+        (["loss.name=infonce", "loss.temperature=0.001"], "loss.temperature", "max_logit_scale = 0.01"),
+        (["loss.name=infonce", "loss.temperature=2"], "loss.temperature", "(0, 1]"),
+        (["train.collapse.ratio=0.6"], "train.collapse.recover_ratio", "must be above"),
+        (["train.collapse.window=0"], "train.collapse.window", "> 0"),
+        (["data.caption_noise=1.5"], "data.caption_noise", "[0, 1]"),
+    ],
+)
+def test_objective_keys_that_do_not_apply_or_do_not_fit_fail_naming_the_key(
+    overrides: list[str], key: str, why: str
+) -> None:
+    with pytest.raises(config_lib.ConfigError, match=re.escape(f"'{key}'")) as err:
+        config_lib.load([], overrides)
+    assert why in str(err.value)
+
+
+def test_objective_defaults_and_the_official_objective_in_one_override() -> None:
+    cfg = config_lib.load([])
+    assert (cfg.loss.name, cfg.loss.negatives, cfg.loss.mean_negative_epochs) == (
+        "triplet", "selective", 0,
+    )  # fmt: skip
+    for recipe in ("roi_bigru", "resnet_bigru", "resnext_bert"):
+        official = config_lib.load([ROOT / f"configs/{recipe}.yaml"], ["loss.negatives=hardest"])
+        assert official.loss.name == "triplet" and official.loss.mean_negative_epochs == 1

@@ -38,17 +38,23 @@ def global_batch() -> tuple[torch.Tensor, ...]:
     return img, txt, slots_i, slots_t
 
 
-LOSS = LossConfig(margin=0.2, mmd_weight=0.5, div_weight=0.5)
+LOSSES = {
+    "hardest": LossConfig(margin=0.2, negatives="hardest", mmd_weight=0.5, div_weight=0.5),
+    "selective": LossConfig(margin=0.2, negatives="selective", mmd_weight=0.5, div_weight=0.5),
+    "infonce_hn": LossConfig(name="infonce", temperature=0.1, hn_beta=0.5, mmd_weight=0.5),
+}
+"""Each objective whose 2-rank shares must sum to the whole batch's loss and gradient."""
 
 
-def loss_and_grads(img, txt, si, st):  # noqa: ANN001, ANN201
+def loss_and_grads(img, txt, si, st, cfg: LossConfig):  # noqa: ANN001, ANN201
+    """Terms, input leaves (their .grad after backward) + the objective's own parameters."""
     leaves = [t.clone().requires_grad_() for t in (img, txt, si, st)]
-    loss = build_loss(LOSS, similarity.smooth_chamfer)
+    loss = build_loss(cfg, similarity.smooth_chamfer).double()  # temperature in float64 too
     terms = loss(SetOutput(leaves[0], leaves[2]), SetOutput(leaves[1], leaves[3]))
-    return terms, leaves, loss.sim_moments
+    return terms, leaves + list(loss.parameters()), loss.sim_moments
 
 
-def _worker(rank: int, port: int, queue: mp.Queue) -> None:
+def _worker(rank: int, port: int, queue: mp.Queue, cfg: LossConfig) -> None:
     try:
         os.environ.update(
             RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -63,6 +69,7 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
             txt[15 * rank : 15 * rank + 15],
             si[3 * rank : 3 * rank + 3],
             st[15 * rank : 15 * rank + 15],
+            cfg,
         )
         total = sum(terms.values())
         total.backward()
@@ -90,11 +97,17 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
         queue.put((rank, traceback.format_exc(), None, None, None, None))
 
 
-def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
+@pytest.mark.parametrize("objective", list(LOSSES))
+def test_loss_split_over_two_ranks_equals_whole_batch(objective: str) -> None:
+    """On 2 gloo ranks, the ranks' loss shares sum to the single-process loss of the whole
+    batch, each rank's input gradients are the whole batch's for its samples, and the
+    objective's own parameters (InfoNCE's temperature) get gradient shares that sum to the
+    whole batch's (the engine then averages world_size x them): float64 tolerance."""
+    cfg = LOSSES[objective]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, queue, cfg)) for r in range(2)]
     for p in procs:
         p.start()
     results = {}
@@ -104,7 +117,7 @@ def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
         results[rank] = (values, grads, shape, failure, spread)
     for p in procs:
         p.join(timeout=30)
-    terms, leaves, _ = loss_and_grads(*global_batch())
+    terms, leaves, _ = loss_and_grads(*global_batch(), cfg)
     sum(terms.values()).backward()
     whole = torch.stack([t.detach() for t in terms.values()])
     img, txt = global_batch()[:2]
@@ -113,7 +126,7 @@ def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
         values, grads, shape, failure, spread = results[rank]
         assert spread == pytest.approx(whole_std, rel=1e-9)
         torch.testing.assert_close(torch.from_numpy(values), whole)
-        for i, (local, full) in enumerate(zip(grads, leaves, strict=True)):
+        for i, (local, full) in enumerate(zip(grads[:4], leaves[:4], strict=True)):
             n = local.shape[0]
             expected = full.grad[rank * n : (rank + 1) * n]
             torch.testing.assert_close(
@@ -121,6 +134,11 @@ def test_loss_split_over_two_ranks_equals_whole_batch() -> None:
             )
         assert shape == (2, 4)
     assert results[1][3] == "own" and "failed on another rank" in results[0][3]
+    for j, whole_param in enumerate(leaves[4:]):  # the temperature: shares sum to the whole
+        shares = sum(torch.from_numpy(results[r][1][4 + j]) for r in range(2))
+        assert whole_param.grad.abs().sum() > 0
+        torch.testing.assert_close(shares, whole_param.grad, rtol=1e-10, atol=1e-12)
+    assert len(leaves) == 4 + (cfg.name == "infonce")
 
 
 # --- the job from the environment, one device picker, local spawning ---------------------------

@@ -14,6 +14,7 @@ from setdiv.config import LossConfig
 from setdiv.losses import (
     build_loss,
     diversity_loss,
+    infonce_loss,
     mmd_loss,
     positive_mask,
     similarity_moments,
@@ -42,7 +43,8 @@ def naive_triplet(S: np.ndarray, margin: float, hardest: bool) -> tuple[float, f
 @pytest.mark.parametrize("hardest", [True, False])
 def test_triplet_matches_naive_loop(hardest: bool) -> None:
     S = torch.rand(4, 20, dtype=torch.float64) * 2 - 1
-    got = triplet_loss(S, positive_mask(4, 20), margin=0.2, hardest=hardest)
+    negatives = "hardest" if hardest else "mean"
+    got = triplet_loss(S, positive_mask(4, 20), margin=0.2, negatives=negatives)
     i2t, t2i = naive_triplet(S.numpy(), 0.2, hardest)
     assert got["i2t_loss"].item() == pytest.approx(i2t, abs=1e-12)
     assert got["t2i_loss"].item() == pytest.approx(t2i, abs=1e-12)
@@ -51,7 +53,7 @@ def test_triplet_matches_naive_loop(hardest: bool) -> None:
 def test_triplet_hand_worked_case() -> None:
     # 2 images x 2 captions each; image 0's hardest negative caption scores 0.5.
     S = torch.tensor([[0.9, 0.4, 0.5, 0.1], [0.2, 0.3, 0.8, 0.7]], dtype=torch.float64)
-    got = triplet_loss(S, positive_mask(2, 4), margin=0.2, hardest=True, reduction="sum")
+    got = triplet_loss(S, positive_mask(2, 4), margin=0.2, negatives="hardest", reduction="sum")
     # i2t: img0: [0.2+0.5-0.9]+=0, [0.2+0.5-0.4]+=0.3; img1: [0.2+0.3-0.8]+=0, [0.2+0.3-0.7]+=0
     # t2i: c0 0.2+0.2-0.9<0, c1 0.2+0.3-0.4=0.1, c2 0.2+0.5-0.8<0, c3 0.2+0.1-0.7<0
     assert got["i2t_loss"].item() == pytest.approx(0.3)
@@ -99,7 +101,7 @@ def _sets(n: int, k: int, d: int) -> SetOutput:
 
 def test_loss_returns_weighted_named_terms() -> None:
     img, txt = _sets(4, 3, 8), _sets(20, 3, 8)
-    cfg = LossConfig(margin=0.2, mmd_weight=0.5, div_weight=0.25)
+    cfg = LossConfig(margin=0.2, negatives="hardest", mmd_weight=0.5, div_weight=0.25)
     loss = build_loss(cfg, similarity.smooth_chamfer)
     terms = loss(img, txt)
     assert set(terms) == {"i2t_loss", "t2i_loss", "mmd_loss", "div_loss"}
@@ -120,7 +122,8 @@ def test_loss_returns_weighted_named_terms() -> None:
 def test_mean_negative_warmup_switches_to_hardest() -> None:
     img, txt = _sets(4, 2, 8), _sets(20, 2, 8)
     loss = build_loss(
-        LossConfig(mean_negative_epochs=2, mmd_weight=0, div_weight=0), similarity.chamfer
+        LossConfig(negatives="hardest", mean_negative_epochs=2, mmd_weight=0, div_weight=0),
+        similarity.chamfer,
     )
     S = similarity.chamfer(img.embeds, txt.embeds).detach().double().numpy()
     for epoch, hardest in [(0, False), (1, False), (2, True)]:
@@ -145,3 +148,146 @@ def test_similarity_spread_of_a_collapsed_matrix_summed_over_parts() -> None:
     assert similarity_spread(similarity_moments(torch.from_numpy(spread))) == pytest.approx(
         math.sqrt(0.08)
     )
+
+
+# --- selective negatives and InfoNCE (docs/objectives.md) --------------------------------------
+
+
+def naive_selective(S: np.ndarray, margin: float) -> tuple[float, float]:
+    """Per (query, positive): the hardest negative's hinge when the positive beats it, else
+    the mean hinge over all negatives."""
+    N, M = S.shape
+    per = M // N
+
+    def one(pos: float, negs: list[float]) -> float:
+        hinges = [max(0.0, margin + n - pos) for n in negs]
+        return max(hinges) if pos > max(negs) else sum(hinges) / len(hinges)
+
+    i2t = [
+        one(S[i, c], [S[i, n] for n in range(M) if n // per != i])
+        for i in range(N)
+        for c in range(i * per, (i + 1) * per)
+    ]
+    t2i = [one(S[c // per, c], [S[j, c] for j in range(N) if j != c // per]) for c in range(M)]
+    return float(np.mean(i2t)), float(np.mean(t2i))
+
+
+def test_selective_negatives_match_a_naive_loop() -> None:
+    g = torch.Generator().manual_seed(3)
+    S = torch.rand(5, 15, generator=g, dtype=torch.float64) * 2 - 1
+    S[torch.arange(5), torch.arange(5) * 3] += 1.5  # some positives win, some do not
+    got = triplet_loss(S, positive_mask(5, 15), margin=0.2, negatives="selective")
+    i2t, t2i = naive_selective(S.numpy(), 0.2)
+    assert got["i2t_loss"].item() == pytest.approx(i2t, abs=1e-12)
+    assert got["t2i_loss"].item() == pytest.approx(t2i, abs=1e-12)
+    # the two extremes: every positive wins -> hardest; none does -> mean
+    for shift, like in ((5.0, "hardest"), (-5.0, "mean")):
+        T = S + shift * positive_mask(5, 15)
+        sel = triplet_loss(T, positive_mask(5, 15), 0.2, "selective")
+        ref = triplet_loss(T, positive_mask(5, 15), 0.2, like)
+        assert sel["i2t_loss"].item() == pytest.approx(ref["i2t_loss"].item(), abs=1e-12)
+
+
+def test_at_a_constant_matrix_selective_pushes_apart_as_mean_negatives_do() -> None:
+    """The collapse optimum of the hardest negative (every score alike) is no resting point
+    for selective negatives: its gradient there is the mean negatives' (positives up, every
+    negative down a little), not one negative's."""
+    pos = positive_mask(4, 8)
+    noise = 1e-3 * torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = {}
+    for negatives in ("selective", "mean", "hardest"):
+        # a nearly collapsed matrix whose positives lose narrowly (the collapse's basin)
+        S = (0.7 + noise - 0.01 * pos).requires_grad_()
+        sum(triplet_loss(S, pos, 0.2, negatives).values()).backward()
+        grads[negatives] = S.grad
+    torch.testing.assert_close(grads["selective"], grads["mean"])
+    assert (grads["mean"][~pos] > 0).all()  # every negative pushed down
+    assert (grads["hardest"][~pos] != 0).sum() < (~pos).sum() / 2  # hardest: a few
+
+
+def naive_infonce(S: np.ndarray, tau: float, beta: float) -> tuple[float, float]:
+    """Straight from the formula: each (query, positive) against the query's negatives (an
+    image's other captions are neither), HN-NCE weights w = |neg| e^{b l} / sum e^{b l}."""
+    N, M = S.shape
+    per = M // N
+
+    def one(pos: float, negs: list[float]) -> float:
+        lp, ln = pos / tau, [n / tau for n in negs]
+        z = sum(math.exp(beta * x) for x in ln)
+        w = [len(ln) * math.exp(beta * x) / z for x in ln]
+        return -lp + math.log(
+            math.exp(lp) + sum(wi * math.exp(x) for wi, x in zip(w, ln, strict=True))
+        )
+
+    i2t = [
+        one(S[i, c], [S[i, n] for n in range(M) if n // per != i])
+        for i in range(N)
+        for c in range(i * per, (i + 1) * per)
+    ]
+    t2i = [one(S[c // per, c], [S[j, c] for j in range(N) if j != c // per]) for c in range(M)]
+    return float(np.mean(i2t)), float(np.mean(t2i))
+
+
+@pytest.mark.parametrize(("per", "beta"), [(5, 0.0), (5, 0.5), (1, 0.0), (1, 1.0)])
+def test_infonce_matches_a_naive_loop(per: int, beta: float) -> None:
+    g = torch.Generator().manual_seed(per)
+    S = torch.rand(4, 4 * per, generator=g, dtype=torch.float64) * 2 - 1
+    got = infonce_loss(S, positive_mask(4, 4 * per), temperature=0.1, beta=beta)
+    i2t, t2i = naive_infonce(S.numpy(), 0.1, beta)
+    assert got["i2t_loss"].item() == pytest.approx(i2t, abs=1e-10)
+    assert got["t2i_loss"].item() == pytest.approx(t2i, abs=1e-10)
+
+
+def test_infonce_hand_worked_case() -> None:
+    # 2 images x 1 caption, temperature 1: i2t row 0 = -log(e^1 / (e^1 + e^0)), etc.
+    S = torch.tensor([[1.0, 0.0], [0.5, 0.2]], dtype=torch.float64)
+    got = infonce_loss(S, positive_mask(2, 2), temperature=1.0)
+    i2t = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(0.5 - 0.2))) / 2
+    t2i = (math.log(1 + math.exp(0.5 - 1.0)) + math.log(1 + math.exp(0.0 - 0.2))) / 2
+    assert got["i2t_loss"].item() == pytest.approx(i2t, abs=1e-12)
+    assert got["t2i_loss"].item() == pytest.approx(t2i, abs=1e-12)
+
+
+def test_infonce_loss_module_learns_a_clamped_temperature() -> None:
+    img, txt = _sets(4, 2, 8), _sets(20, 2, 8)
+    cfg = LossConfig(name="infonce", temperature=0.1, max_logit_scale=20.0, mmd_weight=0,
+                     div_weight=0)  # fmt: skip
+    loss = build_loss(cfg, similarity.smooth_chamfer)
+    params = dict(loss.named_parameters())
+    assert list(params) == ["log_scale"]
+    terms = loss(img, txt)
+    S = similarity.smooth_chamfer(img.embeds, txt.embeds).detach().double().numpy()
+    i2t, t2i = naive_infonce(S, 0.1, 0.0)
+    assert terms["i2t_loss"].item() == pytest.approx(i2t, rel=1e-5)
+    assert loss.last_temperature == pytest.approx(0.1, rel=1e-6)
+    sum(terms.values()).backward()
+    assert params["log_scale"].grad is not None and params["log_scale"].grad.abs().item() > 0
+    with torch.no_grad():  # past the clamp (scale 20): the temperature stays at 1/20, no grad
+        params["log_scale"].fill_(math.log(50.0))
+    params["log_scale"].grad = None
+    sum(loss(img, txt).values()).backward()
+    assert loss.last_temperature == pytest.approx(1 / 20, rel=1e-6)
+    assert params["log_scale"].grad.abs().item() == 0.0
+    fixed = build_loss(LossConfig(name="infonce", learn_temperature=False), similarity.chamfer)
+    assert not list(fixed.parameters()) and "log_scale" in dict(fixed.named_buffers())
+
+
+def test_all_negatives_fallback_and_warm_up() -> None:
+    img, txt = _sets(4, 2, 8), _sets(20, 2, 8)
+    S = similarity.chamfer(img.embeds, txt.embeds).detach().double()
+    pos = positive_mask(4, 20)
+    sel = build_loss(LossConfig(mmd_weight=0, div_weight=0), similarity.chamfer)
+    mean = triplet_loss(S, pos, 0.2, "mean")["i2t_loss"].item()
+    assert sel(img, txt, all_negatives=True)["i2t_loss"].item() == pytest.approx(mean, rel=1e-6)
+    assert sel.can_fall_back(0) and sel.negatives(0) == "selective"
+    hn = LossConfig(name="infonce", hn_beta=0.5, mean_negative_epochs=1, mmd_weight=0, div_weight=0)
+    nce = build_loss(hn, similarity.chamfer)
+    plain = infonce_loss(S, pos, 0.07)["i2t_loss"].item()
+    weighted = infonce_loss(S, pos, 0.07, beta=0.5)["i2t_loss"].item()
+    assert nce(img, txt, epoch=0)["i2t_loss"].item() == pytest.approx(plain, rel=1e-5)  # warm-up
+    assert nce(img, txt, epoch=1)["i2t_loss"].item() == pytest.approx(weighted, rel=1e-5)
+    got = nce(img, txt, epoch=1, all_negatives=True)["i2t_loss"].item()
+    assert got == pytest.approx(plain, rel=1e-5)
+    assert nce.can_fall_back(1) and not nce.can_fall_back(0)
+    assert not build_loss(LossConfig(name="infonce"), similarity.chamfer).can_fall_back(3)
+    assert not build_loss(LossConfig(negatives="mean"), similarity.chamfer).can_fall_back(3)

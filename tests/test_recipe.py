@@ -259,13 +259,12 @@ def _check_margin_warning(cfg: config_lib.Config, run_dir: Path) -> None:
         loss_fn = trainer.loss_fn
 
         class AtMargin:
-            def __call__(self, img: object, txt: object, epoch: int = 0) -> dict:
-                terms = loss_fn(img, txt, epoch=epoch)  # keeps the graph; values pinned at 0.2
+            def __call__(self, img: object, txt: object, **kw: object) -> dict:
+                terms = loss_fn(img, txt, **kw)  # keeps the graph; values pinned at 0.2
                 return {k: v - v.detach() + (0.2 if "2" in k else 0.0) for k, v in terms.items()}
 
-            @property
-            def sim_moments(self) -> torch.Tensor:  # the real batch's similarities
-                return loss_fn.sim_moments
+            def __getattr__(self, name: str) -> object:  # the real batch's similarities, ...
+                return getattr(loss_fn, name)
 
         trainer.loss_fn = AtMargin()
         trainer.train()

@@ -7,7 +7,9 @@ after. Either way `load` raises a `ConfigError` naming the file (or override) an
 key. The resolved config is written next to a run with `save` and read back identically with
 `load`.
 
-    schema.py    the sections (dataclasses), defaults, rules and choices
+    schema.py    the sections (dataclasses), defaults and choices
+    objective.py the loss and collapse-guard sections
+    rules.py     range checks of fields, ConfigError
     loading.py   load / override / save / to_yaml / paths: the only YAML reader in setdiv
 
 Nothing here imports torch or another setdiv module but `setdiv.errors`, so launchers, sweep
@@ -17,6 +19,7 @@ drivers and `--help` load configs in well under a second.
 from setdiv.config.loading import _CHOICES, PATH_KEYS, load, override, paths, save, to_yaml
 from setdiv.config.schema import (
     LR_GROUPS,
+    CollapseConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -39,6 +42,7 @@ from setdiv.config.schema import (
 )
 
 __all__ = [
+    "CollapseConfig",
     "Config",
     "ConfigError",
     "DataConfig",

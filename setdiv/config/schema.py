@@ -1,21 +1,23 @@
 """The config schema: one dataclass per section, every default, each field's rule and choices.
 
-Ranges are checked after a merge (`_positive`, `_non_negative`, `_fraction` beside the fields;
-a section's `_conflict` between its fields); choices are `Literal` types, the registry names
-spelled out (tests/test_config.py checks them against the registries). Imports nothing from
-setdiv but `setdiv.errors`, and no torch.
+Ranges are checked after a merge (`positive`, `non_negative`, `fraction` of `rules.py` beside
+the fields; a section's `_conflict` between its fields); choices are `Literal` types, the
+registry names spelled out (tests/test_config.py checks them against the registries). The
+objective's sections live in `objective.py`. Imports nothing from setdiv but `setdiv.errors`,
+and no torch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from setdiv.errors import UserError
+from setdiv.config.objective import CollapseConfig, LossConfig
+from setdiv.config.rules import ConfigError, fraction, non_negative, positive, ruled
 
 __all__ = [
+    "CollapseConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -30,10 +32,6 @@ __all__ = [
     "TextEncoderConfig",
     "TrainConfig",
 ]
-
-
-class ConfigError(UserError):
-    """A config file or override that does not fit the schema."""
 
 
 # --- choices: a value outside them fails at merge (OmegaConf checks Literal types) -------------
@@ -55,42 +53,18 @@ Protocol = Literal["coco", "f30k", "web"]
 """coco: 5K + 1K folds (+ ECCV/CxC); f30k: 1K; web: whole-set recalls, any caption count."""
 """Evaluation protocols: COCO 5K / 1K folds, Flickr30K 1K."""
 
-# --- ranges: checked after the merge, naming the key ------------------------------------------
-
-Check = Callable[[Any], str | None]
-"""A field's rule: None when the value is fine, else what is wrong with it."""
-
-
-def _ruled(default: Any, check: Check) -> Any:
-    return field(default=default, metadata={"check": check})
-
-
-def _positive(default: float) -> Any:
-    """A field whose value must be > 0."""
-    return _ruled(default, lambda v: None if v > 0 else "must be > 0")
-
-
-def _non_negative(default: float) -> Any:
-    """A field whose value must be >= 0."""
-    return _ruled(default, lambda v: None if v >= 0 else "must be >= 0")
-
-
-def _fraction(default: float) -> Any:
-    """A probability-like field: in [0, 1)."""
-    return _ruled(default, lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
-
 
 @dataclass
 class SimilarityConfig:
     name: SimilarityName = "smooth_chamfer"
     """A similarity registered in `setdiv.similarity.SIMILARITIES`."""
-    alpha: float = _positive(16.0)
+    alpha: float = positive(16.0)
     """smooth_chamfer: the scaling parameter alpha (inverse temperature of the soft max)."""
     mp_a: float = 1.0
     """match_prob: slope a of sigmoid(a * s + b)."""
     mp_b: float = 0.0
     """match_prob: offset b of sigmoid(a * s + b)."""
-    block_size: int = _positive(512)
+    block_size: int = positive(512)
     """Sets per block along each axis: peak extra memory is O(block_size^2 * K * L)."""
 
 
@@ -98,17 +72,17 @@ class SimilarityConfig:
 class SetModuleConfig:
     name: SetModuleName = "slot"
     """A set module registered in `setdiv.model.set_modules.SET_MODULES`."""
-    num_embeds: int = _positive(4)
+    num_embeds: int = positive(4)
     """K: the number of embeddings per set."""
-    num_iters: int = _positive(4)
+    num_iters: int = positive(4)
     """T: how often the one weight-shared aggregation block is applied (slot, transformer)."""
-    num_heads: int = _positive(4)
+    num_heads: int = positive(4)
     """Attention heads of the aggregation block (pienet: attention maps = num_embeds)."""
-    head_dim: int = _positive(512)
+    head_dim: int = positive(512)
     """Width of each attention head (official: 512, so q/k/v are 4 x 512 = 2048 wide)."""
-    mlp_ratio: int = _positive(4)
+    mlp_ratio: int = positive(4)
     """Hidden width of the slot MLP as a multiple of embed_dim."""
-    dropout: float = _fraction(0.1)
+    dropout: float = fraction(0.1)
     """Dropout inside the slot MLP (pienet: on the attention-pooled residual)."""
     compat_mask: bool = False
     """Reproduce the official masking (before the slot softmax): padded inputs keep 1/K weight."""
@@ -122,7 +96,7 @@ class SetModuleConfig:
 class ImageEncoderConfig:
     name: ImageEncoderName = "region"
     """An image encoder registered in `setdiv.model.encoders.IMAGE_ENCODERS`."""
-    feature_dim: int = _positive(2048)
+    feature_dim: int = positive(2048)
     """region: width of the precomputed region features (BUTD: 2048)."""
     weights: str | None = None
     """cnn / timm: local path of the pretrained state dict (.pth or .safetensors); null =
@@ -135,7 +109,7 @@ class ImageEncoderConfig:
     memory, one more forward of the tower per step)."""
     freeze_bn: bool = False
     """cnn: keep BatchNorm statistics and affine parameters fixed (eval mode, no grad)."""
-    dropout: float = _fraction(0.1)
+    dropout: float = fraction(0.1)
     """Dropout on the projected local features (official: 0.1)."""
 
 
@@ -152,11 +126,11 @@ class TextEncoderConfig:
     """bigru: vocabulary size when vocab_path is null (random-init models, tests, `info`)."""
     glove_path: str | None = None
     """bigru: GloVe text file used to initialise the (trainable) word vectors; null = random."""
-    word_dim: int = _positive(300)
+    word_dim: int = positive(300)
     """bigru: word-vector width (GloVe: 300)."""
-    hidden_dim: int = _positive(1024)
+    hidden_dim: int = positive(1024)
     """bigru: GRU hidden width per direction."""
-    num_layers: int = _positive(1)
+    num_layers: int = positive(1)
     """bigru: stacked GRU layers."""
     bert_path: str | None = None
     """bert: a local Hugging Face encoder directory (config.json, weights, tokenizer files;
@@ -164,7 +138,7 @@ class TextEncoderConfig:
     random init with the bert-base-uncased shape."""
     bert_global: Literal["cls", "max"] = "cls"
     """bert: global feature from the projected [CLS] state (cls) or a max pool over tokens (max)."""
-    dropout: float = _fraction(0.1)
+    dropout: float = fraction(0.1)
     """bigru: dropout on the word vectors and on the global feature (official: 0.1)."""
     arch: str | None = None
     """open_clip: the model config whose text tower to use (e.g. ViT-B-16)."""
@@ -187,28 +161,12 @@ class TextEncoderConfig:
 
 @dataclass
 class ModelConfig:
-    embed_dim: int = _positive(1024)
+    embed_dim: int = positive(1024)
     """D: width of every set element."""
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image_set: SetModuleConfig = field(default_factory=SetModuleConfig)
     text_set: SetModuleConfig = field(default_factory=SetModuleConfig)
-
-
-@dataclass
-class LossConfig:
-    margin: float = _non_negative(0.2)
-    """Triplet margin m (0.2 for region features, 0.1 for CNN grids)."""
-    hardest_negatives: bool = True
-    """Hardest negative per positive (VSE++); false = mean over all negatives."""
-    mean_negative_epochs: int = _non_negative(0)
-    """Warm-up: the first E epochs use the mean over negatives instead of the hardest."""
-    reduction: Literal["mean", "sum"] = "mean"
-    """How hinge terms are reduced: mean (official DivE) | sum (VSE++)."""
-    mmd_weight: float = 0.01
-    """Weight of the MMD regulariser between image and caption elements."""
-    div_weight: float = 0.01
-    """Weight of the diversity regulariser on the pre-fusion slots."""
 
 
 LR_GROUPS = {
@@ -218,10 +176,12 @@ LR_GROUPS = {
     "text_backbone": 1.0,
     "text_encoder": 1.0,
     "text_set": 0.1,
+    "objective": 1.0,
 }
 """Parameter groups and their LR multipliers in the official train.py: the image encoder's
 non-CNN part shares `img_pie_lr_scale` with the image set module, the text set module has
-`txt_pie_lr_scale`, the text encoder (BERT included) `txt_lr_scale`, the CNN x1."""
+`txt_pie_lr_scale`, the text encoder (BERT included) `txt_lr_scale`, the CNN x1. Plus the
+objective's own parameters (InfoNCE's temperature: x1, no weight decay, as CLIP's)."""
 
 ParamGroup = Literal[tuple(LR_GROUPS)]
 
@@ -235,7 +195,7 @@ def _lr_mults(mult: dict[str, float]) -> str | None:
 
 @dataclass
 class OptimConfig:
-    lr: float = _positive(1e-3)
+    lr: float = positive(1e-3)
     """Base learning rate."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
@@ -247,21 +207,22 @@ class OptimConfig:
     """LR multiplier (>= 0) per parameter group (`setdiv info` lists the groups with their
     sizes): image_backbone (CNN), image_head (projection + residual MLP of the image encoder),
     image_set, text_backbone (BERT), text_encoder (word vectors + bi-GRU, or BERT's projection),
-    text_set. Keys left out keep their defaults, the official script's values."""
+    text_set, objective (InfoNCE's temperature). Keys left out keep their defaults, the
+    official script's values."""
     schedule: Literal["cosine", "step"] = "cosine"
     """cosine (annealed per iteration over all epochs) | step (x step_gamma every step_epochs)."""
-    step_epochs: int = _positive(10)
+    step_epochs: int = positive(10)
     """step: epochs between LR decays."""
     step_gamma: float = 0.1
     """step: decay factor."""
-    warmup_iters: int = _non_negative(0)
+    warmup_iters: int = non_negative(0)
     """Linear LR warm-up iterations before the schedule."""
-    freeze_epochs: int = _non_negative(0)
+    freeze_epochs: int = non_negative(0)
     """The groups in `freeze_groups` get no gradient and no optimizer update during the first
     E epochs; their optimizer state starts fresh when they unfreeze."""
     freeze_groups: list[ParamGroup] = field(default_factory=lambda: ["image_backbone"])
     """Parameter groups frozen during the first `freeze_epochs` (official: the CNN only)."""
-    grad_clip: float = _non_negative(1.0)
+    grad_clip: float = non_negative(1.0)
     """Max global gradient norm; 0 disables clipping."""
 
 
@@ -284,20 +245,20 @@ class DataConfig:
     """Samples in one epoch (all ranks) when resampling; null: as many as the shards hold."""
     val_shards: str | None = None
     """Validation shards (evaluated with the full protocol)."""
-    batch_size: int = _positive(200)
+    batch_size: int = positive(200)
     """Images per global batch; each comes with its 5 captions."""
-    num_workers: int = _non_negative(2)
+    num_workers: int = non_negative(2)
     """Loader worker processes per rank."""
-    image_size: int = _positive(224)
+    image_size: int = positive(224)
     """cnn: side of the training crop and of the test image."""
     image_transform: Literal["crop", "gpo512"] = "crop"
     """cnn: crop (RandomResizedCrop; test Resize(size/0.875) + CenterCrop) | gpo512
     (RandomResizedCrop with scale 0.36-1; test Resize((size, size))), as the official code."""
     hflip: bool = True
     """cnn: random horizontal flip in training (official, though captions mention left/right)."""
-    region_dropout: float = _fraction(0.2)
+    region_dropout: float = fraction(0.2)
     """Fraction of regions dropped per training image."""
-    word_dropout: float = _fraction(0.2)
+    word_dropout: float = fraction(0.2)
     """Probability that a token is perturbed (50% mask, 10% random word, 40% deleted)."""
     shuffle_buffer: int = 1000
     """Samples held per worker for sample-level shuffling (shards are shuffled too)."""
@@ -305,7 +266,7 @@ class DataConfig:
     """Draw shards with replacement (epochs of equal length) instead of one pass over all."""
     verify_checksums: bool = True
     """Check every shard's sha256 against its index before training starts."""
-    eval_batch_size: int = _positive(256)
+    eval_batch_size: int = positive(256)
     """Images per encoding batch in evaluation (captions: 5x)."""
     val_protocol: Protocol = "coco"
     """Protocol of the validation split (selects the whole-set RSUM)."""
@@ -332,6 +293,11 @@ class DataConfig:
     there is none and the first shard holds `.txt` captions)."""
     caption_key: str | None = None
     """img2dataset: take the caption from this field of `KEY.json` instead of `KEY.txt`."""
+    caption_noise: float = ruled(0.0, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    """Noisy-pair benchmark: this fraction of the training captions is replaced, once for the
+    whole run, by captions of other images (validation and evaluation data untouched)."""
+    caption_noise_seed: int = 0
+    """Which captions `caption_noise` replaces, and by which."""
 
     def _conflict(self) -> tuple[str, str] | None:
         if self.train_sources and self.train_shards is not None:
@@ -348,7 +314,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _positive(80)
+    epochs: int = positive(80)
     """Training epochs."""
     seed: int = 0
     """Seed of model init, data order and dropout."""
@@ -360,15 +326,17 @@ class TrainConfig:
     master copies in the optimizer): less memory for memory-bound models, not the recipe."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
-    log_every: int = _positive(20)
+    log_every: int = positive(20)
     """Steps between metrics.jsonl / TensorBoard records."""
-    ckpt_every: int = _positive(1000)
+    ckpt_every: int = positive(1000)
     """Steps between checkpoints (plus one at every epoch end)."""
-    keep_last: int = _positive(3)
+    keep_last: int = positive(3)
     """Checkpoints kept besides `best`."""
-    max_nonfinite: int = _positive(5)
+    max_nonfinite: int = positive(5)
     """Consecutive non-finite losses (each step skipped) after which training stops."""
-    dist_timeout: float = _ruled(
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    """What the trainer does when the batch's scores collapse to a constant."""
+    dist_timeout: float = ruled(
         300.0, lambda v: None if 0 < v < math.inf else "must be > 0 seconds and finite"
     )
     """Seconds the ranks of a job wait for each other at the rendezvous before failing with a

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 import random
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from setdiv.data import samples
 from setdiv.data import workers as data_workers
+from setdiv.data.noise import CaptionNoise, plan_caption_noise
 from setdiv.data.samples import (
     Batch,
     SampleOptions,
@@ -37,6 +39,7 @@ from setdiv.errors import UserError
 
 __all__ = ["Batch", "EvalReader", "SampleOptions", "TrainReader", "plan_epoch"]
 
+log = logging.getLogger(__name__)
 CHUNK = 16
 """Samples per message from a data worker to its rank."""
 MAX_PASSES = 100
@@ -148,6 +151,8 @@ class TrainReader:
         if verify:
             for s in sets:
                 s.verify(list(range(rank, len(s.paths), world)))
+        if opts.caption_noise > 0:
+            opts = dataclasses.replace(opts, noise=self._noise_plan(opts, rank))
         self.opts, self.batch_size, self.rank, self.world = opts, batch_size, rank, world
         self.num_workers, self.seed, self.buffer = num_workers, seed, shuffle_buffer
         self.resampled = resampled
@@ -175,6 +180,19 @@ class TrainReader:
             raise UserError(
                 f"{pattern}: too few samples for one batch of {batch_size} on each of {world} ranks"
             )
+
+    def _noise_plan(self, opts: SampleOptions, rank: int) -> CaptionNoise:
+        """The noisy-pair plan of `data.caption_noise` over all training shards (the same on
+        every rank)."""
+        plan = plan_caption_noise(
+            self.urls, opts.format, opts.caption_noise, opts.caption_noise_seed, opts.caption_key
+        )
+        if rank == 0:
+            log.info(
+                "data.caption_noise=%g: %d of %d training captions replaced by other images' "
+                "(seed %d)", opts.caption_noise, plan.replaced, plan.total, opts.caption_noise_seed,
+            )  # fmt: skip
+        return plan
 
     def _pass_shards(self, epoch: int, attempt: int) -> list[list[dict]]:
         """Each data worker's shards ({"url"}) for one pass. `resampled`: drawn with

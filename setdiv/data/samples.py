@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from setdiv.data.noise import CaptionNoise
 from setdiv.data.shards import decode_meta, web_meta
 from setdiv.data.text import Tokenizer, word_dropout
 from setdiv.errors import UserError
@@ -96,6 +97,11 @@ class SampleOptions:
     readers resolve it from their shards."""
     caption_key: str | None = None
     """img2dataset: the `.json` field holding the caption (None: `.txt`)."""
+    caption_noise: float = 0.0
+    """Training: the share of captions the reader's noise plan replaces (`data.caption_noise`)."""
+    caption_noise_seed: int = 0
+    noise: CaptionNoise | None = None
+    """The plan itself, made by the training reader from its shards."""
 
 
 def image_transform_steps(
@@ -174,6 +180,8 @@ def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: li
         meta = web_meta(raw, opts.caption_key)
     else:
         meta = decode_meta(raw, five=opts.format != "features")
+    if opts.noise is not None:  # (training only: the plan's replaced captions)
+        meta["captions"] = opts.noise.apply(raw["__url__"], raw["__key__"], meta["captions"])
     if opts.kind == "regions":  # stays numpy until collation: cheaper between processes
         regions_RC = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
         if regions_RC.ndim != 2 or not np.isfinite(regions_RC).all():
@@ -290,4 +298,6 @@ def sample_options(
         cfg.crop_pct or 0.875,
         cfg.format,
         cfg.caption_key,
+        cfg.caption_noise if train else 0.0,
+        cfg.caption_noise_seed,
     )

@@ -63,6 +63,8 @@ class TrainState:
     data_positions: list[int] = field(default_factory=list)
     """Per rank, the positions of `epoch` (good and corrupt samples) read by `batch_in_epoch`:
     where each rank's data stream resumes (empty at an epoch boundary)."""
+    collapse: dict = field(default_factory=dict)
+    """The collapse guard's state (`setdiv.train.watch.CollapseGuard.state`)."""
 
 
 def _barrier() -> None:

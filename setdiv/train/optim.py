@@ -1,8 +1,10 @@
 """Parameter groups with LR multipliers, the LR schedule, and backbone freezing (SPEC §5).
 
 The groups follow the official train.py: the CNN, the image head (the image encoder without
-its CNN), the image set module, BERT, the rest of the text encoder, the text set module. Each
-has its own multiplier (`optim.lr_mult`); `setdiv info` lists them with their sizes.
+its CNN), the image set module, BERT, the rest of the text encoder, the text set module; plus
+the objective's own parameters (InfoNCE's temperature), once the trainer attaches the loss to
+the model as `objective`. Each has its own multiplier (`optim.lr_mult`); `setdiv info` lists
+them with their sizes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def group_parameters(model: SetRetrievalModel) -> dict[str, list[nn.Parameter]]:
         "text_backbone": _params(text_backbone),
         "text_encoder": _minus(model.text_encoder, text_backbone),
         "text_set": _params(model.text_set),
+        "objective": _params(getattr(model, "objective", None)),
     }
     assert list(groups) == list(LR_GROUPS)
     counted = sum(len(ps) for ps in groups.values())
@@ -54,11 +57,17 @@ def group_parameters(model: SetRetrievalModel) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
+NO_WEIGHT_DECAY = frozenset({"objective"})
+"""Groups AdamW does not decay: a temperature is no weight (CLIP leaves its logit scale out)."""
+
+
 def param_groups(model: SetRetrievalModel, cfg: OptimConfig) -> list[dict]:
-    """Optimizer param groups: one per non-empty named group, `lr = optim.lr x lr_mult[name]`."""
+    """Optimizer param groups: one per non-empty named group, `lr = optim.lr x lr_mult[name]`
+    (the `NO_WEIGHT_DECAY` groups with weight decay 0)."""
     mult = {**LR_GROUPS, **cfg.lr_mult}
     return [
         {"params": ps, "name": name, "lr": cfg.lr * mult[name], "lr_mult": mult[name]}
+        | ({"weight_decay": 0.0} if name in NO_WEIGHT_DECAY else {})
         for name, ps in group_parameters(model).items()
         if ps
     ]

@@ -32,7 +32,7 @@ from setdiv.distributed import (
 )
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode, gather_and_score, whole_set
-from setdiv.losses import build_loss, similarity_spread
+from setdiv.losses import build_loss, describe_objective, similarity_spread
 from setdiv.model import build_model
 from setdiv.model.encoders import IMAGE_INPUT_KIND
 from setdiv.model.towers import with_tower_preprocessing
@@ -41,7 +41,7 @@ from setdiv.train import engine as ds
 from setdiv.train.checkpoint import Checkpointer, TrainState
 from setdiv.train.metrics_writer import MetricsWriter
 from setdiv.train.optim import build_optimizer, group_lr_lambdas
-from setdiv.train.watch import MarginStall, NonFiniteLossError
+from setdiv.train.watch import CollapseGuard, MarginStall, NonFiniteLossError
 
 __all__ = ["Trainer"]
 
@@ -70,8 +70,10 @@ class Trainer:
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         self.dtype = half if cfg.train.half_weights and half is not None else torch.float32
         self.state = TrainState(world_size=self.world)
+        self.guard = CollapseGuard(cfg.train.collapse)
         if resume is not None:  # a checkpoint that does not fit fails before RUN is written
             self._resume(resume)
+            self.guard.load(self.state.collapse)
         if is_rank_zero(self.rank):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_lib.save(self.cfg, self.run_dir / "config.yaml")
@@ -112,6 +114,11 @@ class Trainer:
         model = build_model(cfg.model)
         self.similarity = build_similarity(cfg.similarity)
         self.loss_fn = build_loss(cfg.loss, self.similarity)
+        # The objective's own parameters (InfoNCE's temperature) train and are checkpointed
+        # with the model's; `setdiv export` leaves them out of the exported weights.
+        model.add_module("objective", self.loss_fn)
+        if is_rank_zero(self.rank):
+            log.info("objective: %s", describe_objective(cfg.loss))
         return model
 
     def _engine(self, model: torch.nn.Module) -> Any:
@@ -163,7 +170,8 @@ class Trainer:
         self.engine.train()
         images, image_mask, tokens, token_mask = self._to_device(batch)
         img, txt = self.engine(images, image_mask, tokens, token_mask)
-        terms = self.loss_fn(img, txt, epoch=self.state.epoch)
+        fallback = self.guard.fallback
+        terms = self.loss_fn(img, txt, epoch=self.state.epoch, all_negatives=fallback)
         local = sum(terms.values())
         moments = getattr(self.loss_fn, "sim_moments", None)
         parts = [t.detach().double().reshape(1) for t in terms.values()]
@@ -180,6 +188,10 @@ class Trainer:
         out["loss"] = float(values.sum())
         if moments is not None:  # the spread of the whole batch's similarity matrix
             out["sim_std"] = similarity_spread(packed[len(terms) :])
+        temperature = getattr(self.loss_fn, "last_temperature", None)
+        if temperature is not None:
+            out["temperature"] = temperature
+        out["all_negatives"] = float(fallback)
         return out
 
     # --- loop ----------------------------------------------------------------------------------
@@ -208,7 +220,8 @@ class Trainer:
         while st.epoch < cfg.train.epochs:
             self._apply_freeze()
             self.metrics.start_timing()
-            stalled = MarginStall(cfg.loss.margin, cfg.loss.reduction)
+            margin = cfg.loss.margin if cfg.loss.name == "triplet" else 0.0  # (0: off)
+            stalled = MarginStall(margin, cfg.loss.reduction)
             start = st.data_positions[self.rank] if st.data_positions else None
             for batch in self.reader.epoch(st.epoch, st.batch_in_epoch, start):
                 st.skipped_samples += int(all_reduce_sum(torch.tensor([batch.skipped]))[0])
@@ -219,6 +232,7 @@ class Trainer:
                 self._track_nonfinite(result)
                 if result is not None:
                     stalled.update(result)
+                    self._watch_collapse(result)
                     if self.metrics.should_log(st.step):
                         rate = self.metrics.log_train(st, result, self._lr())
                         bar.set_postfix(loss=f"{result['loss']:.4f}", img_s=f"{rate:.0f}")
@@ -231,6 +245,7 @@ class Trainer:
                 self._save()
         bar.close()
         self.metrics.close()
+        self.guard.finish(st.step)
         return st
 
     def _track_nonfinite(self, result: dict[str, float] | None) -> None:
@@ -252,29 +267,21 @@ class Trainer:
                 f"{st.step}; {self._last_finite()}"
             )
 
+    def _watch_collapse(self, result: dict[str, float]) -> None:
+        """Hand the step's score spread to the collapse guard, which may stop the run. InfoNCE
+        ranks logits: their spread is sim_std / temperature."""
+        if "sim_std" in result:
+            spread = result["sim_std"] / result.get("temperature", 1.0)
+            st = self.state
+            can = self.loss_fn.can_fall_back(st.epoch)
+            self.guard.update(spread, can, st.step, log if is_rank_zero(self.rank) else None)
+
     def _warn_if_stalled(self, stalled: MarginStall) -> None:
-        """At an epoch end: a warning, with remedies, when the triplet terms sat at the margin
+        """At an epoch end: the margin-stall warning, when the triplet terms sat at the margin
         for the whole epoch."""
-        if not stalled.whole_epoch() or not is_rank_zero(self.rank):
-            return
-        loss, epoch = self.cfg.loss, self.state.epoch
-        hardest = loss.hardest_negatives and epoch >= loss.mean_negative_epochs
-        log.warning(
-            "epoch %d: the triplet terms sat at the margin %.3g for all %d steps "
-            "(i2t %.4f, t2i %.4f): positives score no higher than the %s negatives, "
-            "the similarities are collapsing to a constant (their standard deviation in a "
-            "batch: %.4f). Remedies (BENCHMARKS.md): "
-            "more mean-negative epochs (loss.mean_negative_epochs) or mean negatives "
-            "throughout (loss.hardest_negatives=false), less input dropout "
-            "(data.region_dropout, data.word_dropout), a lower LR.",
-            epoch,
-            loss.margin,
-            stalled.steps,
-            stalled.mean("i2t_loss"),
-            stalled.mean("t2i_loss"),
-            "hardest" if hardest else "mean",
-            stalled.spread(),
-        )
+        if stalled.whole_epoch() and is_rank_zero(self.rank):
+            negatives = self.loss_fn.negatives(self.state.epoch, self.guard.fallback)
+            log.warning(stalled.warning(self.state.epoch, negatives))
 
     def _apply_freeze(self) -> None:
         """At an epoch start: during the first `optim.freeze_epochs` the `freeze_groups` do not
@@ -366,6 +373,7 @@ class Trainer:
         # Mid-epoch, where each rank's data stream stands (batch_in_epoch is the same on all).
         st = self.state
         st.data_positions = all_gather_list([self.reader.position]) if st.batch_in_epoch else []
+        st.collapse = self.guard.state()
         self.checkpointer.save(st, tag=tag)
         return True
 

@@ -41,6 +41,12 @@ def _arguments() -> argparse.Namespace:
     p.add_argument("--variants", default=None, help=f"instead of --runs: some of {list(VARIANTS)}")
     p.add_argument("--dropout", default="off", help="with --variants: off, on or off,on")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument(
+        "--noise",
+        default="0",
+        help="comma-separated shares of training captions replaced by other images' (setdiv "
+        "runs: data.caption_noise), e.g. 0,0.2,0.5",
+    )
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 6)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=None, help="mean-negative epochs (default 1)")
@@ -84,27 +90,31 @@ def main() -> int:
         print(diagnose([Path(d) for d in args.diagnose], work / "data" / "shards"))
         return 0
     pairs, seeds = parse_runs(args), [int(s) for s in args.seeds.split(",")]
+    noises = [float(x) for x in args.noise.split(",")]
     out = Path(args.out) if args.out else work / "report"
     out.mkdir(parents=True, exist_ok=True)
     raw, shards, vocab = prepare_data(spec, work)
     results, width, t0 = [], Width(), time.perf_counter()
-    for name, dropout in pairs:
+    runs = [(n, d, x, s) for n, d in pairs for x in noises for s in seeds]
+    for name, dropout, noise, seed in runs:
         v = VARIANTS[name]
-        for seed in seeds:
-            rd = work / "runs" / f"{name}_drop{dropout}_seed{seed}"
-            print(f"run {rd.name} ...", flush=True)
-            if v.impl == "setdiv":
-                res = run_setdiv(v, dropout == "on", seed, width, recipe, shards, vocab, rd)
-            else:
-                res = run_reference(v, dropout == "on", seed, width, recipe, raw, vocab)
-            res.update(variant=name, dropout=dropout, seed=seed, impl=v.impl)
-            print(
-                f"  test RSUM {res['test']['rsum']:.1f} (train subset {res['train']['rsum']:.1f})"
-                f", train {res['train_min']:.1f} min, eval {res['eval_min']:.1f} min",
-                flush=True,
-            )
-            results.append(res)
-            _write(out, spec, recipe, width, results)
+        if v.impl != "setdiv" and noise:
+            raise SystemExit(f"{name}: the reference reads clean data only (--noise 0)")
+        tag = f"_noise{round(100 * noise)}" if noise else ""
+        rd = work / "runs" / f"{name}_drop{dropout}{tag}_seed{seed}"
+        print(f"run {rd.name} ...", flush=True)
+        if v.impl == "setdiv":
+            res = run_setdiv(v, dropout == "on", seed, width, recipe, shards, vocab, rd, noise)
+        else:
+            res = run_reference(v, dropout == "on", seed, width, recipe, raw, vocab)
+        res.update(variant=name, dropout=dropout, seed=seed, impl=v.impl, noise=noise)
+        print(
+            f"  test RSUM {res['test']['rsum']:.1f} (train subset {res['train']['rsum']:.1f})"
+            f", train {res['train_min']:.1f} min, eval {res['eval_min']:.1f} min",
+            flush=True,
+        )
+        results.append(res)
+        _write(out, spec, recipe, width, results)
     print(_write(out, spec, recipe, width, results))
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min; wrote {out}/results.md, results.json")
     return 0

@@ -24,17 +24,26 @@ def _mean_std(xs: list[float | None], digits: int = 1) -> str:
     return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
+def _objective(objective: str, warmup: int, recipe: Recipe) -> str:
+    """How the table names a run's objective."""
+    first = f"mean {warmup} ep, then " if warmup else ""
+    if objective == "official":
+        return "mean" if warmup >= recipe.epochs else f"{first}hardest"
+    return first + {"sel": "selective", "nce": "InfoNCE"}.get(objective, objective)
+
+
 def table(results: list[dict], recipe: Recipe) -> str:
     """One row per (variant, dropout), mean ± std over its seeds."""
     lines = [
-        "| variant | impl | K | similarity | dropout | negatives | test RSUM | R@1 i2t | R@1 t2i "
-        "| train-subset RSUM | last-epoch triplet i2t / t2i | train min | eval min | seeds |",
-        "|---|---|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---|",
+        "| variant | impl | K | similarity | dropout | noise | objective | test RSUM | R@1 i2t "
+        "| R@1 t2i | train-subset RSUM | last-epoch i2t / t2i | last-epoch sim_std "
+        "| fallback steps | train min | eval min | seeds |",
+        "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, float], list[dict]] = {}
     for res in results:
-        groups.setdefault((res["variant"], res["dropout"]), []).append(res)
-    for (name, dropout), runs in groups.items():
+        groups.setdefault((res["variant"], res["dropout"], res.get("noise", 0.0)), []).append(res)
+    for (name, dropout, noise), runs in groups.items():
         v, wu = VARIANTS[name], VARIANTS[name].warmup_epochs(recipe)
         col = {key: [x[key] for x in runs] for key in runs[0] if key not in ("test", "train")}
         test = {key: [x["test"][key] for x in runs] for key in ("rsum", "i2t_r1", "t2i_r1")}
@@ -45,12 +54,15 @@ def table(results: list[dict], recipe: Recipe) -> str:
             str(v.k),
             v.similarity,
             dropout,
-            "mean" if wu >= recipe.epochs else f"mean {wu} ep, then hardest" if wu else "hardest",
+            f"{100 * noise:.0f}%",
+            _objective(v.objective, wu, recipe),
             _mean_std(test["rsum"]),
             _mean_std(test["i2t_r1"]),
             _mean_std(test["t2i_r1"]),
             _mean_std(train_rsum),
             f"{_mean_std(col['final_i2t_loss'], 3)} / {_mean_std(col['final_t2i_loss'], 3)}",
+            _mean_std(col.get("final_sim_std", []), 4),
+            _mean_std(col.get("fallback_steps", []), 0),
             _mean_std(col["train_min"]),
             _mean_std(col["eval_min"]),
             ",".join(str(x) for x in col["seed"]),

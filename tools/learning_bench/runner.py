@@ -44,13 +44,14 @@ def run_cmd(cmd: list[str], log: Path, retries: int = 2, fresh: Path | None = No
 
 
 def run_setdiv(
-    v: Variant, dropout: bool, seed: int, w: Width, r: Recipe, shards: Path, vocab: Path, rd: Path
-) -> dict:
+    v: Variant, dropout: bool, seed: int, w: Width, r: Recipe, shards: Path, vocab: Path, rd: Path,
+    noise: float = 0.0,
+) -> dict:  # fmt: skip
     """Train, export the final checkpoint, evaluate on test and the train subset."""
     log = rd.parent / f"{rd.name}.log"
     log.unlink(missing_ok=True)
     rd.parent.mkdir(parents=True, exist_ok=True)
-    overrides = setdiv_overrides(v, dropout, seed, w, r, shards, vocab)
+    overrides = setdiv_overrides(v, dropout, seed, w, r, shards, vocab, noise)
     t0 = time.perf_counter()
     run_cmd([*setdiv_cmd(), "train", str(CONFIG), *overrides, "--run-dir", str(rd)], log, fresh=rd)
     train_s = time.perf_counter() - t0
@@ -62,7 +63,10 @@ def run_setdiv(
         scores[name] = _full_set(rd / f"eval_{name}")
     records = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x]
     last = [x for x in records if "i2t_loss" in x and x["epoch"] == r.epochs - 1]
+    spreads = [x["sim_std"] for x in last if "sim_std" in x]
     return {
+        "final_sim_std": statistics.fmean(spreads) if spreads else None,
+        "fallback_steps": sum(x.get("all_negatives", 0) for x in records),
         **scores,
         "train_min": train_s / 60,
         "eval_min": (time.perf_counter() - t0 - train_s) / 60,

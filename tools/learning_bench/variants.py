@@ -70,12 +70,29 @@ class Variant:
     """Entries replacing `Recipe.lr_mult` ones, e.g. (("image_head", 0.1),)."""
     overrides: tuple[str, ...] = ()
     """Extra dotted overrides (setdiv only)."""
+    objective: str = "official"
+    """setdiv: a key of `OBJECTIVES` (the reference: hardest after `warmup` epochs of mean)."""
 
     def lr_groups(self, r: Recipe) -> dict[str, float]:
         return {**r.lr_mult, **dict(self.lr_mult)}
 
     def warmup_epochs(self, r: Recipe) -> int:
-        return r.warmup if self.warmup is None else self.warmup
+        if self.warmup is None:  # only the official objective needs a warm-up
+            return r.warmup if self.objective == "official" else 0
+        return self.warmup
+
+
+OBJECTIVES = {
+    "official": ("loss.negatives=hardest",),
+    "sel": ("loss.negatives=selective",),
+    "mean": ("loss.negatives=mean",),
+    "nce": ("loss.name=infonce",),
+    "hnnce": ("loss.name=infonce", "loss.hn_beta=0.5"),
+    "hnnce1": ("loss.name=infonce", "loss.hn_beta=1.0"),
+}
+"""Objective -> setdiv overrides: the official (hardest negatives after `Recipe.warmup`
+epochs of mean), selective negatives, mean negatives, InfoNCE, InfoNCE + HN-NCE weighting
+(the last ones from the first step)."""
 
 
 VARIANTS = {
@@ -85,6 +102,13 @@ VARIANTS = {
     "k4_chamfer": Variant("setdiv", similarity="chamfer"),
     "k4_hardest": Variant("setdiv", warmup=0),
     "k4_mean": Variant("setdiv", warmup=1000),  # mean negatives throughout
+    **{
+        f"k{k}_{obj}": Variant("setdiv", k=k, objective=obj)
+        for k in (4, 1)
+        for obj in OBJECTIVES
+        if obj != "official"
+    },
+    "k4_sel_warm": Variant("setdiv", objective="sel", warmup=1),
     "k1_hardest": Variant("setdiv", k=1, warmup=0),
     "k4_headlr": Variant("setdiv", lr_mult=(("image_head", 0.1),)),  # official train.py groups
     # Which dropout stalls K=4: run `k4_no_set_dropout:on` (the data and encoder dropouts
@@ -127,9 +151,11 @@ DROPOUT_ON = {
 
 
 def setdiv_overrides(
-    v: Variant, dropout: bool, seed: int, w: Width, r: Recipe, data: Path, vocab: Path
-) -> list[str]:
-    """Dotted overrides of configs/roi_bigru.yaml for one setdiv run."""
+    v: Variant, dropout: bool, seed: int, w: Width, r: Recipe, data: Path, vocab: Path,
+    noise: float = 0.0,
+) -> list[str]:  # fmt: skip
+    """Dotted overrides of configs/roi_bigru.yaml for one setdiv run; `noise`: the share of
+    training captions replaced by other images' (seeded by the run's seed)."""
     out = [f"model.embed_dim={w.embed_dim}", f"model.text.hidden_dim={w.hidden_dim}"]
     for side in ("image_set", "text_set"):
         out += [
@@ -148,6 +174,7 @@ def setdiv_overrides(
         f"loss.mmd_weight={r.mmd_weight}",
         f"loss.div_weight={r.div_weight}",
         f"loss.mean_negative_epochs={v.warmup_epochs(r)}",
+        *OBJECTIVES[v.objective],
         f"optim.lr={r.lr}",
         f"optim.weight_decay={r.weight_decay}",
         f"optim.grad_clip={r.grad_clip}",
@@ -162,6 +189,8 @@ def setdiv_overrides(
         "train.log_every=1",  # every step: exact final-epoch loss means
         "train.ckpt_every=1000000",  # epoch-end checkpoints only
         "train.keep_last=1",
+        f"data.caption_noise={noise}",
+        f"data.caption_noise_seed={seed}",
     ]
     out += [f"{k}={p if dropout else 0.0}" for k, p in DROPOUT_ON.items()]
     return out + _lr_overrides(v.lr_groups(r)) + list(v.overrides)
