@@ -12,7 +12,7 @@ import torch
 
 from learning_bench.data import DataSpec, prepare_data
 from learning_bench.reference import _check_reference, run_reference
-from learning_bench.report import _write
+from learning_bench.report import _write, collect
 from learning_bench.runner import diagnose, run_setdiv
 from learning_bench.variants import DEFAULT_TABLE, VARIANTS, Recipe, Width
 
@@ -31,6 +31,10 @@ def parse_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
         if d not in ("on", "off"):
             raise SystemExit(f"dropout must be on or off, got {d!r}")
     return pairs
+
+
+def out_dir(args: argparse.Namespace, work: Path) -> Path:
+    return Path(args.out) if args.out else work / "report"
 
 
 def _arguments() -> argparse.Namespace:
@@ -58,7 +62,16 @@ def _arguments() -> argparse.Namespace:
         help="torch threads per process (default 1: on a shared 2-core machine more threads "
         "oversubscribe the cores and run up to 10x slower; the data worker takes the other)",
     )
+    p.add_argument("--prepare", action="store_true", help="only generate and convert the data")
     p.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, k4 + ref_k4 (smoke)")
+    p.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        metavar="OUT_DIR",
+        help="instead of training: merge the results.json of earlier runs (their --out) into "
+        "one report with the objective tables (noisy pairs, dropouts), written to --out",
+    )
     p.add_argument(
         "--diagnose",
         nargs="+",
@@ -86,14 +99,19 @@ def main() -> int:
     if args.train_images:
         spec = replace(spec, train=args.train_images)
     work = Path(args.work)
+    if args.collect:
+        print(collect([Path(d) for d in args.collect], out_dir(args, work)))
+        return 0
     if args.diagnose:
         print(diagnose([Path(d) for d in args.diagnose], work / "data" / "shards"))
         return 0
     pairs, seeds = parse_runs(args), [int(s) for s in args.seeds.split(",")]
     noises = [float(x) for x in args.noise.split(",")]
-    out = Path(args.out) if args.out else work / "report"
+    out = out_dir(args, work)
     out.mkdir(parents=True, exist_ok=True)
     raw, shards, vocab = prepare_data(spec, work)
+    if args.prepare:
+        return 0
     results, width, t0 = [], Width(), time.perf_counter()
     runs = [(n, d, x, s) for n, d in pairs for x in noises for s in seeds]
     for name, dropout, noise, seed in runs:

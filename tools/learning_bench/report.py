@@ -81,3 +81,78 @@ def _write(out: Path, spec: DataSpec, recipe: Recipe, width: Width, results: lis
     payload = {"spec": asdict(spec), "recipe": asdict(recipe), "width": asdict(width)}
     (out / "results.json").write_text(json.dumps({**payload, "runs": results}, indent=1))
     return text
+
+
+# --- the objective tables (issue: collapse, noisy pairs) ---------------------------------------
+
+OBJECTIVE_ROWS = {
+    "official": "official: hardest, 1 mean epoch first",
+    "sel": "**selective** (the default)",
+    "nce": "InfoNCE",
+    "hnnce": "InfoNCE + HN-NCE (beta 0.5)",
+}
+"""Objective -> its row label in the collected tables."""
+
+
+def _objective_of(name: str) -> tuple[int, str] | None:
+    """(K, objective) of a setdiv variant in the objective tables, or None."""
+    v = VARIANTS[name]
+    if (
+        v.impl != "setdiv"
+        or v.warmup is not None
+        or v.overrides
+        or v.similarity != "smooth_chamfer"
+    ):
+        return None
+    return v.k, v.objective
+
+
+def _cell(runs: list[dict]) -> tuple[str, float | None]:
+    xs = [r["test"]["rsum"] for r in runs]
+    return _mean_std(xs), (statistics.fmean(xs) if xs else None)
+
+
+def objective_tables(results: list[dict]) -> str:
+    """Test RSUM by objective x K: against the share of noisy pairs (dropout off), with the
+    share of the clean RSUM each keeps; and with the recipe's dropouts at 0% noise."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in results:
+        key = _objective_of(r["variant"])
+        if key is not None:
+            cells.setdefault((*key, r["dropout"], r.get("noise", 0.0)), []).append(r)
+    lines = [
+        "| K | objective | 0% noise | 20% noise | kept | 50% noise | kept | the recipe's dropouts "
+        "| kept | seeds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for k in (4, 1):
+        for obj, label in OBJECTIVE_ROWS.items():
+            clean, clean_mean = _cell(cells.get((k, obj, "off", 0.0), []))
+            row = [str(k), label, clean]
+            for noise in (0.2, 0.5):
+                text, mean = _cell(cells.get((k, obj, "off", noise), []))
+                row += [text, f"{100 * mean / clean_mean:.0f}%" if mean and clean_mean else "-"]
+            text, mean = _cell(cells.get((k, obj, "on", 0.0), []))
+            row += [text, f"{100 * mean / clean_mean:.0f}%" if mean and clean_mean else "-"]
+            seeds = sorted(
+                {r["seed"] for key, rs in cells.items() if key[:2] == (k, obj) for r in rs}
+            )
+            row.append(",".join(map(str, seeds)))
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def collect(dirs: list[Path], out: Path) -> str:
+    """Merge the results.json of several runs of the benchmark: the per-run table and the
+    objective tables, written to OUT/results.md and OUT/results.json."""
+    results, payload = [], {}
+    for d in dirs:
+        blob = json.loads((d / "results.json").read_text())
+        payload = {k: blob[k] for k in ("spec", "recipe", "width")}
+        results += blob["runs"]
+    recipe = Recipe(**payload["recipe"])
+    text = table(results, recipe) + "\n\n" + objective_tables(results) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({**payload, "runs": results}, indent=1))
+    return text
