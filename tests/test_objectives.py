@@ -196,3 +196,24 @@ def test_a_run_made_to_collapse_stops_with_exit_3_when_told_to(
     lines = [x for x in done.stderr.splitlines() if "training collapsed" in x]
     assert len(lines) == 1 and "loss.negatives=selective" in lines[0], done.stderr[-2000:]
     assert max(r["step"] for r in records(run) if "loss" in r) < 256  # stopped early
+
+
+def test_the_temperature_trains_alike_under_zero_3_and_exports_from_its_partitions(
+    data: Path, tmp_path: Path
+) -> None:
+    """ZeRO-3 partitions the temperature like any parameter: the trainer reads it inside the
+    loss's forward (where the partition is whole), and export merges it back out."""
+    runs = {}
+    for stage in (0, 3):
+        run = runs[stage] = tmp_path / f"zero{stage}"
+        args = overrides(data, "loss.name=infonce", "train.epochs=1", f"train.zero_stage={stage}")
+        done = run_setdiv("train", *args, "--run-dir", str(run))
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = ([r for r in records(runs[s]) if "temperature" in r] for s in (0, 3))
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b, strict=True):
+        assert y["temperature"] == pytest.approx(x["temperature"], rel=1e-5)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+    assert run_setdiv("export", str(runs[3])).returncode == 0
+    with safe_open(str(runs[3] / "export/model.safetensors"), "pt") as f:
+        assert 0.05 < float(f.metadata()["temperature"]) < 0.09
