@@ -270,7 +270,7 @@ def test_loading_a_config_imports_no_torch_and_no_other_setdiv_module() -> None:
         (["loss.temperature=0.05"], "loss.temperature", "loss.name=infonce only"),
         (["loss.learn_temperature=false"], "loss.learn_temperature", "infonce only"),
         (["loss.name=infonce", "loss.negatives=hardest"], "loss.negatives", "triplet only"),
-        (["loss.name=infonce", "loss.temperature=0.001"], "loss.temperature", "max_logit_scale = 0.01"),
+        (["loss.name=infonce", "loss.temperature=0.001"], "loss.temperature", "scale = 0.01"),
         (["loss.name=infonce", "loss.temperature=2"], "loss.temperature", "(0, 1]"),
         (["train.collapse.ratio=0.6"], "train.collapse.recover_ratio", "must be above"),
         (["train.collapse.window=0"], "train.collapse.window", "> 0"),
