@@ -68,7 +68,8 @@ def test_two_seed_ensemble_through_ray_then_local(tmp_path: Path) -> None:
     for name, sims in (("seed0", singles[0]), ("seed1", singles[1]), ("ensemble", mean)):
         rsum = summary["metrics"][f"{name}:coco_64"]["rsum"]
         assert rsum == pytest.approx(naive_rsum(sims), abs=1e-6)
-        assert float(table[f"{name}:coco_64"][-1]) == pytest.approx(rsum, abs=0.05)
+        printed = float(table[f"{name}:coco_64"][-1])  # to 0.1: off by 0.05 at most
+        assert printed == pytest.approx(rsum, abs=0.05 + 1e-9)
     for s, run in enumerate(runs):
         cfg = (run / "config.yaml").read_text()
         assert f"seed: {s}" in cfg

@@ -89,17 +89,18 @@ class CollapseConfig:
     the run so far."""
 
     action: Literal["recover", "stop", "warn"] = "recover"
-    """On a collapse: recover (train against all negatives until the spread returns: the mean
-    negative, InfoNCE without hard-negative weighting; stop with exit 3 when that is not
-    possible or takes longer than `patience`) | stop (exit 3 at once) | warn (log only)."""
+    """On a collapse: recover (train against all negatives from then on: the mean negative,
+    InfoNCE without hard-negative weighting; stop with exit 3 where that is not possible, or
+    when the spread has not returned after `patience` steps or by the end of training) | stop
+    (exit 3 at once) | warn (log only)."""
     window: int = positive(20)
     """Steps whose spread is averaged."""
     ratio: float = ruled(0.2, _between(0.0, 1.0))
     """Collapsed: the window's spread is below this fraction of the run's highest."""
     recover_ratio: float = ruled(0.5, _between(0.0, 1.0))
     """Recovered: the window's spread is back above this fraction of the run's highest."""
-    patience: int = positive(300)
-    """Steps a run may spend collapsed in all before it stops with exit 3."""
+    patience: int = positive(1000)
+    """Steps a run may spend collapsed in all before it stops with exit 3 (`warn`: never)."""
 
     def _conflict(self) -> tuple[str, str] | None:
         if self.recover_ratio <= self.ratio:

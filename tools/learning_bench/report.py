@@ -27,8 +27,9 @@ def _mean_std(xs: list[float | None], digits: int = 1) -> str:
 def _objective(objective: str, warmup: int, recipe: Recipe) -> str:
     """How the table names a run's objective."""
     first = f"mean {warmup} ep, then " if warmup else ""
-    if objective == "official":
-        return "mean" if warmup >= recipe.epochs else f"{first}hardest"
+    if objective in ("official", "guarded"):
+        guard = ", collapse guard" if objective == "guarded" else ""
+        return ("mean" if warmup >= recipe.epochs else f"{first}hardest") + guard
     return first + {"sel": "selective", "nce": "InfoNCE"}.get(objective, objective)
 
 
@@ -45,7 +46,8 @@ def table(results: list[dict], recipe: Recipe) -> str:
         groups.setdefault((res["variant"], res["dropout"], res.get("noise", 0.0)), []).append(res)
     for (name, dropout, noise), runs in groups.items():
         v, wu = VARIANTS[name], VARIANTS[name].warmup_epochs(recipe)
-        col = {key: [x[key] for x in runs] for key in runs[0] if key not in ("test", "train")}
+        keys = {key for x in runs for key in x if key not in ("test", "train")}
+        col = {key: [x.get(key) for x in runs] for key in keys}
         test = {key: [x["test"][key] for x in runs] for key in ("rsum", "i2t_r1", "t2i_r1")}
         train_rsum = [x["train"]["rsum"] for x in runs]
         cells = [
@@ -62,7 +64,12 @@ def table(results: list[dict], recipe: Recipe) -> str:
             _mean_std(train_rsum),
             f"{_mean_std(col['final_i2t_loss'], 3)} / {_mean_std(col['final_t2i_loss'], 3)}",
             _mean_std(col.get("final_sim_std", []), 4),
-            _mean_std(col.get("fallback_steps", []), 0),
+            _mean_std(col.get("fallback_steps", []), 0)
+            + (
+                f" (stopped: {sum(bool(x) for x in col['stopped'])})"
+                if any(col.get("stopped", []))
+                else ""
+            ),
             _mean_std(col["train_min"]),
             _mean_std(col["eval_min"]),
             ",".join(str(x) for x in col["seed"]),

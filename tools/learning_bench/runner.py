@@ -23,10 +23,17 @@ def setdiv_cmd() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "setdiv.cli"]
 
 
-def run_cmd(cmd: list[str], log: Path, retries: int = 2, fresh: Path | None = None) -> None:
+COLLAPSED = 3
+"""`setdiv train`'s exit code for a run stopped by the collapse guard (or divergence)."""
+
+
+def run_cmd(
+    cmd: list[str], log: Path, retries: int = 2, fresh: Path | None = None, accept: tuple = ()
+) -> int:
     """Run a setdiv command, output appended to `log`; on failure retry after a minute (the
     tree is edited concurrently: a failure may be a half-saved file). `fresh`: a directory
-    removed before each attempt (a training run starts clean, not resumed)."""
+    removed before each attempt (a training run starts clean, not resumed). An exit code in
+    `accept` is an outcome, not a failure: returned, as 0 is."""
     for attempt in range(retries + 1):
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
@@ -34,8 +41,8 @@ def run_cmd(cmd: list[str], log: Path, retries: int = 2, fresh: Path | None = No
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
             rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-        if rc == 0:
-            return
+        if rc == 0 or rc in accept:
+            return rc
         tail = "\n".join(log.read_text().splitlines()[-15:])
         print(f"  command failed (rc {rc}, attempt {attempt + 1}); log {log}:\n{tail}", flush=True)
         if attempt < retries:
@@ -53,7 +60,10 @@ def run_setdiv(
     rd.parent.mkdir(parents=True, exist_ok=True)
     overrides = setdiv_overrides(v, dropout, seed, w, r, shards, vocab, noise)
     t0 = time.perf_counter()
-    run_cmd([*setdiv_cmd(), "train", str(CONFIG), *overrides, "--run-dir", str(rd)], log, fresh=rd)
+    train = [*setdiv_cmd(), "train", str(CONFIG), *overrides, "--run-dir", str(rd)]
+    rc = run_cmd(train, log, fresh=rd, accept=(COLLAPSED,))
+    # A run the collapse guard stopped is scored from its last checkpoint, and says so.
+    stopped = [x for x in log.read_text().splitlines() if "training collapsed" in x][-1:]
     train_s = time.perf_counter() - t0
     run_cmd([*setdiv_cmd(), "export", str(rd), "--tag", "latest"], log)
     scores = {}
@@ -65,6 +75,7 @@ def run_setdiv(
     last = [x for x in records if "i2t_loss" in x and x["epoch"] == r.epochs - 1]
     spreads = [x["sim_std"] for x in last if "sim_std" in x]
     return {
+        "stopped": stopped[0].split("error: ", 1)[-1] if rc == COLLAPSED and stopped else None,
         "final_sim_std": statistics.fmean(spreads) if spreads else None,
         "fallback_steps": sum(x.get("all_negatives", 0) for x in records),
         **scores,

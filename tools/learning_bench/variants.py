@@ -78,12 +78,15 @@ class Variant:
 
     def warmup_epochs(self, r: Recipe) -> int:
         if self.warmup is None:  # only the official objective needs a warm-up
-            return r.warmup if self.objective == "official" else 0
+            return r.warmup if self.objective in ("official", "guarded") else 0
         return self.warmup
 
 
 OBJECTIVES = {
-    "official": ("loss.negatives=hardest",),
+    # as the paper trains: hardest negatives, nothing acting on a collapse
+    "official": ("loss.negatives=hardest", "train.collapse.action=warn"),
+    # the same with the trainer's collapse guard (its default)
+    "guarded": ("loss.negatives=hardest",),
     "sel": ("loss.negatives=selective",),
     "mean": ("loss.negatives=mean",),
     "nce": ("loss.name=infonce",),
@@ -91,8 +94,8 @@ OBJECTIVES = {
     "hnnce1": ("loss.name=infonce", "loss.hn_beta=1.0"),
 }
 """Objective -> setdiv overrides: the official (hardest negatives after `Recipe.warmup`
-epochs of mean), selective negatives, mean negatives, InfoNCE, InfoNCE + HN-NCE weighting
-(the last ones from the first step)."""
+epochs of mean; no collapse guard), the same guarded, selective negatives, mean negatives,
+InfoNCE, InfoNCE + HN-NCE weighting (the last ones from the first step)."""
 
 
 VARIANTS = {
@@ -106,8 +109,9 @@ VARIANTS = {
         f"k{k}_{obj}": Variant("setdiv", k=k, objective=obj)
         for k in (4, 1)
         for obj in OBJECTIVES
-        if obj != "official"
+        if obj not in ("official", "guarded")
     },
+    "k4_hardest_guarded": Variant("setdiv", objective="guarded", warmup=0),
     "k4_sel_warm": Variant("setdiv", objective="sel", warmup=1),
     "k1_hardest": Variant("setdiv", k=1, warmup=0),
     "k4_headlr": Variant("setdiv", lr_mult=(("image_head", 0.1),)),  # official train.py groups
