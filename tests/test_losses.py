@@ -205,9 +205,10 @@ def test_at_a_constant_matrix_selective_pushes_apart_as_mean_negatives_do() -> N
     assert (grads["hardest"][~pos] != 0).sum() < (~pos).sum() / 2  # hardest: a few
 
 
-def naive_infonce(S: np.ndarray, tau: float, beta: float) -> tuple[float, float]:
+def naive_infonce(S: np.ndarray, tau: float, beta: float, q: float = 0.0) -> tuple[float, float]:
     """Straight from the formula: each (query, positive) against the query's negatives (an
-    image's other captions are neither), HN-NCE weights w = |neg| e^{b l} / sum e^{b l}."""
+    image's other captions are neither), HN-NCE weights w = |neg| e^{b l} / sum e^{b l}; with
+    q > 0 the positive's probability p enters as (1 - p^q) / q instead of -log p."""
     N, M = S.shape
     per = M // N
 
@@ -215,9 +216,9 @@ def naive_infonce(S: np.ndarray, tau: float, beta: float) -> tuple[float, float]
         lp, ln = pos / tau, [n / tau for n in negs]
         z = sum(math.exp(beta * x) for x in ln)
         w = [len(ln) * math.exp(beta * x) / z for x in ln]
-        return -lp + math.log(
-            math.exp(lp) + sum(wi * math.exp(x) for wi, x in zip(w, ln, strict=True))
-        )
+        z = math.exp(lp) + sum(wi * math.exp(x) for wi, x in zip(w, ln, strict=True))
+        p = math.exp(lp) / z
+        return -math.log(p) if q == 0 else (1 - p**q) / q
 
     i2t = [
         one(S[i, c], [S[i, n] for n in range(M) if n // per != i])
@@ -228,12 +229,15 @@ def naive_infonce(S: np.ndarray, tau: float, beta: float) -> tuple[float, float]
     return float(np.mean(i2t)), float(np.mean(t2i))
 
 
-@pytest.mark.parametrize(("per", "beta"), [(5, 0.0), (5, 0.5), (1, 0.0), (1, 1.0)])
-def test_infonce_matches_a_naive_loop(per: int, beta: float) -> None:
+@pytest.mark.parametrize(
+    ("per", "beta", "q"),
+    [(5, 0.0, 0.0), (5, 0.5, 0.0), (1, 0.0, 0.0), (1, 1.0, 0.0), (5, 0.0, 0.5), (1, 0.5, 1.0)],
+)
+def test_infonce_matches_a_naive_loop(per: int, beta: float, q: float) -> None:
     g = torch.Generator().manual_seed(per)
     S = torch.rand(4, 4 * per, generator=g, dtype=torch.float64) * 2 - 1
-    got = infonce_loss(S, positive_mask(4, 4 * per), temperature=0.1, beta=beta)
-    i2t, t2i = naive_infonce(S.numpy(), 0.1, beta)
+    got = infonce_loss(S, positive_mask(4, 4 * per), temperature=0.1, beta=beta, robust_q=q)
+    i2t, t2i = naive_infonce(S.numpy(), 0.1, beta, q)
     assert got["i2t_loss"].item() == pytest.approx(i2t, abs=1e-10)
     assert got["t2i_loss"].item() == pytest.approx(t2i, abs=1e-10)
 

@@ -54,6 +54,9 @@ class LossConfig:
     hn_beta: float = non_negative(0.0)
     """infonce: HN-NCE's hard-negative weighting beta (0 = plain InfoNCE): each query's
     negatives weighted by exp(beta * logit), normalised to mean 1."""
+    robust_q: float = ruled(0.0, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    """infonce: for noisy pairs, each pair's -log p becomes (1 - p^q) / q (generalised cross
+    entropy): a pair the model cannot explain pulls less (0 = plain InfoNCE)."""
     mmd_weight: float = 0.01
     """Weight of the MMD regulariser between image and caption elements."""
     div_weight: float = 0.01
@@ -63,6 +66,7 @@ class LossConfig:
         if self.name == "triplet":
             infonce_only = {
                 "hn_beta": self.hn_beta != 0,
+                "robust_q": self.robust_q != 0,
                 "temperature": self.temperature != _TEMPERATURE,
                 "learn_temperature": not self.learn_temperature,
                 "max_logit_scale": self.max_logit_scale != _MAX_SCALE,

@@ -141,7 +141,9 @@ class SetRetrievalLoss(nn.Module):
             scale = self.scale()
             self.last_temperature = float(1 / scale.detach().double())
             beta = self.hn_beta(epoch, all_negatives)
-            terms = infonce_terms(rows_nM, pos_nM, cols_Nm, pos_Nm, scale, beta, cfg.reduction, M)
+            terms = infonce_terms(
+                rows_nM, pos_nM, cols_Nm, pos_Nm, scale, beta, cfg.reduction, M, cfg.robust_q
+            )
         else:
             negatives = self.negatives(epoch, all_negatives)
             terms = triplet_terms(
@@ -168,7 +170,8 @@ def describe_objective(cfg: LossConfig) -> str:
         learned = "learned" if cfg.learn_temperature else "fixed"
         return (
             f"symmetric InfoNCE, temperature {cfg.temperature:g} ({learned}, at least "
-            f"{1 / cfg.max_logit_scale:g}), hn_beta {cfg.hn_beta:g}{warm} "
+            f"{1 / cfg.max_logit_scale:g}), hn_beta {cfg.hn_beta:g}, robust_q "
+            f"{cfg.robust_q:g}{warm} "
             "(loss.margin and loss.negatives do not apply)"
         )
     return f"triplet, margin {cfg.margin:g}, {cfg.negatives} negatives{warm}"

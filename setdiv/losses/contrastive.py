@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["infonce_loss", "infonce_terms"]
+__all__ = ["infonce_loss", "infonce_terms", "robust"]
 
 
 def _row_nce(logits_QC: Tensor, pos_QC: Tensor, beta: float) -> Tensor:
@@ -39,6 +39,16 @@ def _row_nce(logits_QC: Tensor, pos_QC: Tensor, beta: float) -> Tensor:
     return torch.logaddexp(pos_P, negatives_Q[q_idx]) - pos_P
 
 
+def robust(nll_P: Tensor, q: float) -> Tensor:
+    """Per-pair -log p -> the generalised cross-entropy (1 - p^q) / q (Zhang & Sabuncu 2018;
+    RINCE carries the idea to contrastive losses): its gradient is p^q times InfoNCE's, so a
+    pair the model cannot explain (small p: a likely wrong pair) pulls less. q = 0 is InfoNCE
+    itself, q = 1 a bounded, mean-absolute-error-like loss."""
+    if q == 0:
+        return nll_P
+    return -torch.expm1(-q * nll_P) / q
+
+
 def infonce_terms(
     rows_nM: Tensor,
     pos_nM: Tensor,
@@ -48,13 +58,15 @@ def infonce_terms(
     beta: float,
     reduction: str,
     num_pairs: int,
+    robust_q: float = 0.0,
 ) -> dict[str, Tensor]:
     """A share of the symmetric InfoNCE loss: i2t over the image rows (n,M) against all
     captions, t2i over the caption columns (N,m) against all images; `scale` (a 0-d tensor,
     1 / temperature) multiplies the similarities. `mean` divides by `num_pairs` (the positive
-    pairs of the whole batch: one per caption), so the ranks' shares sum to the whole loss."""
-    i2t = _row_nce(scale * rows_nM, pos_nM, beta).sum()
-    t2i = _row_nce(scale * cols_Nm.T, pos_Nm.T, beta).sum()
+    pairs of the whole batch: one per caption), so the ranks' shares sum to the whole loss.
+    `robust_q` > 0: each pair's term -log p becomes (1 - p^q) / q (`robust`)."""
+    i2t = robust(_row_nce(scale * rows_nM, pos_nM, beta), robust_q).sum()
+    t2i = robust(_row_nce(scale * cols_Nm.T, pos_Nm.T, beta), robust_q).sum()
     if reduction == "mean":
         i2t, t2i = i2t / num_pairs, t2i / num_pairs
     return {"i2t_loss": i2t, "t2i_loss": t2i}
@@ -66,12 +78,15 @@ def infonce_loss(
     temperature: float | Tensor = 0.07,
     beta: float = 0.0,
     reduction: str = "mean",
+    robust_q: float = 0.0,
 ) -> dict[str, Tensor]:
     """The symmetric InfoNCE loss of a whole (N,M) similarity matrix with an (N,M) positive
     mask (every caption has exactly one positive image)."""
     scale = 1 / torch.as_tensor(temperature, dtype=sims_NM.dtype)
     num_pairs = int(pos_NM.sum())
-    return infonce_terms(sims_NM, pos_NM, sims_NM, pos_NM, scale, beta, reduction, num_pairs)
+    return infonce_terms(
+        sims_NM, pos_NM, sims_NM, pos_NM, scale, beta, reduction, num_pairs, robust_q
+    )
 
 
 def log_scale_bounds(max_scale: float) -> tuple[float, float]:

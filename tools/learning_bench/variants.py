@@ -92,6 +92,8 @@ OBJECTIVES = {
     "nce": ("loss.name=infonce",),
     "hnnce": ("loss.name=infonce", "loss.hn_beta=0.5"),
     "hnnce1": ("loss.name=infonce", "loss.hn_beta=1.0"),
+    "rnce": ("loss.name=infonce", "loss.robust_q=0.5"),
+    "rnce3": ("loss.name=infonce", "loss.robust_q=0.3"),
 }
 """Objective -> setdiv overrides: the official (hardest negatives after `Recipe.warmup`
 epochs of mean; no collapse guard), the same guarded, selective negatives, mean negatives,
