@@ -267,7 +267,6 @@ def test_loading_a_config_imports_no_torch_and_no_other_setdiv_module() -> None:
     ("overrides", "key", "why"),
     [
         (["loss.hn_beta=0.5"], "loss.hn_beta", "loss.name=infonce only"),
-        (["loss.robust_q=0.5"], "loss.robust_q", "loss.name=infonce only"),
         (["loss.temperature=0.05"], "loss.temperature", "loss.name=infonce only"),
         (["loss.learn_temperature=false"], "loss.learn_temperature", "infonce only"),
         (["loss.name=infonce", "loss.negatives=hardest"], "loss.negatives", "triplet only"),

@@ -40,7 +40,9 @@ def global_batch() -> tuple[torch.Tensor, ...]:
 
 LOSSES = {
     "hardest": LossConfig(margin=0.2, negatives="hardest", mmd_weight=0.5, div_weight=0.5),
-    "selective": LossConfig(margin=0.2, negatives="selective", mmd_weight=0.5, div_weight=0.5),
+    "selective_robust": LossConfig(
+        margin=0.2, negatives="selective", robust_q=0.5, mmd_weight=0.5, div_weight=0.5
+    ),
     "infonce_hn_robust": LossConfig(
         name="infonce", temperature=0.1, hn_beta=0.5, robust_q=0.5, mmd_weight=0.5
     ),

@@ -188,6 +188,33 @@ def test_selective_negatives_match_a_naive_loop() -> None:
         assert sel["i2t_loss"].item() == pytest.approx(ref["i2t_loss"].item(), abs=1e-12)
 
 
+@pytest.mark.parametrize("negatives", ["selective", "hardest", "mean"])
+def test_robust_triplet_weighs_each_hinge_by_the_share_of_negatives_below_its_positive(
+    negatives: str,
+) -> None:
+    g = torch.Generator().manual_seed(5)
+    S = torch.rand(4, 12, generator=g, dtype=torch.float64) * 2 - 1
+    pos = positive_mask(4, 12)
+    per, q = 3, 0.5
+    i2t, t2i = [], []
+    for i in range(4):  # naive: hinge of each pair (as above) x (share below the positive)^q
+        negs = [S[i, n].item() for n in range(12) if n // per != i]
+        for c in range(i * per, (i + 1) * per):
+            one = triplet_loss(S[i : i + 1, [c, *[n for n in range(12) if n // per != i]]],
+                               torch.tensor([[True] + [False] * 9]), 0.2, negatives)  # fmt: skip
+            share = sum(n < S[i, c].item() for n in negs) / len(negs)
+            i2t.append(one["i2t_loss"].item() * share**q)
+    for c in range(12):
+        negs = [S[j, c].item() for j in range(4) if j != c // per]
+        col = S[[c // per, *[j for j in range(4) if j != c // per]], c : c + 1]
+        one = triplet_loss(col.T, torch.tensor([[True, False, False, False]]), 0.2, negatives)
+        share = sum(n < S[c // per, c].item() for n in negs) / len(negs)
+        t2i.append(one["i2t_loss"].item() * share**q)
+    got = triplet_loss(S, pos, 0.2, negatives, robust_q=q)
+    assert got["i2t_loss"].item() == pytest.approx(np.mean(i2t), abs=1e-12)
+    assert got["t2i_loss"].item() == pytest.approx(np.mean(t2i), abs=1e-12)
+
+
 def test_at_a_constant_matrix_selective_pushes_apart_as_mean_negatives_do() -> None:
     """The collapse optimum of the hardest negative (every score alike) is no resting point
     for selective negatives: its gradient there is the mean negatives' (positives up, every

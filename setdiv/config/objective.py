@@ -55,8 +55,9 @@ class LossConfig:
     """infonce: HN-NCE's hard-negative weighting beta (0 = plain InfoNCE): each query's
     negatives weighted by exp(beta * logit), normalised to mean 1."""
     robust_q: float = ruled(0.0, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
-    """infonce: for noisy pairs, each pair's -log p becomes (1 - p^q) / q (generalised cross
-    entropy): a pair the model cannot explain pulls less (0 = plain InfoNCE)."""
+    """For noisy pairs: a pair the model cannot explain (a likely wrong pair) pulls less.
+    infonce: each pair's -log p becomes (1 - p^q) / q (generalised cross entropy); triplet:
+    each hinge is weighted by (share of its negatives scoring below the positive)^q. 0: off."""
     mmd_weight: float = 0.01
     """Weight of the MMD regulariser between image and caption elements."""
     div_weight: float = 0.01
@@ -66,7 +67,6 @@ class LossConfig:
         if self.name == "triplet":
             infonce_only = {
                 "hn_beta": self.hn_beta != 0,
-                "robust_q": self.robust_q != 0,
                 "temperature": self.temperature != _TEMPERATURE,
                 "learn_temperature": not self.learn_temperature,
                 "max_logit_scale": self.max_logit_scale != _MAX_SCALE,

@@ -147,8 +147,9 @@ class SetRetrievalLoss(nn.Module):
         else:
             negatives = self.negatives(epoch, all_negatives)
             terms = triplet_terms(
-                rows_nM, pos_nM, cols_Nm, pos_Nm, cfg.margin, negatives, cfg.reduction, M
-            )
+                rows_nM, pos_nM, cols_Nm, pos_Nm, cfg.margin, negatives, cfg.reduction, M,
+                cfg.robust_q,
+            )  # fmt: skip
         if cfg.mmd_weight:
             D = image.embeds.shape[-1]
             x, y = _wide(image.embeds.reshape(-1, D)), _wide(text.embeds.reshape(-1, D))
@@ -174,7 +175,8 @@ def describe_objective(cfg: LossConfig) -> str:
             f"{cfg.robust_q:g}{warm} "
             "(loss.margin and loss.negatives do not apply)"
         )
-    return f"triplet, margin {cfg.margin:g}, {cfg.negatives} negatives{warm}"
+    robust = f", robust_q {cfg.robust_q:g}" * bool(cfg.robust_q)
+    return f"triplet, margin {cfg.margin:g}, {cfg.negatives} negatives{robust}{warm}"
 
 
 def build_loss(cfg: LossConfig, similarity: Callable[[Tensor, Tensor], Tensor]) -> SetRetrievalLoss:

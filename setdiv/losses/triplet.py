@@ -24,10 +24,23 @@ NEGATIVES: tuple[str, ...] = ("hardest", "mean", "selective")
 """The negatives a triplet hinge may use (`loss.negatives`)."""
 
 
-def _row_hinges(sims_QC: Tensor, pos_QC: Tensor, margin: float, negatives: str) -> Tensor:
-    """Hinge per (query, positive) pair -> (P,), against the negatives `negatives` names."""
+def _row_hinges(
+    sims_QC: Tensor, pos_QC: Tensor, margin: float, negatives: str, robust_q: float = 0.0
+) -> Tensor:
+    """Hinge per (query, positive) pair -> (P,), against the negatives `negatives` names;
+    `robust_q` > 0 weighs each by `_confidence`."""
     q_idx, c_idx = pos_QC.nonzero(as_tuple=True)
     pos_sims_P = sims_QC[q_idx, c_idx]
+    hinges_P = _hinges(sims_QC, pos_QC, q_idx, pos_sims_P, margin, negatives)
+    if robust_q:
+        hinges_P = hinges_P * _confidence(sims_QC, pos_QC, q_idx, pos_sims_P, robust_q)
+    return hinges_P
+
+
+def _hinges(
+    sims_QC: Tensor, pos_QC: Tensor, q_idx: Tensor, pos_sims_P: Tensor, margin: float,
+    negatives: str,
+) -> Tensor:  # fmt: skip
     hardest_P = None
     if negatives != "mean":
         hardest_Q = sims_QC.masked_fill(pos_QC, float("-inf")).amax(dim=1)
@@ -45,6 +58,20 @@ def _row_hinges(sims_QC: Tensor, pos_QC: Tensor, margin: float, negatives: str) 
     return hardest_P.where(wins_P, mean_P)
 
 
+def _confidence(
+    sims_QC: Tensor, pos_QC: Tensor, q_idx: Tensor, pos_sims_P: Tensor, q: float
+) -> Tensor:
+    """(P,) detached weights (share of the query's negatives that score below the positive)^q:
+    a pair ranked above most of its negatives keeps its pull, one the model ranks among the
+    last (a likely wrong pair, a noisy caption) pulls less. At a random start every pair sits
+    mid-ranking, so all weigh alike."""
+    neg_PC = ~pos_QC[q_idx]
+    below_PC = (sims_QC[q_idx] < pos_sims_P[:, None]) & neg_PC
+    dtype = sims_QC.dtype
+    share_P = below_PC.sum(dim=1).to(dtype) / neg_PC.sum(dim=1).clamp_min(1).to(dtype)
+    return share_P.pow(q).detach()
+
+
 def triplet_terms(
     rows_nM: Tensor,
     pos_nM: Tensor,
@@ -54,14 +81,15 @@ def triplet_terms(
     negatives: str,
     reduction: str,
     num_pairs: int,
+    robust_q: float = 0.0,
 ) -> dict[str, Tensor]:
     """A share of the triplet loss: i2t over the image rows (n,M) against all captions, t2i
     over the caption columns (N,m) against all images. `mean` divides by `num_pairs`, the
     positive pairs of the whole (N,M) batch, so the shares sum to the whole loss."""
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    i2t = _row_hinges(rows_nM, pos_nM, margin, negatives).sum()
-    t2i = _row_hinges(cols_Nm.T, pos_Nm.T, margin, negatives).sum()
+    i2t = _row_hinges(rows_nM, pos_nM, margin, negatives, robust_q).sum()
+    t2i = _row_hinges(cols_Nm.T, pos_Nm.T, margin, negatives, robust_q).sum()
     if reduction == "mean":
         i2t, t2i = i2t / num_pairs, t2i / num_pairs
     return {"i2t_loss": i2t, "t2i_loss": t2i}
@@ -73,11 +101,14 @@ def triplet_loss(
     margin: float,
     negatives: str = "hardest",
     reduction: str = "mean",
+    robust_q: float = 0.0,
 ) -> dict[str, Tensor]:
     """The triplet loss of a whole (N,M) similarity matrix with an (N,M) positive mask.
 
     i2t: every (image, positive caption) pair against the image's negative captions; t2i:
     every caption against its negative images; `negatives` as the module docstring.
     """
-    num_pairs = int(pos_NM.sum())
-    return triplet_terms(sims_NM, pos_NM, sims_NM, pos_NM, margin, negatives, reduction, num_pairs)
+    n = int(pos_NM.sum())
+    return triplet_terms(
+        sims_NM, pos_NM, sims_NM, pos_NM, margin, negatives, reduction, n, robust_q
+    )

@@ -94,6 +94,8 @@ OBJECTIVES = {
     "hnnce1": ("loss.name=infonce", "loss.hn_beta=1.0"),
     "rnce": ("loss.name=infonce", "loss.robust_q=0.5"),
     "rnce3": ("loss.name=infonce", "loss.robust_q=0.3"),
+    "hnrnce": ("loss.name=infonce", "loss.hn_beta=0.5", "loss.robust_q=0.5"),
+    "rsel": ("loss.negatives=selective", "loss.robust_q=0.5"),
 }
 """Objective -> setdiv overrides: the official (hardest negatives after `Recipe.warmup`
 epochs of mean; no collapse guard), the same guarded, selective negatives, mean negatives,
