@@ -63,3 +63,44 @@ def test_reference_recalls_match_setdiv_metrics(ref) -> None:  # noqa: ANN001
     sims[:, :5] += 3.0  # image 0 finds its captions
     got, want = ref.ref_recalls(sims), recall_at_k(sims)
     assert got == pytest.approx({k: want[k] for k in got})
+
+
+def test_objective_table_keeps_the_share_of_the_clean_rsum() -> None:
+    """The collected objective table: mean ± std over seeds per cell, and "kept" = the noisy
+    (or dropout) mean over the clean mean, worked by hand; unmeasured rows print dashes."""
+    sys.path.insert(0, str(TOOLS))
+    try:
+        report = importlib.import_module("learning_bench.report")
+    finally:
+        sys.path.remove(str(TOOLS))
+
+    def run(variant: str, rsum: float, seed: int, noise: float = 0.0, dropout: str = "off"):
+        return {
+            "variant": variant,
+            "dropout": dropout,
+            "noise": noise,
+            "seed": seed,
+            "test": {"rsum": rsum},
+        }
+
+    results = [
+        run("k4_sel", 400.0, 0),
+        run("k4_sel", 410.0, 1),  # clean mean 405
+        run("k4_sel", 360.0, 0, 0.2),
+        run("k4_sel", 370.0, 1, 0.2),  # 365: 90%
+        run("k4_sel", 202.5, 0, 0.5),  # 50%
+        run("k4_sel", 324.0, 0, dropout="on"),  # 80%
+        run("k4_rnce", 100.0, 0),
+    ]
+    rows = {
+        line.split(" | ")[1]: line.split(" | ")
+        for line in report.objective_tables(results).splitlines()
+        if line.startswith("| 4 |")
+    }
+    sel = rows["**selective** (the default)"]
+    assert sel[2] == "405.0 ± 7.1"  # sample std of (400, 410)
+    assert sel[3:9] == ["365.0 ± 7.1", "90%", "202.5", "50%", "324.0", "80%"]
+    assert sel[9].rstrip(" |") == "0,1"
+    assert rows["official: hardest, 1 mean epoch first"][2] == "-"
+    assert "robust InfoNCE (q 0.5)" in rows  # measured: shown
+    assert "robust selective (q 0.5)" not in rows  # not measured: left out

@@ -97,8 +97,14 @@ OBJECTIVE_ROWS = {
     "sel": "**selective** (the default)",
     "nce": "InfoNCE",
     "hnnce": "InfoNCE + HN-NCE (beta 0.5)",
+    "rnce": "robust InfoNCE (q 0.5)",
+    "hnrnce": "robust InfoNCE + HN-NCE",
+    "rsel": "robust selective (q 0.5)",
 }
-"""Objective -> its row label in the collected tables."""
+"""Objective -> its row label in the collected tables; the last three appear where measured."""
+
+_TABLE_OBJECTIVES = ("official", "sel", "nce", "hnnce")
+"""The rows the issue's table always has, measured or not."""
 
 
 def _objective_of(name: str) -> tuple[int, str] | None:
@@ -134,6 +140,8 @@ def objective_tables(results: list[dict]) -> str:
     ]
     for k in (4, 1):
         for obj, label in OBJECTIVE_ROWS.items():
+            if obj not in _TABLE_OBJECTIVES and not any(key[:2] == (k, obj) for key in cells):
+                continue
             clean, clean_mean = _cell(cells.get((k, obj, "off", 0.0), []))
             row = [str(k), label, clean]
             for noise in (0.2, 0.5):
