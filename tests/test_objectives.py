@@ -81,6 +81,32 @@ def test_guard_is_quiet_on_a_healthy_run_whose_spread_shrinks_slowly() -> None:
     assert set(feed(guard, spreads)) == {None}
 
 
+def test_guard_catches_a_collapse_from_the_first_steps_by_the_margin() -> None:
+    """The learning benchmark's hardest negatives from step 0 under dropouts: the spread only
+    ever falls (0.045 -> 0.008, a quarter of the first window's: above `ratio`) while both
+    triplet terms sit above the margin. The spread alone misses it; with the terms at the
+    margin the guard falls back once the spread is below `recover_ratio` of the highest."""
+    spreads = [max(0.045 * 0.97**i, 0.008) for i in range(120)]
+    alone = CollapseGuard(CollapseConfig(window=20))
+    assert set(feed(alone, spreads)) == {None}
+    guard = CollapseGuard(CollapseConfig(window=20))
+    events = [guard.update(s, True, i, margin_share=1.08) for i, s in enumerate(spreads)]
+    first = events.index("collapsed")
+    window = [sum(spreads[i - 19 : i + 1]) / 20 for i in range(19, len(spreads))]
+    expected = next(i + 19 for i, m in enumerate(window) if m < 0.5 * max(window[: i + 1]))
+    assert first == expected and guard.fallback
+    # positives that beat their negatives (terms below the margin): a shrinking spread is fine
+    healthy = CollapseGuard(CollapseConfig(window=20))
+    assert {healthy.update(s, True, i, margin_share=0.6) for i, s in enumerate(spreads)} == {None}
+    # a window with a non-triplet step (None) does not count as at the margin
+    mixed = CollapseGuard(CollapseConfig(window=20))
+    shares = [None if i % 7 == 0 else 1.08 for i in range(120)]
+    assert {
+        mixed.update(s, True, i, margin_share=g)
+        for i, (s, g) in enumerate(zip(spreads, shares, strict=True))
+    } == {None}
+
+
 # --- training runs --------------------------------------------------------------------------
 
 TINY = [

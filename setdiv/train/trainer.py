@@ -41,7 +41,7 @@ from setdiv.train import engine as ds
 from setdiv.train.checkpoint import Checkpointer, TrainState
 from setdiv.train.metrics_writer import MetricsWriter
 from setdiv.train.optim import build_optimizer, group_lr_lambdas
-from setdiv.train.watch import CollapseGuard, MarginStall, NonFiniteLossError
+from setdiv.train.watch import CollapseGuard, MarginStall, NonFiniteLossError, margin_share
 
 __all__ = ["Trainer"]
 
@@ -274,7 +274,9 @@ class Trainer:
             spread = result["sim_std"] / result.get("temperature", 1.0)
             st = self.state
             can = self.loss_fn.can_fall_back(st.epoch)
-            self.guard.update(spread, can, st.step, log if is_rank_zero(self.rank) else None)
+            share = margin_share(self.cfg.loss, result)
+            rank0_log = log if is_rank_zero(self.rank) else None
+            self.guard.update(spread, can, st.step, rank0_log, margin_share=share)
 
     def _warn_if_stalled(self, stalled: MarginStall) -> None:
         """At an epoch end: the margin-stall warning, when the triplet terms sat at the margin

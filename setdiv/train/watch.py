@@ -9,10 +9,10 @@ import logging
 from collections import deque
 from typing import Any
 
-from setdiv.config import CollapseConfig
+from setdiv.config import CollapseConfig, LossConfig
 from setdiv.errors import UserError
 
-__all__ = ["CollapseError", "CollapseGuard", "MarginStall", "NonFiniteLossError"]
+__all__ = ["CollapseError", "CollapseGuard", "MarginStall", "NonFiniteLossError", "margin_share"]
 
 
 class NonFiniteLossError(UserError):
@@ -89,7 +89,10 @@ class CollapseGuard:
     objective ranks (`sim_std`; InfoNCE: the logits'); the guard averages it over `window`
     steps and compares the average with the highest one of the run so far:
 
-    - below `ratio` of it: collapsed. `recover`: from then on the trainer trains against all
+    - below `ratio` of it, or, for a triplet loss, below `recover_ratio` of it while the
+      window's triplet terms sit at or above the margin (the average positive scores no higher
+      than its negatives: a run that collapses from its first steps never had a spread to fall
+      from): collapsed. `recover`: from then on the trainer trains against all
       negatives (`fallback`: the mean negative, InfoNCE without hard-negative weighting: the
       objective that just collapsed would collapse again); the run has recovered once the
       average is back above `recover_ratio` of the highest. Where the objective already uses
@@ -107,6 +110,8 @@ class CollapseGuard:
     def __init__(self, cfg: CollapseConfig) -> None:
         self.cfg = cfg
         self.recent: deque[float] = deque(maxlen=cfg.window)
+        self.recent_gap: deque[float | None] = deque(maxlen=cfg.window)
+        """Per step: the smaller triplet term over the margin (None: no margin objective)."""
         self.best = 0.0
         """The highest window average of the run so far."""
         self.last_mean = 0.0
@@ -117,11 +122,16 @@ class CollapseGuard:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps."""
-        return {"recent": list(self.recent), **{k: getattr(self, k) for k in self._KEYS}}
+        return {
+            "recent": list(self.recent),
+            "recent_gap": list(self.recent_gap),
+            **{k: getattr(self, k) for k in self._KEYS},
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         """Restore `state()` (an empty dict: a fresh guard)."""
         self.recent = deque(state.get("recent", []), maxlen=self.cfg.window)
+        self.recent_gap = deque(state.get("recent_gap", []), maxlen=self.cfg.window)
         self.best = float(state.get("best", 0.0))
         self.last_mean = float(state.get("last_mean", 0.0))
         self.fallback = bool(state.get("fallback", False))
@@ -129,11 +139,19 @@ class CollapseGuard:
         self.collapsed_steps = int(state.get("collapsed_steps", 0))
 
     def update(
-        self, spread: float, can_fall_back: bool, step: int, log: logging.Logger | None = None
+        self,
+        spread: float,
+        can_fall_back: bool,
+        step: int,
+        log: logging.Logger | None = None,
+        margin_share: float | None = None,
     ) -> str | None:
         """One finite step's score spread -> "collapsed", "recovered" or None, logged to `log`
         (rank 0's); raises `CollapseError` when the run must stop. `can_fall_back`: whether
-        all negatives would change the objective in use."""
+        all negatives would change the objective in use. `margin_share`: for a triplet loss
+        (mean reduction), the smaller of its two terms over the margin (>= 1: positives score
+        no higher than their negatives); None otherwise."""
+        self.recent_gap.append(margin_share)
         event = self._decide(spread, can_fall_back, step)
         if log is not None and event == "collapsed":
             then = {"recover": "training against all negatives from now on"}.get(
@@ -160,7 +178,9 @@ class CollapseGuard:
             if self.collapsed_steps > cfg.patience and cfg.action != "warn":
                 raise self._error(step, f"still collapsed after {cfg.patience} steps")
             return None
-        if mean >= cfg.ratio * self.best:
+        if mean >= cfg.ratio * self.best and not (
+            mean < cfg.recover_ratio * self.best and self._at_margin()
+        ):
             return None
         self.collapsed, self.collapsed_steps = True, self.collapsed_steps + 1
         if cfg.action == "stop":
@@ -170,7 +190,15 @@ class CollapseGuard:
                 raise self._error(step, "it already trains against all negatives")
             self.fallback = True
             self.recent.clear()  # the next window measures the fallback objective
+            self.recent_gap.clear()
         return "collapsed"
+
+    def _at_margin(self) -> bool:
+        """Whether the window's triplet terms sat at or above the margin on average."""
+        gaps = list(self.recent_gap)
+        if len(gaps) < self.cfg.window or any(g is None for g in gaps):
+            return False
+        return sum(gaps) / len(gaps) >= 1.0
 
     def finish(self, step: int) -> None:
         """At the end of training: a run still collapsed stops with exit 3 (`warn`: not)."""
@@ -189,3 +217,14 @@ class CollapseGuard:
             f"step {step}: training collapsed, every pair scores alike ({self.describe()}); "
             f"stopped ({why}); {REMEDY}"
         )
+
+
+def margin_share(loss: LossConfig, terms: dict[str, float]) -> float | None:
+    """For a triplet loss with a margin and mean reduction, not robust-weighted: the smaller of
+    the step's two terms (`i2t_loss`, `t2i_loss`) over the margin; >= 1 when the average
+    positive scores no higher than its negatives. None for any other objective."""
+    if loss.name != "triplet" or loss.reduction != "mean" or loss.margin <= 0:
+        return None
+    if loss.robust_q > 0 or "i2t_loss" not in terms or "t2i_loss" not in terms:
+        return None
+    return min(terms["i2t_loss"], terms["t2i_loss"]) / loss.margin
