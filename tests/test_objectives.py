@@ -95,6 +95,9 @@ def test_guard_catches_a_collapse_from_the_first_steps_by_the_margin() -> None:
     window = [sum(spreads[i - 19 : i + 1]) / 20 for i in range(19, len(spreads))]
     expected = next(i + 19 for i, m in enumerate(window) if m < 0.5 * max(window[: i + 1]))
     assert first == expected and guard.fallback
+    # against all negatives already (mean negatives, a warm-up): the margin sign does not count
+    warm = CollapseGuard(CollapseConfig(window=20))
+    assert {warm.update(s, False, i, margin_share=1.08) for i, s in enumerate(spreads)} == {None}
     # positives that beat their negatives (terms below the margin): a shrinking spread is fine
     healthy = CollapseGuard(CollapseConfig(window=20))
     assert {healthy.update(s, True, i, margin_share=0.6) for i, s in enumerate(spreads)} == {None}

@@ -89,14 +89,15 @@ class CollapseGuard:
     objective ranks (`sim_std`; InfoNCE: the logits'); the guard averages it over `window`
     steps and compares the average with the highest one of the run so far:
 
-    - below `ratio` of it, or, for a triplet loss, below `recover_ratio` of it while the
-      window's triplet terms sit at or above the margin (the average positive scores no higher
-      than its negatives: a run that collapses from its first steps never had a spread to fall
-      from): collapsed. `recover`: from then on the trainer trains against all
-      negatives (`fallback`: the mean negative, InfoNCE without hard-negative weighting: the
-      objective that just collapsed would collapse again); the run has recovered once the
-      average is back above `recover_ratio` of the highest. Where the objective already uses
-      all negatives (mean negatives, plain InfoNCE, a second collapse) it stops at once.
+    - below `ratio` of it, or, for a triplet loss against its hardest negatives, below
+      `recover_ratio` of it while the window's triplet terms sit at or above the margin (the
+      average positive scores no higher than its negatives: a run that collapses from its
+      first steps never had a spread to fall from): collapsed. `recover`: from then on the
+      trainer trains against all negatives (`fallback`: the mean negative, InfoNCE without
+      hard-negative weighting: the objective that just collapsed would collapse again); the
+      run has recovered once the average is back above `recover_ratio` of the highest. Where
+      the objective already uses all negatives (mean negatives, plain InfoNCE, a second
+      collapse) it stops at once.
       `stop`: it stops at once. `warn`: one warning per collapse, nothing else.
     - a run collapsed for more than `patience` steps in all, or still collapsed when training
       ends, stops (`CollapseError`, exit 3): a collapsed model is never trained to the end.
@@ -178,9 +179,10 @@ class CollapseGuard:
             if self.collapsed_steps > cfg.patience and cfg.action != "warn":
                 raise self._error(step, f"still collapsed after {cfg.patience} steps")
             return None
-        if mean >= cfg.ratio * self.best and not (
-            mean < cfg.recover_ratio * self.best and self._at_margin()
-        ):
+        # the margin sign counts only against the hardest negatives (an objective that can
+        # still fall back): the mean hinge sits near the margin at every start
+        at_margin = can_fall_back and mean < cfg.recover_ratio * self.best and self._at_margin()
+        if mean >= cfg.ratio * self.best and not at_margin:
             return None
         self.collapsed, self.collapsed_steps = True, self.collapsed_steps + 1
         if cfg.action == "stop":
