@@ -207,7 +207,12 @@ def test_a_run_made_to_collapse_recovers_on_all_negatives(data512: Path, tmp_pat
     assert fell_back and fell_back == list(range(fell_back[0], 257))  # from then on, for good
     before = [r["sim_std"] for r in steps if r["step"] < fell_back[0]]
     after = [r["sim_std"] for r in steps[-16:]]  # the last epoch
-    assert sum(before[-10:]) / 10 < 0.25 * max(before)  # it did collapse: 4x less spread
+    # it did collapse: the spread halved while the hinges sat at the margin (the guard's
+    # margin sign; the spread alone finds it later, at a quarter)
+    assert sum(before[-10:]) / 10 < 0.5 * max(before)
+    at_collapse_terms = [r for r in steps if r["step"] < fell_back[0]][-10:]
+    margin = 0.2  # configs/demo.yaml
+    assert all(min(r["i2t_loss"], r["t2i_loss"]) >= 0.9 * margin for r in at_collapse_terms)
     assert sum(after) / 16 > 2 * max(before)  # and trains a spread-out model in the end
     val = [r["val_rsum"] for r in records(run) if "val_rsum" in r]
     at_collapse = val[fell_back[0] // 16 - 1]
