@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from run_helpers import CLEAN_ENV, ROOT
 
 SCRIPT = ROOT / "cluster" / "ray_slurm.sbatch"
+BLOCK = f"300.{uuid.uuid4().int % 10**9:09d}"
+"""The blocking `ray start` stand-in sleeps this long: a duration no other process on the
+machine has, so the test finds exactly the sleeps it started."""
 
 
 def stand_ins(bin_dir: Path, log: Path) -> None:
@@ -27,13 +31,14 @@ def stand_ins(bin_dir: Path, log: Path) -> None:
         ),
         "ray": (
             f'echo "ray $* auth=$RAY_AUTH_MODE token=$(cat $RAY_AUTH_TOKEN_PATH)" >> {log}\n'
-            'case " $* " in *" --block "*) exec sleep 300;; esac\n'
+            f'case " $* " in *" --block "*) exec sleep {BLOCK};; esac\n'
         ),
         "python": (  # the driver; `python -c` (the token generator) goes to the real one
             f'if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
-            # `-m setdiv_cluster.ray_cluster wait`: returns once every worker's `ray start` ran
+            # `-m setdiv_cluster.ray_cluster wait`: returns once every node's `ray start` ran
+            # (its own line: the `srun ... ray start` lines name it too, before it runs)
             'if [ "$1" = -m ]; then\n'
-            f'  for _ in $(seq 600); do [ "$(grep -c "ray start" {log})" -ge 3 ] && break; '
+            f'  for _ in $(seq 600); do [ "$(grep -c "^ray start" {log})" -ge 3 ] && break; '
             "sleep 0.1; done\n"
             f'  echo "wait $*" >> {log}; exit 0\n'
             "fi\n"
@@ -87,7 +92,7 @@ def test_ray_head_workers_token_and_driver(tmp_path: Path) -> None:
         "driver cluster/sweep.py configs/demo.yaml --samples 8 --address 10.0.0.1:6379 auth=token"
     )
     assert list((tmp_path / "tokens").iterdir()) == []  # the token is removed at the end
-    alive = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout
+    alive = subprocess.run(["pgrep", "-f", f"sleep {BLOCK}"], capture_output=True, text=True).stdout
     assert alive.strip() == ""  # the blocking `ray start` steps were stopped
 
 
