@@ -170,3 +170,25 @@ def test_weighted_sources_draw_samples_by_weight_and_resume_exactly(tmp_path: Pa
     assert torch.equal(rest[0].images, batches[150].images)
     other = [i for b in again.epoch(1) for i in b.image_ids]
     assert other != ids  # a new epoch draws anew
+
+
+def test_a_source_without_samples_is_one_error_before_any_draw(tmp_path: Path) -> None:
+    """A weighted source whose shards hold 0 readable samples (an empty img2dataset tar) once
+    made the reader plan ~4e9 draws (its mean shard size floored at 1e-9) and fill memory. It
+    is now one UserError naming the source, raised before the draws are planned."""
+    write_web_shard(tmp_path / "good-0000.tar", [
+        {"key": f"{i:03d}".encode(), "jpg": jpeg((i * 40, 0, 0)), "txt": b"a red square"}
+        for i in range(4)
+    ])  # fmt: skip
+    with tarfile.open(tmp_path / "empty-0000.tar", "w"):
+        pass
+    tok = tokenizer(["a red square"])
+    opts = SampleOptions("image", tok, True, 16, format="img2dataset")
+    sources = [(str(tmp_path / "good-0000.tar"), 1.0), (str(tmp_path / "empty-0000.tar"), 1.0)]
+    with pytest.raises(UserError, match=r"train_sources: source '.*empty-0000.tar'.* 0 readable"):
+        TrainReader(sources, opts, batch_size=2, num_workers=1, samples_per_epoch=8)
+    with pytest.raises(UserError, match="training data .* 0 readable"):
+        TrainReader(str(tmp_path / "empty-0000.tar"), opts, batch_size=2, num_workers=1)
+    # the good source alone reads
+    good = TrainReader(sources[:1], opts, batch_size=2, num_workers=1, samples_per_epoch=8)
+    assert good.batches_per_epoch == 4

@@ -133,6 +133,13 @@ class TrainReader:
         sources = [(pattern, 1.0)] if isinstance(pattern, str) else list(pattern)
         self.pattern = " + ".join(p for p, _ in sources)
         sets = [ShardSet.resolve(p, opts.kind, opts.format) for p, _ in sources]
+        for (p, _), s in zip(sources, sets, strict=True):
+            if s.num_samples == 0:  # (a weighted draw would ask it for samples forever)
+                where = "data.train_sources: source" if len(sources) > 1 else "training data"
+                raise UserError(
+                    f"{where} {p!r}: its {len(s.paths)} shard(s) hold 0 readable samples "
+                    "(counted from the tar headers); remove it or rewrite its shards"
+                )
         self.shards = sets[0]
         formats = {s.format for s in sets}
         if len(formats) > 1:  # (one decoder per reader: convert one source, or split readers)
