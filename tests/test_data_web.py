@@ -192,3 +192,16 @@ def test_a_source_without_samples_is_one_error_before_any_draw(tmp_path: Path) -
     # the good source alone reads
     good = TrainReader(sources[:1], opts, batch_size=2, num_workers=1, samples_per_epoch=8)
     assert good.batches_per_epoch == 4
+
+
+@pytest.mark.parametrize("fmt", ["img2dataset", "auto"])
+def test_a_missing_web_shard_in_a_brace_list_is_an_error(tmp_path: Path, fmt: str) -> None:
+    """`web-{0000..0002}.tar` with 0001 absent: the missing shard was a warning ("unreadable
+    after 0 samples") and training went on; it is FileNotFoundError naming it (exit 2)."""
+    for i in (0, 2):
+        write_web_shard(tmp_path / f"web-000{i}.tar", [
+            {"key": b"000", "jpg": jpeg((200, 0, 0)), "txt": b"a red square"}
+        ])  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"missing shard: .*web-0001\.tar"):
+        ShardSet.resolve(f"{tmp_path}/web-{{0000..0002}}.tar", "image", fmt)
+    assert ShardSet.resolve(f"{tmp_path}/web-{{0000,0002}}.tar", "image", fmt).num_samples == 2

@@ -176,6 +176,9 @@ class ShardSet:
         if fmt not in FORMATS:
             raise UserError(f"shard format must be one of {FORMATS}, got {fmt!r}")
         paths = cls.expand(pattern)
+        missing = [p for p in paths if not p.is_file()]
+        if missing:  # (a brace list names shards whether they exist or not)
+            raise FileNotFoundError(f"missing shard: {missing[0]}")
         if fmt == "auto":
             first = paths[0]
             indexed = index_path(first.parent, first.name.rsplit("-", 1)[0]).is_file()
