@@ -162,3 +162,27 @@ def test_word_boundaries_of_bpe_and_sentencepiece_tokenizers(tmp_path: Path, sch
     expected = [i > 0 and w is not None and w == word_ids[i - 1] for i, w in enumerate(word_ids)]
     assert any(expected), "the caption should split at least one word into pieces"
     assert [bool(tok.continues_word[i]) for i in ids] == expected
+
+
+def test_a_huge_caption_is_cut_before_it_is_tokenised(bert_tok: Tokenizer) -> None:
+    """A 10 MB alt-text was tokenised whole before truncation (14 s, 1.4 GB). The caption is
+    now cut to a bound from the tower's maximum length first: fast, and the ids are those of
+    tokenising a prefix far longer than the cut (the tokens kept lie well inside it)."""
+    import time
+
+    huge = "a red surfboards w1 w2, " * 450_000  # ~10.8 MB
+    t0 = time.perf_counter()
+    ids = bert_tok.encode(huge)
+    took = time.perf_counter() - t0
+    reference = bert_tok.bert(huge[:200_000], truncation=True, max_length=512)["input_ids"]  # type: ignore[operator]
+    assert ids == list(reference) and len(ids) == 512
+    assert took < 1.0, took  # (whole: several seconds)
+
+
+def test_a_huge_caption_is_cut_for_the_clip_tokenizer() -> None:
+    open_clip = pytest.importorskip("open_clip")
+    tok = Tokenizer(None, None, 0, 0, 1, 49408, clip=open_clip.get_tokenizer("ViT-B-16"))
+    huge = "a photo of a red surfboard on the beach. " * 250_000  # ~10 MB
+    ids = tok.encode(huge)
+    reference = tok.clip([huge[:50_000]])[0].tolist()  # type: ignore[operator]
+    assert ids == reference[: reference.index(49407) + 1] and len(ids) == 77

@@ -22,6 +22,11 @@ __all__ = ["Tokenizer", "build_tokenizer", "word_dropout"]
 BERT_MAX_TOKENS = 512
 """Longest token sequence a BERT tokenizer gives (BERT's position table)."""
 
+CHARS_PER_TOKEN = 32
+"""A caption is cut to this many characters per token the tower can read before it is
+tokenised: a token of English text spans about 4, so the cut never reaches the tokens kept,
+and a 10 MB alt-text costs microseconds instead of seconds and a gigabyte."""
+
 
 @dataclass
 class Tokenizer:
@@ -44,10 +49,12 @@ class Tokenizer:
         if self.vocab is not None:
             return self.vocab.encode(caption)
         if self.clip is not None:  # padded to its context length, truncated with end-of-text
-            ids = self.clip([caption])[0].tolist()  # type: ignore[operator]
+            context = int(getattr(self.clip, "context_length", 77))
+            ids = self.clip([caption[: CHARS_PER_TOKEN * context]])[0].tolist()  # type: ignore[operator]
             return ids[: ids.index(self.clip.eot_token_id) + 1]  # type: ignore[attr-defined]
         # Truncated to what the encoder's positions cover: web alt-text can be very long.
         limit = min(getattr(self.bert, "model_max_length", BERT_MAX_TOKENS), BERT_MAX_TOKENS)
+        caption = caption[: CHARS_PER_TOKEN * limit]
         ids = self.bert(caption, add_special_tokens=True, truncation=True, max_length=limit)  # type: ignore[misc]
         return list(ids["input_ids"])
 
