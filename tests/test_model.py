@@ -440,3 +440,28 @@ def test_an_encoder_decoder_directory_is_refused_naming_the_key(tmp_path: Path) 
     cfg = tiny_config("model.text.name=bert", f"model.text.bert_path={tmp_path}")
     with pytest.raises(UserError, match=r"'model.text.bert_path'.*encoder-decoder model \(t5\)"):
         build_text_encoder(cfg.model.text, 16)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert_as_decoder"])
+def test_a_decoder_only_directory_is_refused_naming_the_key(tmp_path: Path, arch: str) -> None:
+    """GPT-2 was accepted as the text tower (causal attention: each token sees only those
+    before it, and its first token knows nothing of the caption); decoder-only language
+    models are refused as encoder-decoders are, and an encoder (BERT) still builds."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    made = {
+        "gpt2": GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=60),
+        "llama": LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=60,
+        ),
+        "bert_as_decoder": BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            vocab_size=60, is_decoder=True,
+        ),
+    }  # fmt: skip
+    made[arch].save_pretrained(tmp_path / arch)
+    cfg = tiny_config("model.text.name=bert", f"model.text.bert_path={tmp_path / arch}")
+    kind = made[arch].model_type
+    with pytest.raises(UserError, match=rf"bert_path'.*decoder-only language model \({kind}\)"):
+        build_text_encoder(cfg.model.text, 16)

@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from setdiv.data.vocab import Vocab, load_glove
 from setdiv.distributed import is_initialized
 from setdiv.errors import UserError
+from setdiv.model.hf import check_text_encoder
 from setdiv.model.positional import sine_positions_1d, sine_positions_2d
 from setdiv.registry import Registry
 
@@ -272,7 +273,7 @@ class HFTextEncoder(nn.Module):
 
     Any architecture `transformers.AutoModel` builds from a local directory's config.json
     (BERT, MiniLM, RoBERTa, DistilBERT, ELECTRA, XLM-R, ...); its pooler, if it has one, is
-    never built. Encoder-decoder models are refused: only their encoder would be used.
+    never built. Encoder-decoder and decoder-only models are refused (`check_text_encoder`).
     """
 
     def __init__(self, cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> None:
@@ -290,11 +291,7 @@ class HFTextEncoder(nn.Module):
             )
         else:
             hf_cfg = AutoConfig.from_pretrained(cfg.bert_path, local_files_only=True)
-            if getattr(hf_cfg, "is_encoder_decoder", False):
-                raise UserError(
-                    f"config key 'model.text.bert_path': {cfg.bert_path} holds an "
-                    f"encoder-decoder model ({hf_cfg.model_type}); give an encoder"
-                )
+            check_text_encoder(hf_cfg, cfg.bert_path)
             # pretrained=False: the architecture only; the caller loads a full state dict.
             self.backbone = _hf_encoder(hf_cfg, cfg.bert_path if pretrained else None)
         if cfg.grad_checkpointing:
