@@ -99,3 +99,31 @@ def test_resume_config_must_match_except_operational_keys(tmp_path: Path) -> Non
         check_resume_config(
             tiny_config("train.epochs=3", "model.embed_dim=32", "optim.lr=1"), tmp_path
         )
+
+
+def test_a_training_that_failed_before_recording_anything_leaves_no_run(tmp_path: Path) -> None:
+    """A training that failed before its first record left `tb/` (and an empty records file
+    and checkpoints folder, and its config.yaml): a plain retry was refused as "already holds
+    a run" and a resume as a config mismatch. Neither is refused now, and the leftovers are
+    cleared for the new start; anything else in the folder stays."""
+    from setdiv import config as config_lib
+
+    def leave_failed_start() -> None:
+        (tmp_path / "tb").mkdir(exist_ok=True)
+        (tmp_path / "tb" / "events.out.tfevents.1.host").write_bytes(b"\0" * 40)
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        (tmp_path / "metrics.jsonl").write_text("")
+        config_lib.save(tiny_config("model.embed_dim=32"), tmp_path / "config.yaml")
+        (tmp_path / "notes.txt").write_text("mine")
+
+    leave_failed_start()
+    assert not rundir.holds_run(tmp_path)
+    with claim(tmp_path, tiny_config(), None):  # a plain retry, with a corrected config
+        assert not any((tmp_path / n).exists() for n in ("tb", "checkpoints", "metrics.jsonl"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    leave_failed_start()
+    enter(tmp_path, tiny_config(), "latest")  # a resume: nothing to match the config against
+    # one record makes it a run again
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RunDirError, match="already holds a run"):
+        enter(tmp_path, tiny_config(), None)

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "train.lock"
 RUN_MARKS = ("checkpoints", "metrics.jsonl", "tb")
-"""What a training leaves in RUN: any of them means RUN holds a run (a `config.yaml` alone
-does not: `cluster/submit.py` writes it before the job starts)."""
+"""What a training leaves in RUN; a checkpoint or a record in them means RUN holds a run
+(`holds_run`; a `config.yaml` alone does not: `cluster/submit.py` writes it before the job
+starts)."""
 OVERWRITTEN = (*RUN_MARKS, "config.yaml", "vocab.json", "export")
 RESUME_MAY_CHANGE = frozenset(
     {
@@ -63,8 +64,23 @@ class RunDirError(UserError):
 
 
 def holds_run(run_dir: str | Path) -> bool:
-    """Whether `run_dir` holds (part of) a training run: checkpoints or training records."""
-    return any((Path(run_dir) / name).exists() for name in RUN_MARKS)
+    """Whether `run_dir` holds (part of) a training run: a checkpoint or a training record.
+    What a training that failed before it recorded anything leaves (`tb/`, an empty
+    `metrics.jsonl` or `checkpoints/`) is no run: a plain retry may start there."""
+    rd = Path(run_dir)
+    ckpts, records = rd / "checkpoints", rd / "metrics.jsonl"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        return True
+    return records.is_file() and records.stat().st_size > 0
+
+
+def _clear(run_dir: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _flat(cfg: config_lib.Config) -> dict[str, Any]:
@@ -220,12 +236,10 @@ def claim(
         check_start(run_dir, cfg, resume, overwrite)
         if overwrite and holds_run(run_dir):
             log.warning("--overwrite: deleting the run in %s", run_dir)
-            for name in OVERWRITTEN:
-                path = run_dir / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+            _clear(run_dir, OVERWRITTEN)
+        elif not holds_run(run_dir) and any((run_dir / n).exists() for n in RUN_MARKS):
+            log.info("%s: clearing what a training that recorded nothing left there", run_dir)
+            _clear(run_dir, RUN_MARKS)
         yield
     finally:
         _release(lock)
