@@ -160,6 +160,8 @@ SIGNAL_EARLY_S = 30
 """Slurm may deliver the time-limit signal up to this much before --signal-delay."""
 MIN_WORK_S = 60
 """Training time a job must get before its time-limit signal can arrive."""
+MAX_TIME_MIN = 365 * 24 * 60
+"""The longest --time taken: a year of minutes (Slurm would take far more, no site does)."""
 
 
 def _run_dir(args: argparse.Namespace, name: str, cfg: config_lib.Config) -> Path:
@@ -181,8 +183,17 @@ def _check(args: argparse.Namespace) -> None:
             "--max-requeues": (args.max_requeues, 0),
         }
     )
-    if not (0 < args.time < math.inf):
-        raise UserError(f"--time must be a finite number of minutes > 0, got {args.time}")
+    if not (0 < args.time <= MAX_TIME_MIN):
+        raise UserError(
+            f"--time must be minutes in (0, {MAX_TIME_MIN}] (365 days), got {args.time:g}"
+        )
+    name = args.job_name
+    if name is not None and (
+        not name or len(name) > 200 or any(c.isspace() or not c.isprintable() for c in name)
+    ):  # (the name goes into an #SBATCH line of the job script)
+        raise UserError(
+            f"--job-name must be 1-200 printable characters without spaces, got {name!r}"
+        )
     if args.local and args.nodes > 1:
         raise UserError("--local runs on this machine: --nodes must be 1")
     limit_s = (args.time if args.local else math.ceil(args.time)) * 60

@@ -133,6 +133,20 @@ def test_clear_errors_before_anything_is_queued(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "warning: config key 'data.train_shards'" in r.stderr
     assert "warning: config key 'model.text.glove_path'" in r.stderr
+    # A job name with a newline wrote a line outside #SBATCH into the job script, and a time
+    # limit of 1e12 minutes was taken: both are refused before anything is written.
+    for bad, says in (
+        (["--job-name", "run\nrm -rf /"], "--job-name must be 1-200 printable"),
+        (["--job-name", ""], "--job-name must be"),
+        (["--time", "1e12"], "--time must be minutes in (0, 525600]"),
+        (["--time", "nan"], "--time must be"),
+    ):
+        r = submit("configs/demo.yaml", *bad, "--run-dir", str(tmp_path / "d"), "--dry-run")
+        assert r.returncode == 2 and says in r.stderr, (bad, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
+    r = submit("configs/demo.yaml", "--job-name", "sweep-7.b", "--time", "525600",
+               "--run-dir", str(tmp_path / "e"), "--dry-run")  # fmt: skip
+    assert r.returncode == 0, r.stderr
 
 
 # --- the same job on submitit's local executor: preempted, requeued, resumed ------------------
