@@ -417,3 +417,18 @@ def test_evaluator_scores_any_caption_count_like_a_naive_loop(counts: str) -> No
     assert result.meta["caption_counts"] == per.tolist()
     # A COCO protocol asked of such data falls back to the whole-set recalls, named web_N.
     assert list(gather_and_score(enc, similarity, 8, "coco").metrics) == [f"web_{N}"]
+
+
+def test_ensemble_members_are_labelled_by_their_distinct_paths(tmp_path: Path) -> None:
+    """`runs/a/eval/sims.npy` and `runs/b/eval/sims.npy` (the README's layout) were both
+    labelled "eval", one row for two members, and a member in a folder named `ensemble/` was
+    overwritten by the mean's row."""
+    from setdiv.eval.ensemble import member_names
+
+    def names(*paths: str) -> list[str]:
+        return member_names([tmp_path / p for p in paths])
+
+    assert names("runs/a/eval/sims.npy", "runs/b/eval/sims.npy") == ["a/eval", "b/eval"]
+    assert names("s0/sims.npy", "s1/sims.npy") == ["s0", "s1"]
+    assert names("x/ensemble/sims.npy", "y/sims.npy") == ["x/ensemble", f"{tmp_path.name}/y"]
+    assert names("s0/sims.npy", "s0/sims.npy") == ["s0#1", "s0#2"]

@@ -13,7 +13,7 @@ from setdiv.data.shards import CAPTIONS_PER_IMAGE
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import EvalResult, protocol_metrics
 
-__all__ = ["ensemble", "load_sims"]
+__all__ = ["ensemble", "load_sims", "member_names"]
 
 
 def load_sims(path: str | Path) -> tuple[np.ndarray, dict]:
@@ -46,6 +46,23 @@ def load_sims(path: str | Path) -> tuple[np.ndarray, dict]:
     return sims, meta
 
 
+def member_names(paths: Sequence[Path]) -> list[str]:
+    """One label per member: the shortest trailing part of its folder's path that tells the
+    members apart and is not "ensemble" (the mean's row): `a/eval`, `b/eval` for
+    `runs/a/eval/sims.npy`, `runs/b/eval/sims.npy`; the same file given twice gets `#2`."""
+    folders = [Path(p).resolve().parent.parts for p in paths]
+    unique = list(dict.fromkeys(folders))
+    labels: dict[tuple[str, ...], str] = {}
+    for d in range(1, max(len(f) for f in unique) + 1):
+        labels = {f: "/".join(f[-d:]) for f in unique}
+        if len(set(labels.values())) == len(unique) and "ensemble" not in labels.values():
+            break
+    names = [labels[f] for f in folders]
+    return [
+        f"{n}#{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)
+    ]
+
+
 def ensemble(
     paths: Sequence[str | Path], protocol: str | None = None, names: Sequence[str] | None = None
 ) -> tuple[dict[str, dict[str, float]], EvalResult]:
@@ -53,10 +70,10 @@ def ensemble(
     `ensemble:PROTOCOL_KEY`) and the ensemble's result (its (N, 5N) float32 mean matrix).
 
     All members must share shape, image ids, caption ids and the protocol they were evaluated
-    with (`protocol`, when given, must be it); names default to each file's directory name.
+    with (`protocol`, when given, must be it); names default to `member_names`.
     """
     paths = [Path(p) for p in paths]
-    names = list(names) if names is not None else [p.parent.name or p.stem for p in paths]
+    names = list(names) if names is not None else member_names(paths)
     loaded = [load_sims(p) for p in paths]
     protocol = _protocol(paths, [meta for _, meta in loaded], protocol)
     first_sims, first_meta = loaded[0]
