@@ -193,8 +193,6 @@ class ShardSet:
         indexes: dict[Path, ShardIndex] = {}
         infos, kinds, layouts = [], set(), set()
         for p in paths:
-            if not p.is_file():
-                raise FileNotFoundError(f"missing shard: {p}")
             idx_file = index_path(p.parent, p.name.rsplit("-", 1)[0])
             if idx_file not in indexes:
                 indexes[idx_file] = ShardIndex.load(idx_file)

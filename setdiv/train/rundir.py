@@ -234,10 +234,11 @@ def claim(
     lock = _acquire(run_dir)
     try:
         check_start(run_dir, cfg, resume, overwrite)
-        if overwrite and holds_run(run_dir):
+        held = holds_run(run_dir)
+        if overwrite and held:
             log.warning("--overwrite: deleting the run in %s", run_dir)
             _clear(run_dir, OVERWRITTEN)
-        elif not holds_run(run_dir) and any((run_dir / n).exists() for n in RUN_MARKS):
+        elif not held and any((run_dir / n).exists() for n in RUN_MARKS):
             log.info("%s: clearing what a training that recorded nothing left there", run_dir)
             _clear(run_dir, RUN_MARKS)
         yield

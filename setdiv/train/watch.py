@@ -111,7 +111,7 @@ class CollapseGuard:
     def __init__(self, cfg: CollapseConfig) -> None:
         self.cfg = cfg
         self.recent: deque[float] = deque(maxlen=cfg.window)
-        self.recent_gap: deque[float | None] = deque(maxlen=cfg.window)
+        self.recent_share: deque[float | None] = deque(maxlen=cfg.window)
         """Per step: the smaller triplet term over the margin (None: no margin objective)."""
         self.best = 0.0
         """The highest window average of the run so far."""
@@ -125,14 +125,14 @@ class CollapseGuard:
         """What a checkpoint keeps."""
         return {
             "recent": list(self.recent),
-            "recent_gap": list(self.recent_gap),
+            "recent_share": list(self.recent_share),
             **{k: getattr(self, k) for k in self._KEYS},
         }
 
     def load(self, state: dict[str, Any]) -> None:
         """Restore `state()` (an empty dict: a fresh guard)."""
         self.recent = deque(state.get("recent", []), maxlen=self.cfg.window)
-        self.recent_gap = deque(state.get("recent_gap", []), maxlen=self.cfg.window)
+        self.recent_share = deque(state.get("recent_share", []), maxlen=self.cfg.window)
         self.best = float(state.get("best", 0.0))
         self.last_mean = float(state.get("last_mean", 0.0))
         self.fallback = bool(state.get("fallback", False))
@@ -152,7 +152,7 @@ class CollapseGuard:
         all negatives would change the objective in use. `margin_share`: for a triplet loss
         (mean reduction), the smaller of its two terms over the margin (>= 1: positives score
         no higher than their negatives); None otherwise."""
-        self.recent_gap.append(margin_share)
+        self.recent_share.append(margin_share)
         event = self._decide(spread, can_fall_back, step)
         if log is not None and event == "collapsed":
             then = {"recover": "training against all negatives from now on"}.get(
@@ -192,15 +192,15 @@ class CollapseGuard:
                 raise self._error(step, "it already trains against all negatives")
             self.fallback = True
             self.recent.clear()  # the next window measures the fallback objective
-            self.recent_gap.clear()
+            self.recent_share.clear()
         return "collapsed"
 
     def _at_margin(self) -> bool:
         """Whether the window's triplet terms sat at or above the margin on average."""
-        gaps = list(self.recent_gap)
-        if len(gaps) < self.cfg.window or any(g is None for g in gaps):
+        shares = list(self.recent_share)
+        if len(shares) < self.cfg.window or any(s is None for s in shares):
             return False
-        return sum(gaps) / len(gaps) >= 1.0
+        return sum(shares) / len(shares) >= 1.0
 
     def finish(self, step: int) -> None:
         """At the end of training: a run still collapsed stops with exit 3 (`warn`: not)."""
