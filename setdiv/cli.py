@@ -96,7 +96,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
 def cmd_vocab(args: argparse.Namespace) -> int:
     from setdiv.data.vocab import build_from_shards
 
-    vocab = build_from_shards(args.shards, args.min_count, args.tokenizer)
+    vocab = build_from_shards(args.shards, args.min_count, args.tokenizer, args.caption_key)
     vocab.save(args.out)
     print(f"vocabulary: {len(vocab)} entries ({args.tokenizer} tokenizer) -> {args.out}")
     return 0
@@ -142,6 +142,11 @@ def _vocab_arguments(vc: argparse.ArgumentParser) -> None:
         choices=get_args(config_lib.TokenizerName),
         default="nltk",
         help="caption tokenisation; must match model.text.tokenizer when training",
+    )
+    vc.add_argument(
+        "--caption-key",
+        default=None,
+        help="img2dataset shards: the .json field holding the caption (default: the .txt)",
     )
     vc.set_defaults(func=cmd_vocab)
 

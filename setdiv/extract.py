@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1 or args.batch_size < 1:
         raise UserError("--nproc and --batch-size must be >= 1")
     cfg = _config(args.config, args.overrides)
-    shards = ShardSet.resolve(args.data, "image", cfg.data.format)
+    shards = ShardSet.resolve(args.data, "image", cfg.data.format, cfg.data.caption_key)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [p for p in shards.paths if _done(out, p.name) is None]

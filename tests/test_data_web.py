@@ -205,3 +205,34 @@ def test_a_missing_web_shard_in_a_brace_list_is_an_error(tmp_path: Path, fmt: st
     with pytest.raises(FileNotFoundError, match=r"missing shard: .*web-0001\.tar"):
         ShardSet.resolve(f"{tmp_path}/web-{{0000..0002}}.tar", "image", fmt)
     assert ShardSet.resolve(f"{tmp_path}/web-{{0000,0002}}.tar", "image", fmt).num_samples == 2
+
+
+def test_format_auto_looks_past_an_empty_shard_and_names_what_it_looked_for(
+    tmp_path: Path,
+) -> None:
+    """`data.format: auto` once took an empty first shard, or captions kept only in `.json`,
+    for setdiv shards and said "shard index not found ... write shards with `setdiv shards`".
+    An empty shard is looked past; `data.caption_key` means img2dataset; otherwise the error
+    names the index and the members it looked for and at."""
+    with tarfile.open(tmp_path / "web-0000.tar", "w"):
+        pass
+    write_web_shard(tmp_path / "web-0001.tar", [
+        {"key": b"000", "jpg": jpeg((200, 0, 0)), "txt": b"a red square"}
+    ])  # fmt: skip
+    found = ShardSet.resolve(f"{tmp_path}/web-{{0000..0001}}.tar", "image", "auto")
+    assert found.format == "img2dataset" and found.num_samples == 1
+    meta = json.dumps({"status": "success", "caption": "a blue sky"}).encode()
+    write_web_shard(tmp_path / "json-0000.tar", [
+        {"key": b"000", "jpg": jpeg((0, 0, 200)), "json": meta}
+    ])  # fmt: skip
+    with pytest.raises(UserError) as err:
+        ShardSet.resolve(str(tmp_path / "json-0000.tar"), "image", "auto")
+    msg = str(err.value)
+    assert "json-index.json" in msg and "000.jpg, 000.json" in msg and "caption_key" in msg
+    assert "write shards with" not in msg
+    by_key = ShardSet.resolve(str(tmp_path / "json-0000.tar"), "image", "auto", "caption")
+    assert by_key.format == "img2dataset"
+    tok = tokenizer(["a blue sky"])
+    opts = SampleOptions("image", tok, False, 16, caption_key="caption")
+    batch = next(iter(EvalReader(str(tmp_path / "json-0000.tar"), opts, batch_size=4)))
+    assert batch.captions == ["a blue sky"]

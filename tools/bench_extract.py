@@ -68,7 +68,7 @@ def main() -> None:
         from setdiv.data.shards import ShardSet
         from setdiv.extract import write_indexes
 
-        shards = ShardSet.resolve(args.data, "image", cfg.data.format)
+        shards = ShardSet.resolve(args.data, "image", cfg.data.format, cfg.data.caption_key)
         t0 = time.perf_counter()
         extract_shards(cfg, shards.paths, shards.format, Path(cache), 64)
         write_indexes(Path(cache), shards.paths, args.arch)

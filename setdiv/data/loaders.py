@@ -13,7 +13,13 @@ from setdiv.data.shards import ShardSet
 from setdiv.data.text import Tokenizer
 from setdiv.errors import UserError
 
-__all__ = ["build_eval_reader", "build_train_reader", "feature_shards", "per_rank_batch_size"]
+__all__ = [
+    "build_eval_reader",
+    "build_train_reader",
+    "feature_shards",
+    "per_rank_batch_size",
+    "resolve_shards",
+]
 
 
 def feature_shards(cfg: DataConfig, pattern: str) -> str:
@@ -31,6 +37,12 @@ def feature_shards(cfg: DataConfig, pattern: str) -> str:
         )
     paths = [str(root / n) for n in names]
     return "{" + ",".join(paths) + "}" if len(paths) > 1 else paths[0]
+
+
+def resolve_shards(cfg: DataConfig, pattern: str, kind: str | None = None) -> ShardSet:
+    """`pattern`'s shards in the config's format (`data.format`, auto-detected as the readers
+    do, with `data.caption_key`): what a command checks before starting ranks."""
+    return ShardSet.resolve(pattern, kind, cfg.format, cfg.caption_key)
 
 
 def per_rank_batch_size(cfg: DataConfig, world: int) -> int:

@@ -132,7 +132,7 @@ class TrainReader:
     ) -> None:  # fmt: skip
         sources = [(pattern, 1.0)] if isinstance(pattern, str) else list(pattern)
         self.pattern = " + ".join(p for p, _ in sources)
-        sets = [ShardSet.resolve(p, opts.kind, opts.format) for p, _ in sources]
+        sets = [ShardSet.resolve(p, opts.kind, opts.format, opts.caption_key) for p, _ in sources]
         for (p, _), s in zip(sources, sets, strict=True):
             if s.num_samples == 0:  # (a weighted draw would ask it for samples forever)
                 where = "data.train_sources: source" if len(sources) > 1 else "training data"
@@ -326,7 +326,7 @@ class EvalReader:
         self, pattern: str, opts: SampleOptions, batch_size: int, rank: int = 0, world: int = 1,
         align: int = 1,
     ) -> None:  # fmt: skip
-        self.shards = ShardSet.resolve(pattern, opts.kind, opts.format)
+        self.shards = ShardSet.resolve(pattern, opts.kind, opts.format, opts.caption_key)
         self.opts = dataclasses.replace(opts, format=self.shards.format)
         self.batch_size = batch_size
         total = self.shards.num_samples

@@ -167,12 +167,15 @@ class ShardSet:
     """setdiv | img2dataset | features (`setdiv extract` output)."""
 
     @classmethod
-    def resolve(cls, pattern: str, kind: str | None = None, fmt: str = "setdiv") -> ShardSet:
+    def resolve(
+        cls, pattern: str, kind: str | None = None, fmt: str = "setdiv",
+        caption_key: str | None = None,
+    ) -> ShardSet:  # fmt: skip
         """Expand braces and globs; every shard must exist and be listed in its index, and
         hold `kind` samples ("regions" / "image") when given. `fmt` img2dataset: shards read
         in place (image kind, counted from their tar headers); auto: setdiv where an index
-        lies next to the first shard, img2dataset where none does and it holds `.txt`
-        captions."""
+        lies next to the first shard, img2dataset where none does and the first shard with
+        members holds `.txt` captions (or `caption_key` names the `.json` field that does)."""
         if fmt not in FORMATS:
             raise UserError(f"shard format must be one of {FORMATS}, got {fmt!r}")
         paths = cls.expand(pattern)
@@ -180,10 +183,7 @@ class ShardSet:
         if missing:  # (a brace list names shards whether they exist or not)
             raise FileNotFoundError(f"missing shard: {missing[0]}")
         if fmt == "auto":
-            first = paths[0]
-            indexed = index_path(first.parent, first.name.rsplit("-", 1)[0]).is_file()
-            web = not indexed and kind in (None, "image") and _has_txt(first)
-            fmt = "img2dataset" if web else "setdiv"  # (setdiv: "index not found" if none)
+            fmt = _detect_format(paths, kind, caption_key)
         if fmt == "img2dataset":
             if kind not in (None, "image"):
                 raise UserError(
@@ -239,6 +239,11 @@ class ShardSet:
     def num_samples(self) -> int:
         return sum(s.samples for s in self.infos)
 
+    def sha256s(self) -> list[str]:
+        """Each shard's sha256: the index's, or (img2dataset shards, which have none) the
+        file's, computed now."""
+        return [i.sha256 or sha256_file(p) for p, i in zip(self.paths, self.infos, strict=True)]
+
 
 def read_shard(path: str | Path, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
     """The raw samples of one shard ({"__key__", "__url__", ext: bytes}) through webdataset's
@@ -246,18 +251,45 @@ def read_shard(path: str | Path, on_error: Callable[[Exception], bool]) -> Itera
     return wds.tarfile_to_samples(handler=on_error)([{"url": str(path)}])
 
 
-def _has_txt(path: Path, look: int = 16) -> bool:
-    """Whether one of the first `look` members of a tar is a `.txt` caption (img2dataset)."""
+def _detect_format(paths: list[Path], kind: str | None, caption_key: str | None) -> str:
+    """`format: auto`: setdiv where `{split}-index.json` lies next to the first shard;
+    img2dataset where none does and the first shard with members holds `.txt` captions (or
+    `caption_key` is set); otherwise an error naming what was looked for."""
+    first = paths[0]
+    index = index_path(first.parent, first.name.rsplit("-", 1)[0])
+    if index.is_file() or kind not in (None, "image"):
+        return "setdiv"  # (a region-feature reader: setdiv shards or none)
+    if caption_key is not None:
+        return "img2dataset"
+    members: list[str] = []
+    for path in paths:  # (an empty shard says nothing: look at the next)
+        members = _first_members(path)
+        if members:
+            break
+    if any(m.endswith(".txt") for m in members):
+        return "img2dataset"
+    seen = ", ".join(members[:6]) or "no members in any shard"
+    raise UserError(
+        f"{first}: cannot tell the shard format (data.format=auto): no shard index {index} "
+        f"next to it (setdiv shards) and no .txt captions among the first members of "
+        f"{path} (img2dataset; seen: {seen}). Captions in each sample's .json: set "
+        "data.format=img2dataset and data.caption_key=<its field>"
+    )
+
+
+def _first_members(path: Path, look: int = 16) -> list[str]:
+    """The names of the first `look` file members of a tar (none if unreadable)."""
+    names: list[str] = []
     try:
         with tarfile.open(path) as tar:
-            for i, member in enumerate(tar):
-                if member.name.endswith(".txt"):
-                    return True
-                if i + 1 >= look:
+            for member in tar:
+                if member.isfile():
+                    names.append(member.name)
+                if len(names) >= look:
                     break
     except (OSError, tarfile.TarError, EOFError):
-        return False
-    return False
+        pass
+    return names
 
 
 def scan_img2dataset(path: Path) -> ShardInfo:

@@ -23,7 +23,8 @@ from nltk.tokenize import NLTKWordTokenizer
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from torch import Tensor
 
-from setdiv.data.shards import ShardSet, decode_meta, read_shard
+from setdiv.data import noise
+from setdiv.data.shards import ShardSet
 from setdiv.errors import UserError
 
 __all__ = [
@@ -182,26 +183,21 @@ class Vocab:
         return cls([_py2_text(w) for _, w in ordered], tokenizer="nltk")
 
 
-def shard_captions(pattern: str) -> Iterator[str]:
-    """Every caption of the shards matching `pattern` (braces and globs expanded, and shards
-    checked against their index, as the training reader does); corrupt samples are skipped."""
-    shards = ShardSet.resolve(pattern)
-    skipped = 0
+def shard_captions(pattern: str, caption_key: str | None = None) -> Iterator[str]:
+    """Every caption of the shards matching `pattern` (braces and globs expanded; setdiv
+    shards checked against their index, img2dataset shards read in place, the format found
+    as the readers find it); samples without readable captions are skipped."""
+    shards = ShardSet.resolve(pattern, None, "auto", caption_key)
     for path in shards.paths:
-        for raw in read_shard(path, lambda exc, p=path: log.warning("%s: %s", p, exc) or True):
-            try:
-                captions = decode_meta(raw)["captions"]
-            except (KeyError, ValueError, TypeError):
-                skipped += 1
-                continue
-            yield from (str(c) for c in captions)
-    if skipped:
-        log.warning("%s: skipped %d samples without readable captions", pattern, skipped)
+        for _, captions in noise.shard_captions(str(path), shards.format, caption_key):
+            yield from captions
 
 
-def build_from_shards(pattern: str, min_count: int = 1, tokenizer: str = "nltk") -> Vocab:
+def build_from_shards(
+    pattern: str, min_count: int = 1, tokenizer: str = "nltk", caption_key: str | None = None
+) -> Vocab:
     """`Vocab.build` over the captions of the training shards matching `pattern`."""
-    return Vocab.build(shard_captions(pattern), min_count, tokenizer)
+    return Vocab.build(shard_captions(pattern, caption_key), min_count, tokenizer)
 
 
 def _py2_text(word: object) -> str:

@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from setdiv import config as config_lib
-from setdiv.data.loaders import build_eval_reader
-from setdiv.data.reader import ShardSet
+from setdiv.data.loaders import build_eval_reader, resolve_shards
 from setdiv.distributed import (
     all_reduce_sum,
     is_rank_zero,
@@ -202,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             )
     root = find_export(args.checkpoint)
     cfg = config_lib.override(config_lib.load([root / "config.yaml"]), _overrides(args))
-    shards = ShardSet.resolve(args.data)
+    shards = resolve_shards(cfg.data, args.data)
     if cfg.data.verify_checksums:
         shards.verify()
     checkpoint = Path(args.checkpoint)

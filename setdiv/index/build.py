@@ -9,10 +9,12 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from setdiv.data.loaders import build_eval_reader
-from setdiv.data.reader import ShardSet
+from setdiv import config as config_lib
+from setdiv.data.loaders import build_eval_reader, resolve_shards
+from setdiv.data.shards import ShardSet
 from setdiv.distributed import (
     all_gather_list,
     all_gather_rows,
@@ -27,7 +29,7 @@ from setdiv.distributed import (
 from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode
-from setdiv.export import ExportedModel, load_exported
+from setdiv.export import ExportedModel, find_export, load_exported
 from setdiv.index.search import export_identity
 from setdiv.index.store import AnnSpec, IndexMeta, SetIndexStore
 from setdiv.model.encoders import IMAGE_INPUT_KIND
@@ -85,19 +87,23 @@ def gallery_items(
     image_ids: list,
     caption_ids: list,
     texts: list[str],
+    counts: list[int],
     pictures: dict[str, dict[str, str]] | None = None,
 ) -> list:
     """One record per gallery item: an image with its captions (and where its picture is, if
-    the shards hold one), or a caption with its image."""
+    the shards hold one), or a caption with its image. `counts` (N,): each image's captions
+    (image-major; 5 for COCO, 1 for web pairs)."""
+    ends = np.cumsum(counts).tolist()
     if modality == "image":
         pictures = pictures or {}
         return [
-            {"id": i, "captions": texts[5 * n : 5 * n + 5]}
+            {"id": i, "captions": texts[end - c : end]}
             | ({"picture": pictures[str(i)]} if str(i) in pictures else {})
-            for n, i in enumerate(image_ids)
+            for i, c, end in zip(image_ids, counts, ends, strict=True)
         ]
+    owners = np.repeat(np.arange(len(counts)), counts).tolist()
     return [
-        {"id": c, "image_id": image_ids[m // 5], "text": texts[m]}
+        {"id": c, "image_id": image_ids[owners[m]], "text": texts[m]}
         for m, c in enumerate(caption_ids)
     ]
 
@@ -116,6 +122,7 @@ def encode_gallery(
     sets = all_gather_rows(enc.images if modality == "image" else enc.captions)
     image_ids = all_gather_list(enc.image_ids)
     caption_ids, texts = all_gather_list(enc.caption_ids), all_gather_list(enc.captions_text)
+    counts = all_gather_list(enc.caption_counts)
     if not is_rank_zero(rank):
         return None
     if enc.skipped or len(image_ids) < reader.shards.num_samples:
@@ -126,10 +133,10 @@ def encode_gallery(
             reader.shards.num_samples,
         )
     pictures = picture_members(reader.shards) if modality == "image" else None
-    return sets.cpu(), gallery_items(modality, image_ids, caption_ids, texts, pictures)
+    return sets.cpu(), gallery_items(modality, image_ids, caption_ids, texts, counts, pictures)
 
 
-def _check_existing(args: argparse.Namespace, sha: str, shards: ShardSet) -> None:
+def _check_existing(args: argparse.Namespace, sha: str) -> None:
     """An existing index at `args.out` must come from the same export, hold `modality` items,
     have the options given, and not hold these shards already."""
     out, modality = Path(args.out), args.modality
@@ -153,7 +160,7 @@ def _check_existing(args: argparse.Namespace, sha: str, shards: ShardSet) -> Non
         differ.append("--fp16 (the index stores float32)")
     if differ:
         raise UserError(f"{out}: an append cannot change the index's options: {', '.join(differ)}")
-    store.check_new_shards([i.sha256 for i in shards.infos], args.data)
+    store.check_new_shards(args.shard_sha256, args.data)
 
 
 def _open_or_create(args: argparse.Namespace, K: int, D: int) -> SetIndexStore:
@@ -179,8 +186,7 @@ def _worker(args: argparse.Namespace) -> None:
             return
         sets, items = gallery
         store = _open_or_create(args, sets.shape[1], sets.shape[2])
-        shards = ShardSet.resolve(args.data)
-        store.append(sets, items, args.data, [i.sha256 for i in shards.infos])
+        store.append(sets, items, args.data, args.shard_sha256)
         print(
             f"index {args.out}: +{len(items)} {args.modality} items ({len(store)} in all, "
             f"{store.ann.ntotal} elements, {store.meta.ann.factory()})"
@@ -192,8 +198,10 @@ def run_build(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     _spec(args)
-    shards = ShardSet.resolve(args.data)
-    _check_existing(args, export_identity(args.export)[1], shards)
+    cfg = config_lib.load([find_export(args.export) / "config.yaml"])
+    shards = resolve_shards(cfg.data, args.data)
     shards.verify()
+    args.shard_sha256 = shards.sha256s()  # (img2dataset shards: hashed here, once)
+    _check_existing(args, export_identity(args.export)[1])
     run_ranks(_worker, args.nproc, args)
     return 0

@@ -151,7 +151,8 @@ def evaluate_index(
     enc = encode(ex.model, reader, torch.device("cpu"), progress=True, modality=q_modality)
     items = searcher.store.items
     if searcher.modality == "image":
-        qs, owner = enc.captions, [enc.image_ids[m // 5] for m in range(len(enc.caption_ids))]
+        owners = np.repeat(np.arange(len(enc.caption_counts)), enc.caption_counts)
+        qs, owner = enc.captions, [enc.image_ids[n] for n in owners.tolist()]
         by_id: dict[Any, set[int]] = {}
         for n, it in enumerate(items):
             by_id.setdefault(it["id"], set()).add(n)
