@@ -2,17 +2,21 @@
 
     setdiv extract CONFIG --data SHARDS --out DIR [--nproc N] [key=value ...]
 
-Every input shard becomes `DIR/<its name>`: one sample per readable image, under the image's
-own key, holding the tower's token grid as fp16 `.npy` (R, C) and the captions as `.json`.
+Every input shard becomes one entry `DIR/features-<its stem>.<digest of its path>.tar` (see
+`setdiv.data.features`): one sample per readable image, under the image's own key, holding
+the tower's token grid as fp16 `.npy` (R, C) and the captions as `.json`. `DIR/cache.json`
+records the tower, the sha256 of its weights and the transform: extracting into a cache made
+with others is refused unless `--overwrite` (which deletes its entries first).
 Training then reads the cache in place of the images with `data.features=DIR` (the tower is
 not run; the set heads and projections train at feature-reading speed). The images go through
 the test transform, so train the cached model against `data.train_transform=test` when
 comparing with on-the-fly features.
 
 Each output shard is written to a temporary file and renamed, then a `.done` record is
-written: a killed extraction, run again, skips the shards already done. Ranks (`--nproc`)
-split the shards. The index (`<prefix>-index.json`, layout "features", with sha256 sums) is
-written once every shard is done, so the reader verifies the cache like any shard set.
+written (whole, or not at all): a killed extraction, run again, skips the shards already done.
+Ranks (`--nproc`) split the shards. The index (`features-index.json`, layout "features", with
+sha256 sums, every entry of the cache) is written once every shard is done, so the reader
+verifies the cache like any shard set.
 
 Shape legend: B images, R tokens, C tower width.
 """
@@ -32,6 +36,14 @@ import torch
 import webdataset as wds
 
 from setdiv import config as config_lib
+from setdiv.data.features import (
+    CACHE_FILE,
+    PREFIX,
+    cache_name,
+    check_cache,
+    tower_identity,
+    write_json_atomic,
+)
 from setdiv.data.reader import EvalReader
 from setdiv.data.samples import sample_options
 from setdiv.data.shards import ShardIndex, ShardInfo, ShardSet, sha256_file
@@ -51,12 +63,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the feature cache directory")
     add_nproc_argument(p, "processes splitting the shards")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds features of another tower, weights or transform: delete them first",
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
 
 
 def _done(out: Path, name: str) -> dict | None:
+    """The record of cache entry `name` once it is complete (None before); a record that
+    does not parse is an error naming it."""
     record = out / f"{name}{DONE}"
-    return json.loads(record.read_text()) if record.is_file() else None
+    if not record.is_file():
+        return None
+    try:
+        done = json.loads(record.read_text())
+        if not isinstance(done, dict):
+            raise ValueError("not an object")
+        int(done["samples"]), str(done["sha256"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{record}: a corrupt extraction record ({exc!s:.80}): delete it and {out / name} "
+            "to extract that shard again"
+        ) from None
+    return done
 
 
 def extract_shards(
@@ -70,10 +101,11 @@ def extract_shards(
     opts = sample_options(cfg.data, "image", tokenizer, train=False, augment=False)
     opts.format = fmt
     for path in paths:
-        if _done(out, path.name) is not None:
-            log.info("%s: already extracted", path.name)
+        name = cache_name(path)
+        if _done(out, name) is not None:
+            log.info("%s: already extracted (%s)", path, name)
             continue
-        tmp = out / f".{path.name}.{os.getpid()}.tmp"
+        tmp = out / f".{name}.{os.getpid()}.tmp"
         count, skipped = 0, 0
         with wds.TarWriter(str(tmp)) as sink, torch.no_grad():
             reader = EvalReader(str(path), opts, batch_size)
@@ -93,10 +125,13 @@ def extract_shards(
                                 "json": json.dumps(meta).encode()})  # fmt: skip
                     first, count = first + n, count + 1
             skipped = reader.skipped
-        tmp.replace(out / path.name)
-        record = {"samples": count, "skipped": skipped, "sha256": sha256_file(out / path.name)}
-        (out / f"{path.name}{DONE}").write_text(json.dumps(record))
-        log.info("%s: %d images extracted (%d skipped)", path.name, count, skipped)
+        tmp.replace(out / name)
+        record = {
+            "samples": count, "skipped": skipped, "sha256": sha256_file(out / name),
+            "source": str(path.resolve()),
+        }  # fmt: skip
+        write_json_atomic(out / f"{name}{DONE}", record)
+        log.info("%s: %d images extracted (%d skipped) -> %s", path, count, skipped, name)
 
 
 def _worker(config: str, overrides: list[str], paths: list[str], fmt: str, out: str,
@@ -117,18 +152,41 @@ def _config(config: str, overrides: list[str]) -> config_lib.Config:
     return cfg
 
 
+def _prepare(out: Path, identity: dict, overwrite: bool) -> None:
+    """`out` ready for features of `identity`: created, a cache of other features refused
+    (or, `overwrite`, its entries deleted), the identity recorded."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for record in out.glob(f"*{DONE}"):
+            (out / record.name.removesuffix(DONE)).unlink(missing_ok=True)
+            record.unlink()
+        for stale in [*out.glob(f".{PREFIX}-*.tmp"), out / f"{PREFIX}-index.json"]:
+            stale.unlink(missing_ok=True)
+        (out / CACHE_FILE).unlink(missing_ok=True)
+    check_cache(out, identity, "use another --out, or pass --overwrite to delete them first")
+    write_json_atomic(out / CACHE_FILE, identity)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1 or args.batch_size < 1:
         raise UserError("--nproc and --batch-size must be >= 1")
     cfg = _config(args.config, args.overrides)
+    if cfg.model.image.weights is None:
+        raise UserError(
+            "config key 'model.image.weights' is null: a randomly initialised tower's features "
+            "would differ in every process and run; give the weights file to extract with"
+        )
     shards = ShardSet.resolve(args.data, "image", cfg.data.format, cfg.data.caption_key)
+    sources = list({cache_name(p): p for p in shards.paths}.values())  # (each shard once)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in shards.paths if _done(out, p.name) is None]
+    _prepare(out, tower_identity(cfg), args.overwrite)
+    todo = [p for p in sources if _done(out, cache_name(p)) is None]
     for p in todo:  # the partial output of a killed extraction
-        for stale in out.glob(f".{p.name}.*.tmp"):
+        for stale in out.glob(f".{cache_name(p)}.*.tmp"):
             stale.unlink()
-    print(f"extract: {len(todo)} of {len(shards.paths)} shard(s) to do -> {out}", flush=True)
+    print(f"extract: {len(todo)} of {len(sources)} shard(s) to do -> {out}", flush=True)
     if args.nproc == 1 or len(todo) <= 1:
         extract_shards(cfg, todo, shards.format, out, args.batch_size)
     else:
@@ -154,20 +212,18 @@ def run(args: argparse.Namespace) -> int:
         failed = [p.exitcode for p in procs if p.exitcode != 0]
         if failed:
             raise UserError(f"{len(failed)} extraction process(es) failed: run it again to resume")
-    write_indexes(out, shards.paths, cfg.model.image.arch or "")
-    total = sum(_done(out, p.name)["samples"] for p in shards.paths)  # type: ignore[index]
-    print(f"extract: {total} images in {len(shards.paths)} shard(s) at {out}")
+    write_indexes(out, cfg.model.image.arch or "")
+    total = sum(_done(out, cache_name(p))["samples"] for p in sources)  # type: ignore[index]
+    print(f"extract: {total} images in {len(sources)} shard(s) at {out}")
     return 0
 
 
-def write_indexes(out: Path, paths: list[Path], arch: str) -> None:
-    """One `<prefix>-index.json` per shard name prefix (as `setdiv shards` writes them)."""
-    groups: dict[str, list[Path]] = {}
-    for p in paths:
-        groups.setdefault(p.name.rsplit("-", 1)[0], []).append(p)
-    for prefix, members in groups.items():
-        index = ShardIndex(prefix, "regions", f"setdiv extract ({arch})", layout="features")
-        for p in members:
-            done = _done(out, p.name)
-            index.shards.append(ShardInfo(p.name, done["samples"], done["sha256"]))  # type: ignore[index]
-        index.save(out)
+def write_indexes(out: Path, arch: str) -> None:
+    """`features-index.json` over every complete entry of the cache at `out` (this
+    extraction's and earlier ones')."""
+    index = ShardIndex(PREFIX, "regions", f"setdiv extract ({arch})", layout="features")
+    for record in sorted(out.glob(f"{PREFIX}-*.tar{DONE}")):
+        name = record.name.removesuffix(DONE)
+        done = _done(out, name)
+        index.shards.append(ShardInfo(name, done["samples"], done["sha256"]))  # type: ignore[index]
+    index.save(out)

@@ -3,6 +3,7 @@ cache starts where training on the images does; a killed extraction resumes."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -63,6 +64,7 @@ def test_training_from_the_cache_starts_like_training_on_images(tmp_path: Path) 
     """Features of 4 shards extracted by 2 processes; one SGD step from the cache gives the
     first-step loss of the same step on the images (test transform both, fp16 tolerance);
     a SIGKILLed extraction, run again, keeps the shards it finished and ends identical."""
+    from setdiv.data.features import cache_name
     from setdiv.data.vocab import Vocab
 
     data = split_shards(tmp_path / "web", 4)
@@ -73,9 +75,10 @@ def test_training_from_the_cache_starts_like_training_on_images(tmp_path: Path) 
     extract = ["extract", *common(tmp_path), "--data", data]
     done = run_setdiv(*extract, "--out", str(cache), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    index = json.loads((cache / "web-index.json").read_text())
+    index = json.loads((cache / "features-index.json").read_text())
     assert index["layout"] == "features" and index["num_samples"] == 32
-    assert [s["name"] for s in index["shards"]] == [f"web-{i:04d}.tar" for i in range(4)]
+    names = [cache_name(Path(data.split("{")[0] + f"{i:04d}.tar")) for i in range(4)]
+    assert sorted(s["name"] for s in index["shards"]) == sorted(names)
     train = [
         f"data.train_shards={data}", "data.batch_size=8", "data.num_workers=1",
         "data.train_transform=test", "data.region_dropout=0", "data.word_dropout=0",
@@ -105,15 +108,14 @@ def test_training_from_the_cache_starts_like_training_on_images(tmp_path: Path) 
     proc.wait()
     first = sorted(again.glob("*.done"))
     assert 1 <= len(first) < 4, "killed too late"
-    stamps = {p.name: p.stat().st_mtime_ns for p in again.glob("web-*.tar")}
+    stamps = {p.name: p.stat().st_mtime_ns for p in again.glob("features-*.tar")}
     resumed = run_setdiv(*extract, "--out", str(again))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{4 - len(first)} of 4 shard(s) to do" in resumed.stdout
     for done_file in first:
         shard = done_file.name.removesuffix(".done")
         assert (again / shard).stat().st_mtime_ns == stamps[shard]
-    for i in range(4):
-        name = f"web-{i:04d}.tar"
+    for name in names:
         assert (again / name).read_bytes() == (cache / name).read_bytes() or _same(
             again / name, cache / name
         )
@@ -137,3 +139,94 @@ def _same(a: Path, b: Path) -> bool:
         elif ra[name] != rb[name]:
             return False
     return True
+
+
+def one_line_error(done: subprocess.CompletedProcess, *words: str) -> str:
+    """The one-line stderr of a refused command (exit 2), holding `words`."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [x for x in done.stderr.strip().splitlines() if " INFO " not in x]  # (a rank's log)
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+@pytest.mark.timeout(900)
+def test_same_named_shards_never_share_an_entry_and_another_tower_is_refused(
+    tmp_path: Path,
+) -> None:
+    """img2dataset names every dataset's shards `00000.tar`: two sources once shared one
+    cache entry (the second "already extracted", training read source A twice). A cache
+    made with other weights or another transform was kept and its index renamed; it is now
+    refused (exit 2, one line) by `extract` and by training, unless `--overwrite`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from setdiv.data.features import cache_name, cached_shards
+    from setdiv.data.vocab import Vocab
+
+    with tarfile.open(CC12M) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]  # type: ignore[union-attr]
+    keys = sorted({m.name.split(".", 1)[0] for m, _ in members})
+    sources = {"a": set(keys[:16]), "b": set(keys[16:])}
+    for name, mine in sources.items():
+        (tmp_path / name).mkdir()
+        with tarfile.open(tmp_path / name / "00000.tar", "w") as sink:
+            for m, data in members:
+                if m.name.split(".", 1)[0] in mine:
+                    sink.addfile(m, io.BytesIO(data))
+    Vocab.build(["a photo"]).save(tmp_path / "vocab.json")
+    cache = tmp_path / "cache"
+    base = ["extract", *common(tmp_path), "--out", str(cache), "--data"]
+    first = run_setdiv(*base, str(tmp_path / "a/00000.tar"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_setdiv(*base, str(tmp_path / "b/00000.tar"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 of 1 shard(s) to do" in second.stdout  # not "already extracted"
+    index = json.loads((cache / "features-index.json").read_text())
+    assert index["num_samples"] == 32 and len(index["shards"]) == 2  # both extractions
+    for name, mine in sources.items():
+        entry = Path(cached_shards(cache, str(tmp_path / name / "00000.tar")))
+        assert entry.name == cache_name(tmp_path / name / "00000.tar")
+        with tarfile.open(entry) as tar:
+            assert {m.name.split(".", 1)[0] for m in tar} == mine, name
+    # Another tower's weights: refused before anything is touched, then --overwrite.
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    torch.manual_seed(1)
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    save_file(
+        {k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "o.safetensors"
+    )
+    again = [
+        *base,
+        str(tmp_path / "a/00000.tar"),
+        f"model.image.weights={tmp_path / 'o.safetensors'}",
+    ]
+    one_line_error(run_setdiv(*again), "another tower", "weights_sha256", "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
+    crop = [*base, str(tmp_path / "a/00000.tar"), "data.crop_pct=1.0"]
+    one_line_error(run_setdiv(*crop), "data.crop_pct 0.9 (asked: 1.0)")
+    # Training from the cache with the other weights is refused the same way.
+    train = [
+        "train", *common(tmp_path), f"data.train_shards={tmp_path / 'a/00000.tar'}",
+        "data.batch_size=8", "data.num_workers=1", "data.train_transform=test",
+        f"data.features={cache}", f"model.image.weights={tmp_path / 'o.safetensors'}",
+        "--run-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    one_line_error(run_setdiv(*train), "another tower", "weights_sha256")
+    replaced = run_setdiv(*again, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    record = json.loads((cache / "cache.json").read_text())
+    assert (
+        record["weights_sha256"]
+        == hashlib.sha256((tmp_path / "o.safetensors").read_bytes()).hexdigest()
+    )
+    assert len(json.loads((cache / "features-index.json").read_text())["shards"]) == 1
+    # A corrupt completion record, an --out that is a file, no weights: one line, exit 2.
+    done = next(cache.glob("*.done"))
+    done.write_text('{"samples": 1')
+    one_line_error(run_setdiv(*again), "corrupt extraction record", done.name)
+    (tmp_path / "file").write_text("x")
+    no_dir = ["extract", *common(tmp_path), "--out", str(tmp_path / "file"), "--data"]
+    one_line_error(run_setdiv(*no_dir, str(tmp_path / "a/00000.tar")), "is a file")
+    null = [*base, str(tmp_path / "a/00000.tar"), "model.image.weights=null"]
+    one_line_error(run_setdiv(*null), "model.image.weights' is null")

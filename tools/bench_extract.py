@@ -71,7 +71,7 @@ def main() -> None:
         shards = ShardSet.resolve(args.data, "image", cfg.data.format, cfg.data.caption_key)
         t0 = time.perf_counter()
         extract_shards(cfg, shards.paths, shards.format, Path(cache), 64)
-        write_indexes(Path(cache), shards.paths, args.arch)
+        write_indexes(Path(cache), args.arch)
         extract_s = time.perf_counter() - t0
         live = images_per_s(cfg, "image", tok, args.passes)
         cached_cfg = config_lib.override(cfg, [f"data.features={cache}"])

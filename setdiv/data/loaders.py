@@ -4,9 +4,8 @@ place of images (`data.features`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from setdiv.config import DataConfig
+from setdiv.data.features import cached_shards
 from setdiv.data.reader import EvalReader, TrainReader
 from setdiv.data.samples import sample_options
 from setdiv.data.shards import ShardSet
@@ -23,20 +22,9 @@ __all__ = [
 
 
 def feature_shards(cfg: DataConfig, pattern: str) -> str:
-    """`pattern`'s shards in the feature cache `data.features` (same names), or `pattern`
-    itself without a cache. A shard missing there is an error naming it."""
-    if cfg.features is None:
-        return pattern
-    names = [Path(p).name for p in ShardSet.expand(pattern)]
-    root = Path(cfg.features)
-    missing = [n for n in names if not (root / n).is_file()]
-    if missing:
-        raise UserError(
-            f"config key 'data.features': {root} has no features of {missing[:3]} "
-            f"({len(missing)} of {len(names)} shards): run `setdiv extract` over {pattern!r}"
-        )
-    paths = [str(root / n) for n in names]
-    return "{" + ",".join(paths) + "}" if len(paths) > 1 else paths[0]
+    """`pattern`'s entries in the feature cache `data.features` (`setdiv.data.features`), or
+    `pattern` itself without a cache. A shard without an entry there is an error naming it."""
+    return pattern if cfg.features is None else cached_shards(cfg.features, pattern)
 
 
 def resolve_shards(cfg: DataConfig, pattern: str, kind: str | None = None) -> ShardSet:

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from setdiv import config as config_lib
+from setdiv.data.features import check_training_cache
 from setdiv.data.loaders import build_eval_reader, build_train_reader, per_rank_batch_size
 from setdiv.data.reader import Batch
 from setdiv.data.text import build_tokenizer
@@ -97,6 +98,8 @@ class Trainer:
         self.tokenizer = build_tokenizer(text, self.vocab)
         # A feature cache (`setdiv extract`) replaces the images: the tower's tokens are read.
         kind = "regions" if cfg.data.features else IMAGE_INPUT_KIND[cfg.model.image.name]
+        if cfg.data.features:  # (of this tower, its weights and transform)
+            check_training_cache(cfg)
         self.cfg, self.kind = cfg, kind
         self.batch_size = per_rank_batch_size(cfg.data, self.world)
         if is_rank_zero(self.rank):
