@@ -164,6 +164,17 @@ def _check(args: argparse.Namespace) -> None:
     )
 
 
+def _check_test_data(cfg: config_lib.Config, pattern: str) -> None:
+    """Resolve the test shards as `setdiv eval` will (the config's `data.format`), before any
+    seed trains: a pattern matching nothing is a UserError naming it."""
+    from setdiv.data.loaders import resolve_shards  # (torch)
+
+    try:
+        resolve_shards(cfg.data, pattern)
+    except (FileNotFoundError, UserError) as exc:
+        raise UserError(f"--test-data {pattern!r}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     try:
@@ -173,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
         raise UserError("--seeds: an ensemble needs at least two different seeds")
     cfg = config_lib.load([args.config], args.overrides)
+    _check_test_data(cfg, args.test_data)
     tag = args.tag or ("best" if cfg.data.val_shards else "latest")
     exp = Path(args.storage).resolve() / (args.name or f"{Path(args.config).stem}-ensemble")
     spec = TrialSpec(

@@ -103,3 +103,18 @@ def test_bad_counts_fail_before_anything_starts(bad: list[str], tmp_path: Path) 
     )  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and bad[0] in r.stderr, r.stderr
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("pattern", ["nothing-*.tar", "test-{000000..000001}.tar"])
+def test_test_data_matching_nothing_fails_before_any_training(pattern: str, tmp_path: Path) -> None:
+    """A --test-data glob matching nothing, or a brace list naming missing shards, ends the
+    launcher with one line naming the pattern (exit 2) before any seed trains."""
+    test_data = str(tmp_path / pattern)
+    r = subprocess.run(
+        [*ENSEMBLE, "configs/demo.yaml", "--seeds", "0,1", "--test-data", test_data,
+         "--protocol", "coco", "--storage", str(tmp_path / "e")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=RAY_ENV,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"cluster/ensemble.py: error: --test-data {test_data!r}: ")
+    assert not (tmp_path / "e").exists()  # no run directory: nothing trained

@@ -1,11 +1,14 @@
 """Collectives on 2 gloo processes (free port, timeout): the loss split over ranks equals the
-whole-batch loss in value and gradient; gathers tolerate empty ranks; failures reach all ranks."""
+whole-batch loss in value and gradient, and so does a synchronised BatchNorm, without deprecated
+collectives; gathers tolerate empty ranks; failures reach all ranks."""
 
 from __future__ import annotations
 
 import os
 import time
 import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,17 +16,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 from setdiv import similarity
 from setdiv.config import LossConfig
 from setdiv.distributed import (
     all_gather_rows,
+    all_gather_with_grad,
     free_port,
     job_from_env,
     on_all_ranks,
     process_group,
 )
 from setdiv.losses import build_loss, similarity_spread
+from setdiv.model.encoders import SyncMaskedBatchNorm
 from setdiv.model.set_modules import SetOutput
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
@@ -58,14 +64,35 @@ def loss_and_grads(img, txt, si, st, cfg: LossConfig):  # noqa: ANN001, ANN201
     return terms, leaves + list(loss.parameters()), loss.sim_moments
 
 
+def run_two_ranks(target: Callable, *args: object) -> dict[int, tuple]:
+    """Run `target(rank, port, queue, *args)` on 2 spawned processes; {rank: what it put}. A
+    worker puts (rank, tuple) or, when it failed, (rank, traceback text)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, queue, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in range(2):
+        rank, result = queue.get(timeout=100)
+        assert not isinstance(result, str), result  # a traceback from the worker
+        results[rank] = result
+    for p in procs:
+        p.join(timeout=30)
+    return results
+
+
+def _join_gloo(rank: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+
 def _worker(rank: int, port: int, queue: mp.Queue, cfg: LossConfig) -> None:
     try:
-        os.environ.update(
-            RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-        )
+        _join_gloo(rank, port)
         assert job_from_env().rank == rank
         img, txt, si, st = global_batch()
         terms, leaves, moments = loss_and_grads(
@@ -95,10 +122,10 @@ def _worker(rank: int, port: int, queue: mp.Queue, cfg: LossConfig) -> None:
         # numpy, pickled by value: a tensor would travel as a shared-memory handle that dies
         # with this process if the parent reads it late
         spread = similarity_spread(moments)
-        queue.put((rank, values.numpy(), [g.numpy() for g in grads], rows.shape, failure, spread))
+        queue.put((rank, (values.numpy(), [g.numpy() for g in grads], rows.shape, failure, spread)))
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 -- report to the parent instead of hanging it
-        queue.put((rank, traceback.format_exc(), None, None, None, None))
+        queue.put((rank, traceback.format_exc()))
 
 
 @pytest.mark.parametrize("objective", list(LOSSES))
@@ -108,19 +135,7 @@ def test_loss_split_over_two_ranks_equals_whole_batch(objective: str) -> None:
     objective's own parameters (InfoNCE's temperature) get gradient shares that sum to the
     whole batch's (the engine then averages world_size x them): float64 tolerance."""
     cfg = LOSSES[objective]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue, cfg)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in range(2):
-        rank, values, grads, shape, failure, spread = queue.get(timeout=100)
-        assert grads is not None, values  # a traceback from the worker
-        results[rank] = (values, grads, shape, failure, spread)
-    for p in procs:
-        p.join(timeout=30)
+    results = run_two_ranks(_worker, cfg)
     terms, leaves, _ = loss_and_grads(*global_batch(), cfg)
     sum(terms.values()).backward()
     whole = torch.stack([t.detach() for t in terms.values()])
@@ -143,6 +158,70 @@ def test_loss_split_over_two_ranks_equals_whole_batch(objective: str) -> None:
         assert whole_param.grad.abs().sum() > 0
         torch.testing.assert_close(shares, whole_param.grad, rtol=1e-10, atol=1e-12)
     assert len(leaves) == 4 + (cfg.name == "infonce")
+
+
+def batchnorm_batch() -> tuple[torch.Tensor, torch.Tensor, nn.BatchNorm1d]:
+    """(8, 5) rows, (8, 8) weights of a loss over every pair of rows, a BatchNorm1d(5) with
+    non-trivial affine parameters."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, generator=g) * 3 + 1
+    pair_weights = torch.randn(8, 8, generator=g)
+    bn = nn.BatchNorm1d(5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(5, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(5, generator=g))
+    return x, pair_weights, bn
+
+
+DEPRECATIONS = ("FutureWarning", "DeprecationWarning")
+"""How torch announces a collective it will remove (torch.distributed.nn's, for one)."""
+
+
+def _batchnorm_worker(rank: int, port: int, queue: mp.Queue) -> None:
+    """This rank's 4 rows through SyncMaskedBatchNorm, a loss of its rows against every
+    rank's (gathered with gradient), as the retrieval losses do; every warning recorded."""
+    try:
+        _join_gloo(rank, port)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x, pair_weights, ref = batchnorm_batch()
+            rows = slice(4 * rank, 4 * rank + 4)
+            bn = SyncMaskedBatchNorm(5)
+            bn.load_state_dict(ref.state_dict())
+            x = x[rows].clone().requires_grad_()
+            out = bn(x)  # (4, 5)
+            loss = (out @ all_gather_with_grad(out).T * pair_weights[rows]).sum()
+            loss.backward()
+        params = [p.grad.numpy() for p in (bn.weight, bn.bias)]
+        stats = [bn.running_mean.numpy(), bn.running_var.numpy()]
+        messages = [f"{w.category.__name__}: {w.message}" for w in caught]
+        queue.put((rank, (out.detach().numpy(), x.grad.numpy(), params, stats, messages)))
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- report to the parent instead of hanging it
+        queue.put((rank, traceback.format_exc()))
+
+
+def test_sync_batchnorm_over_two_ranks_equals_whole_batch_without_deprecated_collectives() -> None:
+    """SyncMaskedBatchNorm on 2 gloo ranks normalises, back-propagates and tracks running
+    statistics like nn.BatchNorm1d on the whole batch in one process (the affine parameters'
+    gradient shares sum to the whole batch's), and neither it nor the gradient gather warns
+    (torch.distributed.nn's collectives are deprecated: FutureWarning)."""
+    x, pair_weights, ref = batchnorm_batch()
+    results = run_two_ranks(_batchnorm_worker)
+    x = x.requires_grad_()
+    out = ref(x)
+    (out @ out.T * pair_weights).sum().backward()
+    for rank in range(2):
+        local_out, local_grad, _, stats, messages = results[rank]
+        rows = slice(4 * rank, 4 * rank + 4)
+        assert [m for m in messages if m.startswith(DEPRECATIONS)] == []
+        torch.testing.assert_close(torch.from_numpy(local_out), out.detach()[rows])
+        torch.testing.assert_close(torch.from_numpy(local_grad), x.grad[rows])
+        torch.testing.assert_close(torch.from_numpy(stats[0]), ref.running_mean)
+        torch.testing.assert_close(torch.from_numpy(stats[1]), ref.running_var)
+    for j, whole in enumerate((ref.weight.grad, ref.bias.grad)):
+        shares = sum(torch.from_numpy(results[r][2][j]) for r in range(2))
+        torch.testing.assert_close(shares, whole)
 
 
 # --- the job from the environment, one device picker, local spawning ---------------------------

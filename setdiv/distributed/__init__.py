@@ -26,6 +26,7 @@ _WHERE = {
     ),
     **dict.fromkeys(
         ["all_gather_list", "all_gather_rows", "all_gather_with_grad", "all_reduce_sum",
+         "all_reduce_sum_with_grad",
          "broadcast_float", "collective_device", "is_initialized", "is_rank_zero",
          "rank_and_world"],
         "collectives",

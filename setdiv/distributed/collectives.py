@@ -1,10 +1,13 @@
 """Collectives over the current process group, each a no-op for a lone process (world size 1
-or no group): gathers (rows, Python lists, differentiable), a sum, a broadcast, rank queries."""
+or no group): gathers (rows, Python lists, differentiable), sums (plain, differentiable), a
+broadcast, rank queries. The differentiable ones are torch's functional collectives, whose
+autograd backward works on gloo and nccl alike."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
 __all__ = [
@@ -12,6 +15,7 @@ __all__ = [
     "all_gather_rows",
     "all_gather_with_grad",
     "all_reduce_sum",
+    "all_reduce_sum_with_grad",
     "broadcast_float",
     "collective_device",
     "is_initialized",
@@ -64,9 +68,8 @@ def all_gather_with_grad(t: Tensor) -> Tensor:
     """
     if not is_initialized() or dist.get_world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(t), dim=0)
+    # the functional collective's backward is a reduce-scatter (sum) of the gathered gradient
+    return fc.wait_tensor(fc.all_gather_single(t.contiguous(), 0, dist.group.WORLD))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -87,6 +90,15 @@ def collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_sum_with_grad(t: Tensor) -> Tensor:
+    """Sum of `t` over ranks (same shape), differentiably: the backward pass sums the
+    gradient over ranks too, so statistics summed over ranks (a synchronised BatchNorm's)
+    back-propagate like the whole batch's. World size 1 (or no process group) returns `t`."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return t
+    return fc.wait_tensor(fc.all_reduce(t.contiguous(), "sum", dist.group.WORLD))
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

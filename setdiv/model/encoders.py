@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from setdiv.data.vocab import Vocab, load_glove
-from setdiv.distributed import is_initialized
+from setdiv.distributed.collectives import all_reduce_sum_with_grad
 from setdiv.errors import UserError
 from setdiv.model.hf import check_text_encoder
 from setdiv.model.positional import sine_positions_1d, sine_positions_2d
@@ -79,11 +79,9 @@ class SyncMaskedBatchNorm(nn.BatchNorm1d):
         if not self.training:
             return super().forward(x_TC)
         x = x_TC.float()
-        stats = torch.cat([x.sum(0), x.pow(2).sum(0), x.new_tensor([x.shape[0]])])
-        if is_initialized() and torch.distributed.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_reduce
-
-            stats = all_reduce(stats)
+        stats = all_reduce_sum_with_grad(
+            torch.cat([x.sum(0), x.pow(2).sum(0), x.new_tensor([x.shape[0]])])
+        )
         C = x.shape[1]
         count = stats[-1]
         mean = stats[:C] / count
