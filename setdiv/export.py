@@ -27,7 +27,7 @@ from setdiv.data.text import Tokenizer, build_tokenizer
 from setdiv.data.vocab import Vocab
 from setdiv.errors import UserError
 from setdiv.model import SetRetrievalModel, build_model
-from setdiv.model.encoders import load_state_dict_file
+from setdiv.model.weights import load_state_dict_file
 from setdiv.train import checkpoint
 
 __all__ = [

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from setdiv import cli
 from setdiv.data.shards import ShardIndex
 from setdiv.data.vocab import Vocab
-from setdiv.model.encoders import load_state_dict_file
+from setdiv.model.weights import load_state_dict_file
 
 ROOT = Path(__file__).parents[1]
 
@@ -104,3 +104,67 @@ def test_malformed_shard_index_names_the_file(
     (tmp_path / "train-000000.tar").write_bytes(b"")
     assert cli.main(["vocab", "--shards", f"{tmp_path}/train-*.tar", "--out", "v.json"]) == 2
     assert f"{path}: malformed shard index" in capsys.readouterr().err
+
+
+def _refused_by_info(capsys: pytest.CaptureFixture[str], overrides: list[str], *words: str) -> None:
+    """`setdiv info` (which loads the towers' weights) exits 2 with one line holding `words`."""
+    assert cli.main(["info", str(ROOT / "configs/demo.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [x for x in err if "WARNING" not in x and "Loading weights" not in x]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    assert lines[0].startswith("setdiv info: error:") and all(w in lines[0] for w in words), lines
+
+
+def test_tower_weights_of_another_width_or_vocabulary_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A timm checkpoint of another width (ViT-S weights, ViT-Ti model) and an open_clip text
+    checkpoint of another vocabulary size were torch's multi-line size-mismatch traceback."""
+    timm = pytest.importorskip("timm")
+    small = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    weights = tmp_path / "s.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, weights)
+    _refused_by_info(capsys, [
+        "model.image.name=timm", "model.image.arch=vit_tiny_patch16_224",
+        f"model.image.weights={weights}", "model.text.vocab_size=50",
+    ], "'model.image.weights'", "s.safetensors does not fit vit_tiny_patch16_224",
+       "another shape", "(384,)")  # fmt: skip
+    open_clip = pytest.importorskip("open_clip")
+    from conftest import register_tiny_clip
+
+    register_tiny_clip(tmp_path, "setdiv-vocab-txt")
+    state = open_clip.create_model("setdiv-vocab-txt", pretrained=None).state_dict()
+    state["token_embedding.weight"] = torch.zeros(1000, 32)  # another tokenizer's vocabulary
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "c.safetensors")
+    _refused_by_info(capsys, [
+        "model.text.name=open_clip", "model.text.arch=setdiv-vocab-txt",
+        f"model.text.weights={tmp_path / 'c.safetensors'}", "model.text.vocab_size=null",
+    ], "'model.text.weights'", "token_embedding.weight (1000, 32)")  # fmt: skip
+
+
+def test_bert_directories_without_usable_weights_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`model.text.bert_path` empty, with a config but no weights, or with a truncated
+    `model.safetensors`: transformers' tracebacks (ValueError, OSError, SafetensorError)."""
+    from transformers import BertConfig, BertModel
+
+    good = tmp_path / "good"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, vocab_size=100)).save_pretrained(good)  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights/config.json").write_text((good / "config.json").read_text())
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut/config.json").write_text((good / "config.json").read_text())
+    blob = (good / "model.safetensors").read_bytes()
+    (tmp_path / "cut/model.safetensors").write_bytes(blob[: len(blob) // 2])
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    for name, words in (
+        ("empty", ["has no config.json"]),
+        ("noweights", ["weights cannot be read"]),
+        ("cut", ["weights cannot be read", "Safetensor"]),
+    ):
+        path = tmp_path / name
+        overrides = ["model.text.name=bert", f"model.text.bert_path={path}"]
+        _refused_by_info(capsys, overrides, "'model.text.bert_path'", str(path), *words)

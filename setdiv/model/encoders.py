@@ -28,6 +28,7 @@ from setdiv.distributed.collectives import all_reduce_sum_with_grad
 from setdiv.errors import UserError
 from setdiv.model.hf import check_text_encoder
 from setdiv.model.positional import sine_positions_1d, sine_positions_2d
+from setdiv.model.weights import hf_config, hf_pretrained, load_fitting, load_state_dict_file
 from setdiv.registry import Registry
 
 if TYPE_CHECKING:  # setdiv.config reads the registries' names: type hints only, no cycle
@@ -136,40 +137,6 @@ class RegionEncoder(nn.Module):
         return Features(local_BRD, mask_BR, _masked_max(local_BRD, mask_BR), pos=None)
 
 
-def load_state_dict_file(path: str | Path, key: str | None = None) -> dict[str, Tensor]:
-    """Read weights from .safetensors or a torch file, without executing code (weights_only).
-    Errors name the config `key` (when given) and the file; a file torch will not read
-    weights-only is refused, never loaded any other way."""
-    path = Path(path)
-    where = f"config key '{key}': " if key else ""
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 -- safetensors raises its own error classes
-            raise UserError(
-                f"{where}{path} is not a readable safetensors file (truncated or damaged: "
-                f"{str(exc).splitlines()[0][:200]})"
-            ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- pickle, zip and EOF errors alike
-        # torch's own text suggests weights_only=False, i.e. running the file's code: not here.
-        raise UserError(
-            f"{where}{path} is not a weights-only checkpoint ({type(exc).__name__}): it is "
-            "damaged, or it holds Python objects besides tensors and plain containers. Save "
-            "its state_dict alone (torch.save(model.state_dict(), ...)) or as .safetensors"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserError(f"{where}{path} does not hold a state dict of tensors")
-    return state
-
-
 class CNNGridEncoder(nn.Module):
     """torchvision ResNet/ResNeXt last conv map -> S*S projected cells + 2-D sine positions."""
 
@@ -182,13 +149,7 @@ class CNNGridEncoder(nn.Module):
             log.warning("model.image.weights is null: %s is randomly initialised", arch)
         elif pretrained:  # (not pretrained: architecture only, the caller loads a state dict)
             state = load_state_dict_file(cfg.weights, "model.image.weights")
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith("fc.")]
-            if missing or unexpected:
-                raise UserError(
-                    f"config key 'model.image.weights': {cfg.weights} does not fit {arch}: "
-                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+            load_fitting(net, state, "model.image.weights", cfg.weights, arch, spare=["fc."])
         feat_dim = net.fc.in_features
         self.backbone = nn.Sequential(*list(net.children())[:-2])  # up to layer4, no pool/fc
         self.head = ProjectionHead(feat_dim, dim, cfg.dropout)
@@ -276,7 +237,7 @@ class HFTextEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> None:
         super().__init__()
-        from transformers import AutoConfig, BertConfig
+        from transformers import BertConfig
 
         if cfg.bert_path is None:
             # Random init with the bert-base-uncased shape: for `setdiv info` and smoke runs.
@@ -288,7 +249,7 @@ class HFTextEncoder(nn.Module):
                 f"{cfg.bert_path}"
             )
         else:
-            hf_cfg = AutoConfig.from_pretrained(cfg.bert_path, local_files_only=True)
+            hf_cfg = hf_config(cfg.bert_path)
             check_text_encoder(hf_cfg, cfg.bert_path)
             # pretrained=False: the architecture only; the caller loads a full state dict.
             self.backbone = _hf_encoder(hf_cfg, cfg.bert_path if pretrained else None)
@@ -322,7 +283,7 @@ def _hf_encoder(hf_cfg: object, path: str | None) -> nn.Module:
         kw = {}
     if path is None:
         return cls(hf_cfg, **kw)
-    return cls.from_pretrained(path, local_files_only=True, **kw)
+    return hf_pretrained(cls, path, **kw)
 
 
 def _resnet152(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> CNNGridEncoder:

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from setdiv.errors import UserError
-from setdiv.model.encoders import Features, ProjectionHead, load_state_dict_file
+from setdiv.model.encoders import Features, ProjectionHead
 from setdiv.model.positional import sine_positions_2d
+from setdiv.model.weights import load_fitting, load_state_dict_file
 
 if TYPE_CHECKING:
     from setdiv.config import Config, ImageEncoderConfig, TextEncoderConfig
@@ -142,13 +143,8 @@ class TimmEncoder(nn.Module):
             log.warning("model.image.weights is null: %s is randomly initialised", arch)
         elif pretrained:
             state = load_state_dict_file(cfg.weights, "model.image.weights")
-            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-            unexpected = [k for k in unexpected if not k.startswith(("head.", "fc.", "head_"))]
-            if missing or unexpected:
-                raise UserError(
-                    f"config key 'model.image.weights': {cfg.weights} does not fit {arch}: "
-                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+            heads = ["head.", "fc.", "head_"]  # (a classifier's: unused here)
+            load_fitting(self.backbone, state, "model.image.weights", cfg.weights, arch, heads)
         self.unused = self._freeze_unused(arch)
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
@@ -225,12 +221,7 @@ class OpenClipImageEncoder(nn.Module):
             state = load_state_dict_file(cfg.weights, "model.image.weights")
             if any(k.startswith("visual.") for k in state):
                 state = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}
-            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise UserError(
-                    f"config key 'model.image.weights': {cfg.weights} does not fit "
-                    f"{cfg.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+            load_fitting(self.backbone, state, "model.image.weights", cfg.weights, cfg.arch)
         if not hasattr(self.backbone, "output_tokens"):
             raise UserError(
                 f"config key 'model.image.arch': {cfg.arch}'s vision tower gives no tokens"
@@ -285,7 +276,7 @@ class OpenClipTextEncoder(nn.Module):
                     f"config key 'model.text.weights': {cfg.weights} does not fit {cfg.arch}'s "
                     f"text tower: missing {missing[:5]}"
                 )
-            self.backbone.load_state_dict(state)
+            load_fitting(self.backbone, state, "model.text.weights", cfg.weights, cfg.arch)
         self.backbone.transformer.grad_checkpointing = cfg.grad_checkpointing
         width = self.backbone.transformer.width
         self.proj = nn.Linear(width, dim)
