@@ -406,3 +406,25 @@ def test_auto_candidates_keep_recall_and_score_a_fraction(tmp_path: Path) -> Non
         store, similarity, queries, 10, alpha, AutoBudget(first_per_k=1, max_fraction=0.02)
     )
     assert max(capped.candidates) <= 0.02 * n * 1.5, capped.candidates
+
+
+def test_a_codec_faiss_cannot_build_and_an_out_file_are_one_line_before_any_work(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--codec pq999` was FAISS's traceback after the gallery was encoded, leaving an empty
+    index folder behind; `--out` naming a file was a traceback too. Both are one line, exit 2,
+    before any encoding, and nothing is left behind."""
+    build = ["index", "build", str(setup / "export0"), "--modality", "image", "--data"]
+    data = f"{setup}/a/test-*.tar"
+    capsys.readouterr()
+    assert cli.main([*build, data, "--out", str(setup / "pq"), "--codec", "pq999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--codec pq999" in err[0] and "pq32" in err[0], err
+    assert not (setup / "pq").exists()
+    (setup / "afile").write_text("x")
+    assert cli.main([*build, data, "--out", str(setup / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0], err
+    # The summary index takes the largest pq<M'> whose M' divides its own width.
+    assert AnnSpec(codec="pq16").summary_factory(4, 1000) == "PQ10"
+    assert AnnSpec("ivf", nlist=64, codec="pq8").summary_factory(4, 1088) == "IVF16,PQ8"

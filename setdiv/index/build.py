@@ -197,8 +197,12 @@ def run_build(args: argparse.Namespace) -> int:
     """Check the export, shards and index spec before any encoding, then build."""
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
-    _spec(args)
     cfg = config_lib.load([find_export(args.export) / "config.yaml"])
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not an index directory")
+    if not (out / "meta.json").exists():  # (an append keeps the index's options)
+        _spec(args).check_width(cfg.model.embed_dim)
     shards = resolve_shards(cfg.data, args.data)
     shards.verify()
     args.shard_sha256 = shards.sha256s()  # (img2dataset shards: hashed here, once)

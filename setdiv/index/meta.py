@@ -4,7 +4,7 @@ holds. Checked on construction and on load, one line naming what is wrong."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from setdiv.errors import UserError
@@ -67,12 +67,27 @@ class AnnSpec:
             return f"HNSW{self.m},{codec}"
         return codec
 
-    def summary_factory(self, num_embeds: int) -> str:
-        """The index over set summaries: the same kind, K times fewer IVF lists (one vector
-        per set instead of K)."""
-        if self.kind == "ivf":
-            return AnnSpec("ivf", max(1, self.nlist // num_embeds), codec=self.codec).factory()
-        return self.factory()
+    def check_width(self, dim: int) -> None:
+        """Refuse a codec FAISS cannot build for `dim`-wide elements: pq<M> needs M to divide
+        the width."""
+        if not self.codec.startswith("pq"):
+            return
+        M = int(self.codec[2:])
+        if M < 1 or dim % M:
+            fits = [f"pq{m}" for m in range(1, dim + 1) if dim % m == 0 and m >= 4]
+            raise UserError(
+                f"--codec {self.codec}: pq<M> needs M to divide the element width {dim} "
+                f"(this export's): e.g. {', '.join(fits[-4:])}"
+            )
+
+    def summary_factory(self, num_embeds: int, width: int) -> str:
+        """The index over `width`-wide set summaries: the same kind, K times fewer IVF lists
+        (one vector per set instead of K); pq<M> with the largest M' <= M dividing `width`."""
+        codec = self.codec
+        if codec.startswith("pq"):
+            codec = f"pq{max(m for m in range(1, int(codec[2:]) + 1) if width % m == 0)}"
+        nlist = max(1, self.nlist // num_embeds) if self.kind == "ivf" else self.nlist
+        return replace(self, nlist=nlist, codec=codec).factory()
 
 
 @dataclass

@@ -94,9 +94,10 @@ class SetIndexStore:
         root = Path(root)
         if (root / "meta.json").exists():
             raise UserError(f"{root} already holds an index")
-        root.mkdir(parents=True, exist_ok=True)
+        meta.ann.check_width(meta.dim)
         faiss = _faiss()
         ann = faiss.index_factory(meta.dim, meta.ann.factory(), faiss.METRIC_INNER_PRODUCT)
+        root.mkdir(parents=True, exist_ok=True)  # (after everything that can refuse)
         store = cls(root, meta, ann, None, None)
         store._write_meta()
         return store
@@ -189,7 +190,7 @@ class SetIndexStore:
             self.projection = torch.from_numpy(P)
             width = D + P.shape[1] * (P.shape[1] + 1)
             self.summary = _faiss().index_factory(
-                width, self.meta.ann.summary_factory(K), _faiss().METRIC_INNER_PRODUCT
+                width, self.meta.ann.summary_factory(K, width), _faiss().METRIC_INNER_PRODUCT
             )
             self._configure()
         summaries = set_summaries(torch.from_numpy(data), self.projection).numpy()
