@@ -432,3 +432,53 @@ def test_ensemble_members_are_labelled_by_their_distinct_paths(tmp_path: Path) -
     assert names("s0/sims.npy", "s1/sims.npy") == ["s0", "s1"]
     assert names("x/ensemble/sims.npy", "y/sims.npy") == ["x/ensemble", f"{tmp_path.name}/y"]
     assert names("s0/sims.npy", "s0/sims.npy") == ["s0#1", "s0#2"]
+
+
+def test_setdiv_load_scores_the_test_split_as_setdiv_eval(setup: Path) -> None:
+    """`setdiv.load(...).similarity(encode_images(...), encode_texts(...))` on the demo's
+    (synthetic) test split, in other batch sizes than the evaluator's, equals `sims.npy`."""
+    import setdiv
+
+    sims = np.load(run_eval(setup, "api") / "sims.npy")
+    model = setdiv.load(setup / "export")
+    samples = list(synthetic_samples("test", 60, 0))
+    images = model.encode_images([s.regions for s in samples], batch_size=7)
+    texts = model.encode_texts([c for s in samples for c in s.captions], batch_size=64)
+    assert images.shape[:2] == (60, 4) and texts.shape[:2] == (300, 4)
+    np.testing.assert_allclose(model.similarity(images, texts).numpy(), sims, atol=1e-5, rtol=0)
+    assert "K=4" in repr(model) and model.input_kind == "regions"
+    with pytest.raises(ValueError, match="reads region features"):
+        model.preprocess  # noqa: B018
+
+
+def test_setdiv_load_takes_paths_pil_images_and_pixels_alike(tmp_path: Path) -> None:
+    """A pixel model (timm tower): a file path, a PIL image and `preprocess`'s tensor give the
+    same set; a file that is not an image is one error naming it."""
+    pytest.importorskip("timm")
+    from PIL import Image
+
+    import setdiv
+
+    Vocab.build(["a red square"]).save(tmp_path / "vocab.json")
+    cfg = config_lib.load([ROOT / "configs/demo.yaml"], [
+        "model.image.name=timm", "model.image.arch=vit_tiny_patch16_224",
+        f"model.text.vocab_path={tmp_path / 'vocab.json'}", "model.text.vocab_size=null",
+    ])  # fmt: skip
+    from setdiv.model.towers import with_tower_preprocessing
+
+    cfg = with_tower_preprocessing(cfg)
+    torch.manual_seed(0)
+    export_model(build_model(cfg.model, pretrained=False), cfg, tmp_path / "export")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    model = setdiv.load(tmp_path / "export")
+    with Image.open(tmp_path / "a.jpg") as im:
+        pil = model.encode_images([im])
+        pixels = model.preprocess(im)
+    assert pixels.shape == (3, 224, 224)
+    by_path = model.encode_images([str(tmp_path / "a.jpg")])
+    by_tensor = model.encode_images([pixels])
+    assert torch.equal(pil, by_path) and torch.equal(pil, by_tensor) and pil.shape[1] == 4
+    (tmp_path / "b.jpg").write_bytes(b"not a picture")
+    with pytest.raises(ValueError, match="b.jpg: not a readable image"):
+        model.encode_images([tmp_path / "b.jpg"])
