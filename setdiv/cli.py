@@ -9,12 +9,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, get_args
 
 from setdiv import config as config_lib
-from setdiv.errors import UserError
+from setdiv import errors
+from setdiv.errors import report
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["build_parser", "group_summary", "main", "model_summary", "parse_args", "user_exit_code"]
+__all__ = ["build_parser", "group_summary", "main", "model_summary", "parse_args"]
 
 COCO_BUTD_VOCAB_SIZE = 11354
 """Words in the official coco_butd_vocab.pkl (11353) plus <mask>: `info --random-init` default."""
@@ -234,7 +235,7 @@ added only when it is the one asked for: each imports its module (torch, for mos
 def build_parser(only: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `setdiv` parser: one subcommand per library entry point, with the arguments of
     those in `only` (default: all of them)."""
-    parser = argparse.ArgumentParser(prog="setdiv", description=__doc__)
+    parser = errors.ArgumentParser(prog="setdiv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_line, add_arguments) in COMMANDS.items():
         command = sub.add_parser(name, help=help_line)
@@ -258,28 +259,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def user_exit_code(exc: BaseException) -> int | None:
-    """The exit code of an error the user can act on -- bad input (`UserError`), a file that is
-    not there, an error that carries its own `exit_code` (a diverged run: 3) -- or None for
-    anything else, a bug, which keeps its traceback so it shows where it happened."""
-    if isinstance(exc, UserError | FileNotFoundError) or hasattr(exc, "exit_code"):
-        return getattr(exc, "exit_code", 2)
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; a user error is one line on stderr and its exit code (2, or the
     error's own), any other error propagates with its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # (--help: 0; a bad flag: argparse's one line, 2)
+        return int(exc.code or 0)
     try:
         return args.func(args)
-    except Exception as exc:
-        code = user_exit_code(exc)
-        if code is None:
-            raise
-        print(f"setdiv {args.command}: error: {exc}", file=sys.stderr)
-        return code
+    except Exception as exc:  # noqa: BLE001 -- `report` re-raises all but user errors
+        return report(f"setdiv {args.command}", exc)
 
 
 if __name__ == "__main__":

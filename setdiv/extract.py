@@ -49,7 +49,7 @@ from setdiv.data.samples import sample_options
 from setdiv.data.shards import ShardIndex, ShardInfo, ShardSet, sha256_file
 from setdiv.data.text import build_tokenizer
 from setdiv.distributed.jobs import add_nproc_argument
-from setdiv.errors import UserError
+from setdiv.errors import UserError, positive_int
 
 __all__ = ["add_arguments", "extract_shards", "run", "write_indexes"]
 
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="shards to extract (brace pattern / glob)")
     p.add_argument("--out", required=True, help="the feature cache directory")
     add_nproc_argument(p, "processes splitting the shards")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -170,8 +170,6 @@ def _prepare(out: Path, identity: dict, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc < 1 or args.batch_size < 1:
-        raise UserError("--nproc and --batch-size must be >= 1")
     cfg = _config(args.config, args.overrides)
     if cfg.model.image.weights is None:
         raise UserError(

@@ -4,10 +4,9 @@ interrupted run."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 
-from setdiv.errors import UserError
+from setdiv.errors import report
 
 __all__ = ["INTERRUPTED", "run_cli"]
 
@@ -20,14 +19,12 @@ def run_cli(
     parser: argparse.ArgumentParser,
     work: Callable[[argparse.Namespace], int],
     argv: Sequence[str] | None = None,
-    errors: tuple[type[BaseException], ...] = (),
 ) -> int:
-    """Parse `argv` (options and positionals intermixed), run `work`; bad input
-    (`UserError`, a missing file) and the given `errors` become one line `PROG: error: ...`
-    and their `exit_code` (default 2) instead of a traceback."""
+    """Parse `argv` (options and positionals intermixed), run `work`; a user error (bad input,
+    a missing file, a failed child job) is one line `PROG: error: ...` and its exit code
+    (`setdiv.errors.report`) instead of a traceback."""
     args = parser.parse_intermixed_args(argv)
     try:
         return work(args)
-    except (UserError, FileNotFoundError, *errors) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return int(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # noqa: BLE001 -- `report` re-raises all but user errors
+        return report(prog, exc)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import get_args
 
 from setdiv import config as config_lib
+from setdiv import errors
 from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError, check_at_least
 from setdiv_cluster.cli import INTERRUPTED, run_cli
@@ -43,7 +44,7 @@ __all__ = ["build_parser", "evaluate_run", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = errors.ArgumentParser(
         prog="cluster/ensemble.py",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
@@ -156,7 +157,6 @@ def _check(args: argparse.Namespace) -> None:
     check_at_least(
         {
             "--max-failures": (args.max_failures, 0),
-            "--nproc": (args.nproc, 1),
             "--cpus-per-run": (args.cpus_per_run, 1),
             "--gpus-per-run": (args.gpus_per_run, 0),
             **resource_bounds(args),
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("cluster/ensemble.py", build_parser(), run, argv, (ChildFailedError,))
+    return run_cli("cluster/ensemble.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 import submitit
 
 from setdiv.distributed.jobs import JOB_VARIABLES, die_with_parent
+from setdiv.errors import report
 
 __all__ = [
     "ChildFailedError",
@@ -110,7 +111,6 @@ class TrainJob:
         return self if restart_count(env) == 0 else self.restarted()
 
     def __call__(self) -> str:
-        from setdiv.cli import user_exit_code
         from setdiv.distributed.jobs import job_from_env, log_as_rank
         from setdiv.train.launch import train
 
@@ -123,12 +123,8 @@ class TrainJob:
             )  # fmt: skip
         try:
             train(job.config, [], job.run_dir, job.resume, job.overwrite)
-        except Exception as exc:  # a user error is one line, as from `setdiv train`
-            code = user_exit_code(exc)
-            if code is None:
-                raise
-            print(f"setdiv train: error: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(code) from None
+        except Exception as exc:  # noqa: BLE001 -- a user error is one line, as from `setdiv train`
+            raise SystemExit(report("setdiv train", exc)) from None
         return self.run_dir
 
     def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:

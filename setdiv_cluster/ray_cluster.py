@@ -17,6 +17,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from setdiv import errors
+
 __all__ = ["add_arguments", "main", "ray_session", "resource_bounds", "wait_for_nodes"]
 
 
@@ -88,7 +90,7 @@ def wait_for_nodes(address: str, nodes: int, timeout_s: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m setdiv_cluster.ray_cluster wait ADDRESS NODES [--timeout S]`: exit 0 once NODES
     nodes are up, 1 (with a line saying how many) after the timeout."""
-    p = argparse.ArgumentParser(prog="python -m setdiv_cluster.ray_cluster")
+    p = errors.ArgumentParser(prog="python -m setdiv_cluster.ray_cluster")
     p.add_argument("command", choices=("wait",))
     p.add_argument("address", help="HEAD_IP:PORT")
     p.add_argument("nodes", type=int, help="nodes to wait for")

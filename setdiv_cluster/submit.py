@@ -31,6 +31,7 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string  # pinned submitit==1.5.4; no public API
 
 from setdiv import config as config_lib
+from setdiv import errors
 from setdiv.errors import UserError, check_at_least
 from setdiv.train import rundir
 from setdiv_cluster import jobs
@@ -41,7 +42,7 @@ __all__ = ["build_parser", "executor_parameters", "main", "sbatch_script"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = errors.ArgumentParser(
         prog="cluster/submit.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

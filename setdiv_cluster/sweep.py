@@ -39,6 +39,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from setdiv import config as config_lib
+from setdiv import errors
 from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError, check_at_least
 from setdiv_cluster.cli import INTERRUPTED, run_cli
@@ -58,7 +59,7 @@ __all__ = ["Row", "build_parser", "main", "parse_space", "results_table", "write
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = errors.ArgumentParser(
         prog="cluster/sweep.py",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
@@ -303,7 +304,6 @@ def _check(args: argparse.Namespace) -> None:
         {
             "--samples": (args.samples, 1),
             "--cpus-per-trial": (args.cpus_per_trial, 1),
-            "--nproc": (args.nproc, 1),
             "--gpus-per-trial": (args.gpus_per_trial, 0),
             "--max-failures": (args.max_failures, 0),
             "--grace-epochs": (args.grace_epochs, 1),
@@ -357,12 +357,9 @@ def sweep(args: argparse.Namespace) -> int:
     refused = [r for r in rows if r.status == "user error"]
     if refused:
         why = (Path(refused[0].run_dir) / USER_ERROR_MARK).read_text().strip()
-        print(
-            f"cluster/sweep.py: error: {len(refused)} trial(s) refused by setdiv train "
-            f"(not retried), e.g. {why}",
-            file=sys.stderr,
+        raise UserError(
+            f"{len(refused)} trial(s) refused by setdiv train (not retried), e.g. {why}"
         )
-        return 2
     unfinished = sum(r.status == "unfinished" for r in rows)
     if unfinished:
         print(

@@ -10,7 +10,7 @@ import pytest
 
 from setdiv import cli
 from setdiv import config as config_lib
-from setdiv.errors import UserError
+from setdiv.errors import UserError, user_exit_code
 from setdiv.export import architecture_only
 from setdiv.model import build_model
 
@@ -104,7 +104,11 @@ def test_info_lists_param_groups_with_lr_and_freezing(capsys: pytest.CaptureFixt
     ("argv", "expected"),
     [
         (["train", "configs/demo.yaml", "--run-dir", "R", "--nproc", "0"],
-         "--nproc must be >= 1, got 0"),
+         "argument --nproc: must be >= 1, got 0"),
+        (["train", "configs/demo.yaml", "--run-dir", "R", "--nproc", "two"],
+         "argument --nproc: not an integer: 'two'"),
+        (["train", "configs/demo.yaml", "--run-dir", "R", "--no-such-flag"],
+         "unrecognized arguments: --no-such-flag"),
         (["train", "configs/demo.yaml", "--run-dir", "R", "model.image.name=vgg"],
          "'model.image.name': 'vgg' is not one of"),
         (["train", "configs/demo.yaml", "--run-dir", "R", "optim.lr=nan"],
@@ -112,7 +116,7 @@ def test_info_lists_param_groups_with_lr_and_freezing(capsys: pytest.CaptureFixt
         (["train", "configs/demo.yaml", "--run-dir", "R", "--resume", "latest", "--overwrite"],
          "--resume and --overwrite contradict"),
         (["eval", "R", "--data", "x.tar", "--protocol", "coco", "--nproc", "0"],
-         "--nproc must be >= 1"),
+         "argument --nproc: must be >= 1"),
     ],
 )  # fmt: skip
 def test_user_errors_exit_2_with_one_line(
@@ -190,7 +194,7 @@ def test_a_user_error_on_rank_zero_of_a_2_process_job_keeps_its_class() -> None:
 
     with pytest.raises(UserError, match="the run directory is taken") as raised:
         spawn_local(_user_error_on_rank_zero, 2)
-    assert cli.user_exit_code(raised.value) == 2
+    assert user_exit_code(raised.value) == 2
 
 
 def _rank_count_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -245,5 +249,5 @@ def test_run_ranks_runs_in_process_for_one_and_refuses_zero() -> None:
     seen: list[tuple] = []
     run_ranks(lambda *a: seen.append(a), 1, "x", 2)
     assert seen == [("x", 2)]
-    with pytest.raises(UserError, match="--nproc must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="at least one rank, got 0"):
         run_ranks(lambda: None, 0)

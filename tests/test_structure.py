@@ -4,6 +4,7 @@ module over 400 lines, one way to start ranks, and launchers that import no torc
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,28 @@ def test_launchers_import_no_torch(argv: list[str]) -> None:
     }
     assert "setdiv.config" in imported  # (the parse found the import lines)
     assert not {m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy")}
+
+
+def test_user_errors_become_one_line_and_an_exit_code_in_one_place() -> None:
+    """`setdiv.errors.report` (and its `ArgumentParser`) is the only code that writes
+    `PROG: error: ...` or maps an exception to an exit code: every CLI (setdiv's, the cluster
+    scripts, tools/ensemble_eval.py) goes through it."""
+    owner = ROOT / "setdiv/errors.py"
+    files = [*modules().values(), *(ROOT / "tools").glob("*.py"), *(ROOT / "cluster").glob("*.py")]
+    offenders = []
+    for path in files:
+        if path == owner:
+            continue
+        text = path.read_text()
+        for pattern in (r'f"[^"\n]*: error: ', r'getattr\([a-z_]+, "exit_code"', r"\breturn 2\b"):
+            if re.search(pattern, text):
+                offenders.append(f"{path.relative_to(ROOT)}: {pattern}")
+    assert offenders == [], offenders
+    assert "def user_exit_code" in owner.read_text() and "def report" in owner.read_text()
+
+
+def test_the_rank_count_is_checked_where_the_flag_is_defined() -> None:
+    """`--nproc` is `positive_int` (in `add_nproc_argument`); no command checks it again."""
+    for path in modules().values():
+        text = path.read_text()
+        assert not re.search(r"args\.nproc\s*<\s*1|\"--nproc\": \(", text), path

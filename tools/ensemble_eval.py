@@ -8,19 +8,19 @@ Each sims.npy needs its sims_meta.json beside it; all must share shape, image id
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import get_args
 
+from setdiv import errors
 from setdiv.config import Protocol
-from setdiv.errors import UserError
+from setdiv.errors import report
 from setdiv.eval.ensemble import ensemble
 from setdiv.eval.evaluator import format_table, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sims", nargs="+", type=Path, help="sims.npy files")
     parser.add_argument(
         "--protocol",
@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows, result = ensemble(args.sims, args.protocol)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"ensemble_eval: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 -- `report` re-raises all but user errors
+        return report("ensemble_eval", exc)
     protocol = result.meta["protocol"]
     print(format_table(rows, title=f"{len(args.sims)} models, protocol {protocol}"))
     if args.out:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from setdiv import errors
 from setdiv.data import convert
 from setdiv.data.shards import ShardIndex, write_shards
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> ShardIndex:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make_shards", description=__doc__)
+    parser = errors.ArgumentParser(prog="make_shards", description=__doc__)
     add_arguments(parser)
     run(parser.parse_args(argv))
     return 0

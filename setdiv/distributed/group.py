@@ -290,8 +290,8 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
     """`fn(*args)` as a job of `nproc` ranks: here, in this process, when `nproc` is 1 (a lone
     process, or one rank of a job torchrun / srun / submitit started), else in `nproc` ranks
     spawned on this machine (`spawn_local`). `fn` joins the job with `process_group()`."""
-    if nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    if nproc < 1:  # (the CLIs' `--nproc` is `positive_int`; this guards library calls)
+        raise ValueError(f"a job needs at least one rank, got {nproc}")
     if nproc == 1:
         fn(*args)
     else:

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from setdiv.errors import UserError
+from setdiv.errors import UserError, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -225,9 +225,9 @@ def add_nproc_argument(
     """`--nproc N` (ranks on this machine, default 1): the one spelling of the rank-count flag
     in every setdiv CLI. `deprecated`: its old spellings, still accepted for one release with
     a `FutureWarning` naming the new one, and hidden from `--help`."""
-    parser.add_argument("--nproc", type=int, default=1, metavar="N", help=help)
+    parser.add_argument("--nproc", type=positive_int, default=1, metavar="N", help=help)
     for old in deprecated:
         parser.add_argument(
-            old, type=int, dest="nproc", action=_Deprecated, new="--nproc",
+            old, type=positive_int, dest="nproc", action=_Deprecated, new="--nproc",
             help=argparse.SUPPRESS,
         )  # fmt: skip

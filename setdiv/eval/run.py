@@ -191,8 +191,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Check everything that can be checked before any work -- overrides, export, shards and
     their checksums, the output directory -- then evaluate on 1 or `--nproc` processes."""
-    if args.nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     for item in args.overrides:
         if not item.startswith(EVAL_OVERRIDABLE):
             raise config_lib.ConfigError(

@@ -195,8 +195,6 @@ def _worker(args: argparse.Namespace) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Check the export, shards and index spec before any encoding, then build."""
-    if args.nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = config_lib.load([find_export(args.export) / "config.yaml"])
     out = Path(args.out)
     if out.exists() and not out.is_dir():

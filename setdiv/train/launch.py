@@ -76,8 +76,6 @@ def train(
 
 def run_train(args: argparse.Namespace) -> int:
     config_lib.load([args.config], args.overrides)  # bad keys fail here, before any spawn
-    if args.nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     if args.resume is not None and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     job_args = (args.config, list(args.overrides), args.run_dir, args.resume, args.overwrite)
