@@ -14,7 +14,7 @@ comparing with on-the-fly features.
 
 Each output shard is written to a temporary file and renamed, then a `.done` record is
 written (whole, or not at all): a killed extraction, run again, skips the shards already done.
-Ranks (`--nproc`) split the shards. The index (`features-index.json`, layout "features", with
+Ranks (`--nproc`, started by `run_ranks`) split the shards. The index (`features-index.json`, layout "features", with
 sha256 sums, every entry of the cache) is written once every shard is done, so the reader
 verifies the cache like any shard set.
 
@@ -27,7 +27,6 @@ import argparse
 import io
 import json
 import logging
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from setdiv.data.reader import EvalReader
 from setdiv.data.samples import sample_options
 from setdiv.data.shards import ShardIndex, ShardInfo, ShardSet, sha256_file
 from setdiv.data.text import build_tokenizer
+from setdiv.distributed import log_as_rank, process_group, rank_and_world, run_ranks
 from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError, positive_int
 
@@ -134,10 +134,14 @@ def extract_shards(
         log.info("%s: %d images extracted (%d skipped) -> %s", path, count, skipped, name)
 
 
-def _worker(config: str, overrides: list[str], paths: list[str], fmt: str, out: str,
+def _worker(config: str, overrides: list[str], paths: list[Path], fmt: str, out: Path,
             batch_size: int) -> None:  # fmt: skip
-    cfg = _config(config, overrides)
-    extract_shards(cfg, [Path(p) for p in paths], fmt, Path(out), batch_size)
+    """One rank: its share (every world-th) of the shards still to do."""
+    with process_group() as job:
+        log_as_rank(job)
+        rank, world = rank_and_world()
+        cfg = _config(config, overrides)
+        extract_shards(cfg, paths[rank::world], fmt, out, batch_size)
 
 
 def _config(config: str, overrides: list[str]) -> config_lib.Config:
@@ -185,31 +189,9 @@ def run(args: argparse.Namespace) -> int:
         for stale in out.glob(f".{cache_name(p)}.*.tmp"):
             stale.unlink()
     print(f"extract: {len(todo)} of {len(sources)} shard(s) to do -> {out}", flush=True)
-    if args.nproc == 1 or len(todo) <= 1:
-        extract_shards(cfg, todo, shards.format, out, args.batch_size)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        procs = [
-            ctx.Process(
-                target=_worker,
-                args=(
-                    args.config,
-                    args.overrides,
-                    [str(p) for p in todo[r :: args.nproc]],
-                    shards.format,
-                    str(out),
-                    args.batch_size,
-                ),  # fmt: skip
-            )
-            for r in range(min(args.nproc, len(todo)))
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        failed = [p.exitcode for p in procs if p.exitcode != 0]
-        if failed:
-            raise UserError(f"{len(failed)} extraction process(es) failed: run it again to resume")
+    nproc = max(1, min(args.nproc, len(todo)))  # (a rank per shard at most)
+    run_ranks(_worker, nproc, args.config, args.overrides, todo, shards.format, out,
+              args.batch_size)  # fmt: skip
     write_indexes(out, cfg.model.image.arch or "")
     total = sum(_done(out, cache_name(p))["samples"] for p in sources)  # type: ignore[index]
     print(f"extract: {total} images in {len(sources)} shard(s) at {out}")

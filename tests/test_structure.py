@@ -116,12 +116,18 @@ def _calls(path: Path, name: str) -> int:
     )
 
 
-def test_train_eval_and_index_build_start_ranks_through_run_ranks() -> None:
+def test_every_command_starts_ranks_through_run_ranks() -> None:
+    """train, eval, index build and extract start their ranks through `run_ranks`; no other
+    module starts processes of its own (`multiprocessing`, `spawn_local`)."""
     mods = modules()
     spawners = {m for m, p in mods.items() if _calls(p, "spawn_local")}
     assert spawners == {"setdiv.distributed.group"}  # (inside run_ranks)
-    for m in ("setdiv.train.launch", "setdiv.eval.run", "setdiv.index.build"):
+    for m in ("setdiv.train.launch", "setdiv.eval.run", "setdiv.index.build", "setdiv.extract"):
         assert _calls(mods[m], "run_ranks") == 1, m
+    own = {
+        m for m, p in mods.items() if re.search(r"\bmultiprocessing\b|\.Process\(", p.read_text())
+    }
+    assert own <= {"setdiv.distributed.group", "setdiv.data.workers"}, own
 
 
 @pytest.mark.parametrize(
