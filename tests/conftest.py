@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -129,3 +130,63 @@ def register_tiny_clip(
     }))  # fmt: skip
     open_clip.add_model_config(path)
     return name
+
+
+# --- the search service's fixtures (tests/test_serve*.py) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export (random demo model), 40 synthetic test images with their pictures in the
+    shards, and an image index over them."""
+    from test_index import make_export
+
+    from setdiv import cli
+    from setdiv.data.convert import synthetic_samples
+    from setdiv.data.shards import write_shards
+    from setdiv.data.vocab import Vocab
+
+    root = tmp_path_factory.mktemp("serve")
+    Vocab.build(c for s in synthetic_samples("train", 300, 0) for c in s.captions).save(
+        root / "vocab.json"
+    )
+    make_export(root, 0)
+    samples = synthetic_samples("test", 40, 0, picture=True)
+    write_shards(samples, root / "a", "test", "regions", "synthetic", 20)
+    build = ["index", "build", str(root / "export0"), "--modality", "image"]
+    assert cli.main([*build, "--data", f"{root}/a/test-*.tar", "--out", str(root / "img")]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def service(gallery: Path) -> Any:
+    """The `setdiv.index.service.Service` over `gallery`'s image index."""
+    from setdiv.index.search import SetSearcher
+    from setdiv.index.service import Service
+
+    return Service(SetSearcher(gallery / "img"))
+
+
+@pytest.fixture(scope="module")
+def server(service: Any):  # noqa: ANN201
+    """The port of a real uvicorn server over `service`."""
+    from serve_helpers import running_server
+
+    with running_server(service) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def text_server(gallery: Path):  # noqa: ANN201
+    """(port, service) of a caption gallery whose model reads pixels: queries are images."""
+    from serve_helpers import build_index, pixel_export, running_server
+
+    from setdiv.data.convert import synthetic_samples
+    from setdiv.index.search import SetSearcher
+    from setdiv.index.service import Service
+
+    samples = synthetic_samples("test", 20, 0, kind="image")
+    index = build_index(gallery, pixel_export(gallery), samples, "image", "text", "txt")
+    service = Service(SetSearcher(index))
+    with running_server(service) as port:
+        yield port, service

@@ -64,7 +64,7 @@ def _search_the_demo_gallery_over_http(demo: Path, capsys: pytest.CaptureFixture
         status, out, _ = request(port, "POST", "/search", body.encode())
         assert status == 200
         results = out["results"]
-        status, thumb, headers = request(port, "GET", "/image/0")
+        status, thumb, headers = request(port, "GET", f"/image/{results[0]['hits'][0]['id']}")
         assert status == 200 and headers["content-type"] == "image/jpeg"
         with Image.open(io.BytesIO(thumb)) as im:
             assert max(im.size) <= THUMB

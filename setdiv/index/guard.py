@@ -1,20 +1,23 @@
 """What stands between clients and the search app: the Host header, body framing and size
 (411 / 413 / 415), at most `MAX_IN_FLIGHT` requests in the server, a deadline per request
-(408 / 503), a timeout for a connection's first request head, and log lines that escape what
-clients sent."""
+(408 / 503), a timeout for a connection's first request head, a JSON {"error": ...} for a
+request uvicorn cannot parse, and log lines that escape what clients sent."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import h11
 from fastapi.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = [
+    "DEADLINE_KEY",
     "DEADLINE_S",
     "HEAD_TIMEOUT_S",
     "MAX_BODY",
@@ -30,12 +33,17 @@ log = logging.getLogger("setdiv.index.serve")  # (one log for the service: tests
 MAX_BODY = 8 << 20
 """Largest request body (bytes): a batch of a few JPEGs."""
 DEADLINE_S = 30.0
+DEADLINE_KEY = "setdiv.deadline"
+"""The scope key under which the app finds its request's deadline (time.monotonic())."""
 MAX_IN_FLIGHT = 64
 HEAD_TIMEOUT_S = 10.0
 
 
-def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """The one error shape: {"error": message, **extra} with `status` and `headers`."""
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 def escape(text: str) -> str:
@@ -107,7 +115,12 @@ class Guard:
     async def _run(
         self, scope: dict, receive: Callable, send: Callable, deadline: float, state: dict
     ) -> None:
+        """The app under the deadline. A body over `MAX_BODY` (chunked: only seen arriving) or
+        late is answered 413 / 408 here, whatever the app made of the failed read (FastAPI
+        calls any failure to read a body a 400)."""
         received, body_done = 0, False
+        late: list[_LateError] = []
+        scope[DEADLINE_KEY] = deadline
 
         async def bounded_receive() -> dict:
             nonlocal received, body_done
@@ -115,26 +128,33 @@ class Guard:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
             except TimeoutError:
-                raise _LateError(408, "the request body did not arrive in time") from None
+                late.append(_LateError(408, "the request body did not arrive in time"))
+                raise late[-1] from None
             received += len(message.get("body", b""))
             body_done = body_done or not message.get("more_body", False)
             if received > MAX_BODY:
-                raise _LateError(413, f"bodies are limited to {MAX_BODY} bytes")
+                late.append(_LateError(413, f"bodies are limited to {MAX_BODY} bytes"))
+                raise late[-1]
             return message
+
+        async def app_send(message: dict) -> None:
+            if not late:  # the app's answer to a body it did not get is not sent
+                await send(message)
 
         try:
             await asyncio.wait_for(
-                self.app(scope, bounded_receive, send), timeout=deadline - time.monotonic()
+                self.app(scope, bounded_receive, app_send), timeout=deadline - time.monotonic()
             )
         except (_LateError, TimeoutError) as exc:
-            if isinstance(exc, _LateError):
-                status, message = exc.status, str(exc)
-            elif scope["method"] == "POST" and not body_done:
-                status, message = 408, "the request body did not arrive in time"
-            else:
-                status, message = 503, "no answer within the request deadline"
-            if state["status"] == 0:  # nothing sent yet: say why
-                await error_response(status, message)(scope, receive, send)
+            if not isinstance(exc, _LateError) and not late:
+                body_missing = scope["method"] == "POST" and not body_done
+                late.append(
+                    _LateError(408, "the request body did not arrive in time")
+                    if body_missing
+                    else _LateError(503, "no answer within the request deadline")
+                )
+        if late and state["status"] == 0:  # nothing sent yet: say why
+            await error_response(late[0].status, str(late[0]))(scope, receive, send)
 
 
 class _LateError(Exception):
@@ -158,3 +178,12 @@ class HeadTimeoutH11(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_timer.cancel()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, as JSON {"error": ...}."""
+        body = json.dumps({"error": msg}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body)):
+            self.transport.write(self.conn.send(event))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()

@@ -2,17 +2,20 @@
 
     GET  /               a query page (HTML; /?q=TEXT searches on load), thumbnails for images
     GET  /health         {"status": "ok", "items": N, "modality": ..., "export_sha256": ...}
-    GET  /image/{item}   a JPEG thumbnail of a gallery picture (item index or id; 404 if none)
+    GET  /image/{id}     a JPEG thumbnail of the gallery item with that id (404 if none)
+    GET  /image/at/{n}   the same for the item at position n (`index` in hits; picture URLs)
     GET  /openapi.json   the OpenAPI document, generated from the request model below
     POST /search         `SearchRequest` -> {"results": [{"query", "scored", "hits"}]}
 
-Bad input gets a 4xx with {"error": ...} (and pydantic's "detail" for invalid fields): the
-request model forbids unknown fields and bounds every list, string and number; bodies are
-bounded and need a Content-Length or chunked encoding; a request has `DEADLINE_S` in all
-(408 if the client is still sending, 503 if the answer is not ready) and at most
-`MAX_IN_FLIGHT` are in the server at once (503 and Retry-After beyond); a connection that
-sends no complete request head within `HEAD_TIMEOUT_S` is closed. Log lines escape what
-clients sent. The transport-level checks are `setdiv.index.guard`.
+Every error is {"error": ...} (with pydantic's "detail" for invalid fields), a 4xx for bad
+input: the request model forbids unknown fields and bounds every list, string and number;
+bodies are bounded and need a Content-Length or chunked encoding; query images are bounded in
+pixels each, per request (413 beyond) and being decoded at once per process (503 if no share
+frees up in time; `setdiv.index.service`); a request has `DEADLINE_S` in all (408 if the
+client is still sending, 503 if the answer is not ready) and at most `MAX_IN_FLIGHT` are in
+the server at once (503 and Retry-After beyond); a connection that sends no complete request
+head within `HEAD_TIMEOUT_S` is closed. Log lines escape what clients sent. The
+transport-level checks are `setdiv.index.guard`.
 """
 
 from __future__ import annotations
@@ -24,18 +27,21 @@ import binascii
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from setdiv.errors import UserError
 from setdiv.index.guard import (
+    DEADLINE_KEY,
     DEADLINE_S,
     MAX_BODY,
     MAX_IN_FLIGHT,
@@ -44,9 +50,16 @@ from setdiv.index.guard import (
     error_response,
     escape,
 )
-from setdiv.index.page import PAGE
+from setdiv.index.page import page_html
 from setdiv.index.search import AUTO, SetSearcher
-from setdiv.index.service import Service
+from setdiv.index.service import (
+    LARGE_IMAGE,
+    MAX_PIXELS,
+    MAX_REQUEST_PIXELS,
+    DecodeBusyError,
+    Service,
+    TooManyPixelsError,
+)
 
 __all__ = ["Guard", "SearchRequest", "add_arguments", "app_from_env", "create_app", "run"]
 
@@ -113,8 +126,11 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
         description=(
             f"Set-based image-text search. Request bodies are limited to {MAX_BODY} bytes and "
             f"need a Content-Length (or chunked encoding); a request has {DEADLINE_S:.0f} s in "
-            f"all; at most {MAX_IN_FLIGHT} are in the server at once (503 beyond). Errors are "
-            '{"error": message} with a 4xx status.'
+            f"all; at most {MAX_IN_FLIGHT} are in the server at once (503 beyond). Query images: "
+            f"at most {MAX_PIXELS} pixels each and {MAX_REQUEST_PIXELS} per request (413 "
+            f"beyond, checked before decoding); a server process decodes one image of over "
+            f"{LARGE_IMAGE} pixels and one smaller image at a time, and an image waits for its "
+            'turn until the deadline (503). Every error is {"error": message}.'
         ),
         docs_url=None,
         redoc_url=None,
@@ -128,9 +144,13 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
         detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]
         return error_response(400, "; ".join(parts)[:2000], detail=detail)
 
-    @app.exception_handler(HTTPException)
+    @app.exception_handler(HTTPException)  # Starlette's and FastAPI's (405, a body not read)
     async def httperror_response(_: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)  # a bug: the same shape (its traceback goes to the log)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error ({type(exc).__name__})")
 
     @app.exception_handler(404)
     async def not_found(request: Request, _: Exception) -> JSONResponse:
@@ -140,26 +160,36 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
     async def health() -> dict[str, Any]:
         return service.health()
 
+    html = page_html((MAX_BODY - 64) // 4 * 3, MAX_PIXELS)  # a file whose base64 fits a body
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE)
+        return HTMLResponse(html)
 
-    @app.get(
-        "/image/{item}",
-        responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no picture"}},
-    )
+    jpeg: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"image/jpeg": {}}},
+        404: {"description": "no such item, or no picture"},
+    }
+
+    @app.get("/image/at/{position}", responses=jpeg)
+    async def image_at(position: str) -> Response:
+        """The picture of the item at `position` (0-based: `index` in hits)."""
+        digits = position.isascii() and position.isdigit() and len(position) < 19
+        return await _thumbnail(service.picture_at, int(position) if digits else -1)
+
+    @app.get("/image/{item}", responses=jpeg)
     async def image(item: str) -> Response:
-        try:
-            data = await run_in_threadpool(service.picture, item)
-        except (LookupError, UserError) as exc:
-            return error_response(404, str(exc))
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        """The picture of the item whose id is `item` (compared as text, never a position)."""
+        return await _thumbnail(service.picture, item)
 
-    for path, endpoint in (("/health", health), ("/", page), ("/image/{item}", image)):
+    for path, endpoint in (
+        ("/health", health), ("/", page), ("/image/at/{position}", image_at),
+        ("/image/{item}", image),
+    ):  # fmt: skip
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.post("/search", responses={400: {}, 408: {}, 411: {}, 413: {}, 415: {}, 503: {}})
-    async def search(body: SearchRequest) -> dict[str, Any]:
+    async def search(body: SearchRequest, request: Request) -> dict[str, Any]:
         kind, queries = body.queries()
         wanted = "text" if service.modality == "image" else "image"
         if kind != wanted:
@@ -171,9 +201,16 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
                 if any(not q.strip() for q in queries):
                     raise UserError("an empty text query")
                 payload: Any = queries
-            else:
-                payload = await run_in_threadpool(service.decode_images, _b64(queries))
+            else:  # an image waits for its decoding lane until a second before the deadline
+                until = request.scope.get(DEADLINE_KEY, time.monotonic() + DEADLINE_S) - 1.0
+                payload = await run_in_threadpool(
+                    lambda: service.decode_images(_b64(queries), until)
+                )
             hits = await asyncio.wrap_future(service.submit(kind, payload, body.k, body.candidates))
+        except TooManyPixelsError as exc:
+            return error_response(413, str(exc))
+        except DecodeBusyError as exc:
+            return error_response(503, str(exc), headers={"Retry-After": "1"})
         except (UserError, ValueError) as exc:
             return error_response(400, str(exc))
         return {
@@ -188,6 +225,15 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
         }
 
     return app
+
+
+async def _thumbnail(picture: Any, key: str | int) -> Response:
+    """`picture(key)`'s JPEG bytes, or a 404 saying why there are none."""
+    try:
+        data = await run_in_threadpool(picture, key)
+    except (LookupError, UserError) as exc:
+        return error_response(404, str(exc))
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
 def _b64(blobs: list[str]) -> list[bytes]:
@@ -228,8 +274,13 @@ ENV = "SETDIV_SERVE"
 
 def app_from_env() -> FastAPI:
     """The app of one worker process: `ENV` holds the index, export and allowed hosts."""
+    from PIL import Image
+
     opts = json.loads(os.environ[ENV])
     set_threads(opts["threads"])
+    # Decoded images in blocks over glibc's largest mmap threshold (32 MB): a large query
+    # image's memory goes back to the system when it is freed, not into a thread's heap.
+    Image.core.set_block_size(64 << 20)
     service = Service(SetSearcher(opts["index"], opts["export"]))
     hosts = None if opts["hosts"] is None else set(opts["hosts"])
     return Guard(create_app(service, hosts), hosts)  # type: ignore[return-value]
@@ -256,6 +307,8 @@ def allowed_hosts(args: argparse.Namespace) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT / SIGTERM; in-flight requests finish first (uvicorn's graceful
     shutdown)."""
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0..65535, got {args.port}")
     import uvicorn
 
     if args.workers < 1:

@@ -1,6 +1,6 @@
-"""What `setdiv serve` runs behind HTTP: query images decoded safely (outside the model),
-queries from concurrent requests batched through the model by one thread, and thumbnails of
-gallery pictures.
+"""What `setdiv serve` runs behind HTTP: query images decoded safely (outside the model, within
+pixel budgets), queries from concurrent requests batched through the model by one thread, and
+thumbnails of gallery pictures.
 
 Shape legend: Q queries, L query set size, D width.
 """
@@ -10,10 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import logging
+import math
 import queue
 import tarfile
 import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,14 @@ from setdiv.errors import UserError
 from setdiv.index.search import Hits, SetSearcher
 from setdiv.model.encoders import IMAGE_INPUT_KIND
 
-__all__ = ["FORMATS", "MAX_PIXELS", "Service", "decode_query_image", "thumbnail"]
+__all__ = [
+    "MAX_PIXELS",
+    "DecodeBusyError",
+    "Service",
+    "TooManyPixelsError",
+    "decode_query_image",
+    "thumbnail",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +47,31 @@ MAX_PIXELS = 32_000_000
 """Largest query image (pixels): a 32-megapixel photo. The model reads `data.image_size`
 squared (224..512 square) pixels of it, so no query needs more; a decompression bomb of
 11000 x 11000 is refused before decoding."""
+MAX_REQUEST_PIXELS = 2 * MAX_PIXELS
+"""Most pixels of one request's images together (two of the largest photos, or eight of 8
+megapixels); a request over it is refused from the image headers, before any decoding (413)."""
+LARGE_IMAGE = 4_000_000
+"""Query images of more pixels are decoded one at a time per server process, in a lane of
+their own; smaller ones one at a time in another lane. So decoding holds at most
+`MAX_DECODING_PIXELS` (~150 MB at 4 bytes a pixel) and two cores whatever the load, and a
+small query never queues behind a large one. An image waits for its lane until its
+request's deadline (then 503)."""
+MAX_DECODING_PIXELS = MAX_PIXELS + LARGE_IMAGE
+"""Most pixels being decoded at once in a server process (the two lanes)."""
 THUMB = 160
 """Longest side of a served thumbnail (pixels)."""
 MAX_BATCH = 256
 """Most queries the model thread encodes in one call."""
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
+"""What Pillow raises for a damaged file at decode time (a truncated JPEG: OSError)."""
+
+
+class TooManyPixelsError(UserError):
+    """A request's images hold more than `MAX_REQUEST_PIXELS` together (HTTP 413)."""
+
+
+class DecodeBusyError(RuntimeError):
+    """An image's decoding lane did not reach it before the request's deadline (HTTP 503)."""
 
 
 def _open_checked(data: bytes) -> Image.Image:
@@ -55,18 +86,35 @@ def _open_checked(data: bytes) -> Image.Image:
     return im
 
 
+def image_pixels(data: bytes) -> int:
+    """Width x height of an encoded image, read from its header alone (UserError for a format
+    other than JPEG / PNG / WebP, or more than `MAX_PIXELS`)."""
+    with _open_checked(data) as im:
+        return im.size[0] * im.size[1]
+
+
 def decode_query_image(
     data: bytes, size: int, style: str, opts: SampleOptions | None = None
 ) -> Tensor:
     """(1, 3, size, size) normalised pixels of an encoded JPEG / PNG / WebP query image, with
     its header checked (format, pixel count) before any decoding; JPEGs are decoded at the
-    smallest scale that still covers `size`. `opts`: the export's data options (tower
-    normalisation and interpolation)."""
+    smallest scale that still covers `size`, larger images box-filtered to a shorter side of 2 x
+    `size` before the transform. A damaged body (a truncated JPEG) is a UserError.
+    `opts`: the export's data options (tower normalisation and interpolation)."""
     with _open_checked(data) as im:
         if im.format == "JPEG":
             im.draft("RGB", (size * 2, size * 2))
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG", compress_level=0)
+        try:
+            base = im if im.mode in ("RGB", "L") else im.convert("RGB")
+            scale = min(base.size) / (2 * size)  # shrunk before any copy of the full image
+            if scale >= 2:  # (a box filter of the exact scale: reduce() would shift the grid)
+                w, h = base.size
+                base = base.resize((round(w / scale), round(h / scale)), Image.Resampling.BOX)
+            rgb = base.convert("RGB")
+        except DECODE_ERRORS as exc:
+            raise UserError(f"a damaged {im.format} image ({exc})") from None
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=0)
     return image_file_pixels(io.BytesIO(buf.getvalue()), size, style, opts)
 
 
@@ -74,10 +122,13 @@ def thumbnail(data: bytes, size: int = THUMB) -> bytes:
     """JPEG bytes of `data` (a picture) shrunk to at most `size` on its longer side."""
     with _open_checked(data) as im:
         im.draft("RGB", (size, size))
-        rgb = im.convert("RGB")
-        rgb.thumbnail((size, size))
-        out = io.BytesIO()
-        rgb.save(out, format="JPEG", quality=85)
+        try:
+            rgb = im.convert("RGB")
+        except DECODE_ERRORS as exc:
+            raise UserError(f"a damaged {im.format} picture ({exc})") from None
+    rgb.thumbnail((size, size))
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=85)
     return out.getvalue()
 
 
@@ -104,6 +155,7 @@ class Service:
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
         self._members: dict[str, dict[str, tuple[int, int]]] = {}
         self._lock = threading.Lock()
+        self._lanes = [ThreadPoolExecutor(1, f"setdiv-decode-{n}") for n in ("small", "large")]
         self._thread = threading.Thread(target=self._run, name="setdiv-model", daemon=True)
         self._thread.start()
 
@@ -126,30 +178,51 @@ class Service:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=10)
+        for lane in self._lanes:
+            lane.shutdown(wait=False, cancel_futures=True)
 
     # --- queries --------------------------------------------------------------------------------
 
     def image_kind(self) -> str:
         return IMAGE_INPUT_KIND[self.searcher.exported.cfg.model.image.name]
 
-    def decode_images(self, blobs: list[bytes]) -> Tensor:
-        """(Q, 3, S, S) model-ready pixels of encoded query images (UserError naming the
-        image that is refused)."""
+    def decode_images(self, blobs: list[bytes], deadline: float = math.inf) -> Tensor:
+        """(Q, 3, S, S) model-ready pixels of encoded query images. Every header is checked
+        first (UserError naming the image; TooManyPixelsError over `MAX_REQUEST_PIXELS`), then
+        the images are decoded in their lanes (`LARGE_IMAGE`); DecodeBusyError if one is not
+        decoded by `deadline` (time.monotonic()), its lane busy with other requests."""
         cfg = self.searcher.exported.cfg
         if self.image_kind() != "image":
             raise UserError(
                 f"this index's model ({cfg.model.image.name}) reads region features, not images"
             )
-        pixels = []
+        sizes = [_named(i, image_pixels, blob) for i, blob in enumerate(blobs)]
+        if sum(sizes) > MAX_REQUEST_PIXELS:
+            raise TooManyPixelsError(
+                f"{len(blobs)} image(s) of {sum(sizes)} pixels in all: a request may carry at "
+                f"most {MAX_REQUEST_PIXELS} pixels"
+            )
         opts = sample_options(cfg.data, "image", None, train=False, augment=False)  # type: ignore[arg-type]
-        for i, blob in enumerate(blobs):
-            try:
-                pixels.append(
-                    decode_query_image(blob, cfg.data.image_size, cfg.data.image_transform, opts)
+        args = (cfg.data.image_size, cfg.data.image_transform, opts)
+        futures = [
+            self._lanes[n > LARGE_IMAGE].submit(_named, i, decode_query_image, blob, *args)
+            for i, (blob, n) in enumerate(zip(blobs, sizes, strict=True))
+        ]
+        try:
+            left = None if deadline == math.inf else max(deadline - time.monotonic(), 0.0)
+            _, late = concurrent.futures.wait(futures, left, FIRST_EXCEPTION)
+            for f in futures:  # the first damaged image, in request order
+                if f.done() and f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+            if late:
+                raise DecodeBusyError(
+                    f"busy: {len(late)} image(s) not decoded within the request deadline (a "
+                    "server process decodes one large and one small image at a time)"
                 )
-            except UserError as exc:
-                raise UserError(f"image {i}: {exc}") from None
-        return torch.cat(pixels)
+            return torch.cat([f.result() for f in futures])
+        finally:
+            for f in futures:  # not started: never will be
+                f.cancel()
 
     def submit(
         self, kind: str, queries: list[str] | Tensor, k: int, candidates: int | str
@@ -165,7 +238,7 @@ class Service:
         for record in self.searcher.describe(hits, q):
             picture = record.pop("picture", None)
             if picture is not None:
-                record["picture"] = f"/image/{record['index']}"
+                record["picture"] = f"/image/at/{record['index']}"
             out.append(record)
         return out
 
@@ -236,11 +309,19 @@ class Service:
     # --- pictures -------------------------------------------------------------------------------
 
     def picture(self, item: str) -> bytes:
-        """A JPEG thumbnail of gallery item `item` (its index or its id); LookupError when
-        there is no such item or it has no picture."""
-        n = int(item) if item.isdigit() and int(item) < len(self.items) else self._by_id.get(item)
+        """A JPEG thumbnail of the gallery item whose id (as text) is `item`; LookupError when
+        there is no such item or it has no picture. Never read as a position."""
+        n = self._by_id.get(item)
         if n is None:
-            raise LookupError(f"no item {item!r} in this index")
+            shown = item if len(item) <= 64 else item[:64] + "..."
+            raise LookupError(f"no item with the id {shown!r} in this index")
+        return self.picture_at(n)
+
+    def picture_at(self, n: int) -> bytes:
+        """A JPEG thumbnail of the gallery item at position `n` (0-based, as `index` in hits);
+        LookupError when there is none or it has no picture."""
+        if not 0 <= n < len(self.items):
+            raise LookupError(f"no item at position {n} (this index holds {len(self.items)})")
         with self._lock:
             if n in self._thumbs:
                 self._thumbs.move_to_end(n)
@@ -250,7 +331,10 @@ class Service:
             why = "a text gallery" if self.modality == "text" else "no picture in its shards"
             raise LookupError(f"item {self.items[n]['id']!r} has no picture ({why})")
         data = self._read_member(Path(where["shard"]), where["member"])
-        thumb = thumbnail(data)
+        try:
+            thumb = thumbnail(data)
+        except UserError as exc:
+            raise LookupError(f"item {self.items[n]['id']!r}: {exc}") from None
         with self._lock:
             self._thumbs[n] = thumb
             if len(self._thumbs) > 4096:
@@ -273,6 +357,14 @@ class Service:
         with open(shard, "rb") as f:
             f.seek(offset)
             return f.read(size)
+
+
+def _named(i: int, fn: Any, *args: Any) -> Any:
+    """`fn(*args)`, its UserError naming query image `i`."""
+    try:
+        return fn(*args)
+    except UserError as exc:
+        raise UserError(f"image {i}: {exc}") from None
 
 
 def _slice(hits: Hits, a: int, b: int) -> Hits:
