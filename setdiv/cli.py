@@ -167,10 +167,10 @@ def _train_arguments(tr: argparse.ArgumentParser) -> None:
 
 
 def _export_arguments(ex: argparse.ArgumentParser) -> None:
-    from setdiv.train import launch
+    from setdiv import export_run
 
-    launch.add_export_arguments(ex)
-    ex.set_defaults(func=launch.run_export)
+    export_run.add_arguments(ex)
+    ex.set_defaults(func=export_run.run)
 
 
 def _extract_arguments(xt: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from setdiv.data.convert import synthetic_samples  # noqa: E402
 from setdiv.data.shards import ShardIndex, index_path, write_shards  # noqa: E402
 from setdiv.data.vocab import Vocab  # noqa: E402
 from setdiv.eval.evaluator import format_table, full_set_key, write_result  # noqa: E402
+from setdiv.paths import RunFiles  # noqa: E402
 
 __all__ = ["add_arguments", "run"]
 
@@ -72,9 +73,7 @@ def _curves(runs: dict[str, Path], out: Path, hardest_from_epoch: int | None) ->
     fig, (ax_loss, ax_std, ax_val) = plt.subplots(1, 3, figsize=(14, 3.6))
     switch = None
     for name, run_dir in runs.items():
-        records = [
-            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        ]
+        records = [json.loads(line) for line in RunFiles(run_dir).metrics.read_text().splitlines()]
         train = [r for r in records if "loss" in r]
         val = [r for r in records if "val_rsum" in r]
         steps = [r["step"] for r in train]
@@ -144,7 +143,8 @@ def _train_and_evaluate(
     model's slot specialisation (each slot's mean largest attention weight, and uniform's)."""
     from setdiv.distributed import pick_device
     from setdiv.eval.run import evaluate_export
-    from setdiv.export import export_run, load_exported
+    from setdiv.export import load_exported
+    from setdiv.export_run import export_run
     from setdiv.train.trainer import Trainer
 
     base = [

@@ -14,9 +14,9 @@ comparing with on-the-fly features.
 
 Each output shard is written to a temporary file and renamed, then a `.done` record is
 written (whole, or not at all): a killed extraction, run again, skips the shards already done.
-Ranks (`--nproc`, started by `run_ranks`) split the shards. The index (`features-index.json`, layout "features", with
-sha256 sums, every entry of the cache) is written once every shard is done, so the reader
-verifies the cache like any shard set.
+Ranks (`--nproc`, started by `run_ranks`) split the shards. The index (`features-index.json`,
+layout "features", with sha256 sums, every entry of the cache) is written once every shard is
+done, so the reader verifies the cache like any shard set.
 
 Shape legend: B images, R tokens, C tower width.
 """

@@ -33,6 +33,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # pinned submitit==1.5.4; 
 from setdiv import config as config_lib
 from setdiv import errors
 from setdiv.errors import UserError, check_at_least
+from setdiv.paths import RunFiles
 from setdiv.train import rundir
 from setdiv_cluster import jobs
 from setdiv_cluster.cli import run_cli
@@ -236,7 +237,7 @@ def submit(args: argparse.Namespace) -> int:
     params = executor_parameters(args)
     folder = run_dir / "slurm" / "%j"
     job = TrainJob(
-        str(run_dir / "config.yaml"),
+        str(RunFiles(run_dir).config),
         str(run_dir),
         "latest" if args.resume else None,
         overwrite=args.overwrite,
@@ -291,7 +292,7 @@ def _undone_on_failure(run_dir: Path) -> Iterator[None]:
     """If the block fails, leave `run_dir` as it was before: what the block created in it is
     removed (the whole directory, if the block created it), a `config.yaml` it rewrote gets its
     old bytes back. Either way, an empty literal `slurm/%j` that submitit makes is removed."""
-    existed, config = run_dir.exists(), run_dir / "config.yaml"
+    existed, config = run_dir.exists(), RunFiles(run_dir).config
     before = set(run_dir.rglob("*")) if existed else set()
     saved_config = config.read_bytes() if config.is_file() else None
     try:

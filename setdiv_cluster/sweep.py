@@ -42,6 +42,7 @@ from setdiv import config as config_lib
 from setdiv import errors
 from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError, check_at_least
+from setdiv.paths import RunFiles
 from setdiv_cluster.cli import INTERRUPTED, run_cli
 from setdiv_cluster.ray_cluster import add_arguments as add_ray_arguments
 from setdiv_cluster.ray_cluster import ray_session, resource_bounds
@@ -178,7 +179,7 @@ def _row(trial: Any, runs_dir: Path, ties: tuple[tuple[str, str], ...], epochs: 
     """A trial's line of the table, from Tune's record of it and its run's metrics.jsonl."""
     run_dir = runs_dir / trial.trial_id
     values = overrides_for(trial.config, ties)
-    scores = [r["val_rsum"] for r in val_records(run_dir / "metrics.jsonl")]
+    scores = [r["val_rsum"] for r in val_records(RunFiles(run_dir).metrics)]
     finite = [s for s in scores if math.isfinite(s)]
     if (run_dir / NONFINITE_MARK).is_file() or len(finite) < len(scores):
         status = "non-finite"

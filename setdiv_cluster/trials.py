@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from setdiv.paths import RunFiles
 from setdiv_cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
 
 __all__ = [
@@ -125,7 +126,7 @@ class _Reporter:
     def poll(self, ended: bool = False) -> None:
         from ray import tune
 
-        for record in val_records(self.run_dir / "metrics.jsonl"):
+        for record in val_records(RunFiles(self.run_dir).metrics):
             epoch, value = int(record["epoch"]), float(record["val_rsum"])
             if epoch <= self.reported or (epoch >= self.last_epoch and not ended):
                 continue

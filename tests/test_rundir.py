@@ -14,7 +14,9 @@ import pytest
 from conftest import tiny_config
 
 from setdiv.train import rundir
-from setdiv.train.rundir import LOCK_FILE, RunDirError, check_resume_config, claim
+from setdiv.train.rundir import RunDirError, check_resume_config, claim
+
+LOCK_FILE = "train.lock"
 
 
 def write_lock(run: Path, **owner: object) -> None:

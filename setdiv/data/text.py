@@ -71,6 +71,29 @@ def _continuations(pieces: list[str]) -> np.ndarray:
     return np.array([not p.startswith(start) for p in pieces], dtype=bool)
 
 
+def config_vocab(cfg: TextEncoderConfig, purpose: str) -> Vocab:
+    """The bi-GRU vocabulary `model.text.vocab_path` names, read (`Vocab.load`) and checked
+    against `model.text.tokenizer`: the one place a config's vocabulary is loaded. `purpose`
+    names what needs it in the error when the key is not set."""
+    if cfg.vocab_path is None:
+        raise UserError(f"{purpose} needs 'model.text.vocab_path' (see `setdiv vocab`)")
+    if not Path(cfg.vocab_path).is_file():
+        raise FileNotFoundError(f"config key 'model.text.vocab_path': not found: {cfg.vocab_path}")
+    vocab = Vocab.load(cfg.vocab_path)
+    _check_tokenizer(vocab, cfg, cfg.vocab_path)
+    return vocab
+
+
+def _check_tokenizer(vocab: Vocab, cfg: TextEncoderConfig, source: str) -> None:
+    if vocab.tokenizer != cfg.tokenizer:
+        raise UserError(
+            f"{source} was built with the {vocab.tokenizer!r} tokenizer but "
+            f"'model.text.tokenizer' is {cfg.tokenizer!r}: set model.text.tokenizer="
+            f"{vocab.tokenizer} or rebuild the vocabulary (`setdiv vocab --tokenizer "
+            f"{cfg.tokenizer}`)"
+        )
+
+
 def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Tokenizer:
     """The tokenizer matching the text encoder config: a `Vocab` (given, or read from
     `model.text.vocab_path`) for bigru; the Hugging Face tokenizer in `model.text.bert_path` for
@@ -103,24 +126,8 @@ def build_tokenizer(cfg: TextEncoderConfig, vocab: Vocab | None = None) -> Token
         return Tokenizer(
             None, tok, pad_id, mask_id, first_word, tok.vocab_size, _continuations(pieces)
         )
-    if vocab is None:
-        if cfg.vocab_path is None:
-            raise UserError(
-                "bigru tokenisation needs 'model.text.vocab_path' or a built vocabulary"
-            )
-        if not Path(cfg.vocab_path).is_file():
-            raise FileNotFoundError(
-                f"config key 'model.text.vocab_path': not found: {cfg.vocab_path}"
-            )
-        vocab = Vocab.load(cfg.vocab_path)
-    if vocab.tokenizer != cfg.tokenizer:
-        source = cfg.vocab_path or "the given vocabulary"
-        raise UserError(
-            f"{source} was built with the {vocab.tokenizer!r} tokenizer but "
-            f"'model.text.tokenizer' is {cfg.tokenizer!r}: set model.text.tokenizer="
-            f"{vocab.tokenizer} or rebuild the vocabulary (`setdiv vocab --tokenizer "
-            f"{cfg.tokenizer}`)"
-        )
+    vocab = vocab or config_vocab(cfg, "bigru tokenisation")
+    _check_tokenizer(vocab, cfg, cfg.vocab_path or "the given vocabulary")
     return Tokenizer(vocab, None, vocab.pad, vocab.mask, len(SPECIALS), len(vocab))
 
 

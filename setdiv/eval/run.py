@@ -35,6 +35,7 @@ from setdiv.eval.evaluator import (
 )
 from setdiv.export import ExportedModel, find_export, load_exported
 from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.paths import ExportFiles
 from setdiv.similarity import build_similarity
 
 __all__ = ["add_arguments", "evaluate_export", "run"]
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 "(the model is the exported one)"
             )
     root = find_export(args.checkpoint)
-    cfg = config_lib.override(config_lib.load([root / "config.yaml"]), _overrides(args))
+    cfg = config_lib.override(config_lib.load([ExportFiles(root).config]), _overrides(args))
     shards = resolve_shards(cfg.data, args.data)
     if cfg.data.verify_checksums:
         shards.verify()

@@ -29,10 +29,10 @@ from setdiv.distributed import (
 from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode
-from setdiv.export import ExportedModel, find_export, load_exported
-from setdiv.index.search import export_identity
+from setdiv.export import ExportedModel, export_identity, find_export, load_exported
 from setdiv.index.store import AnnSpec, IndexMeta, SetIndexStore
 from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.paths import ExportFiles
 
 __all__ = ["add_build_arguments", "encode_gallery", "gallery_items", "run_build"]
 
@@ -195,7 +195,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Check the export, shards and index spec before any encoding, then build."""
-    cfg = config_lib.load([find_export(args.export) / "config.yaml"])
+    cfg = config_lib.load([ExportFiles(find_export(args.export)).config])
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not an index directory")

@@ -12,7 +12,7 @@ import torch
 
 from setdiv.data.loaders import build_eval_reader
 from setdiv.data.samples import image_file_pixels, sample_options
-from setdiv.errors import UserError
+from setdiv.errors import UserError, positive_int
 from setdiv.eval.evaluator import encode
 from setdiv.index.search import AUTO, Hits, SetSearcher
 from setdiv.model.encoders import IMAGE_INPUT_KIND
@@ -32,19 +32,9 @@ CANDIDATES_HELP = (
 )
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def candidates_arg(text: str) -> int | str:
     """`--candidates`: "auto" or an integer >= 1."""
-    return AUTO if text == AUTO else _at_least_one(text)
+    return AUTO if text == AUTO else positive_int(text)
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +48,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a shard sample's image as the query (any image encoder, regions included)",
     )
-    p.add_argument("--k", type=_at_least_one, default=10, help="results")
+    p.add_argument("--k", type=positive_int, default=10, help="results")
     p.add_argument("--candidates", type=candidates_arg, default=AUTO, help=CANDIDATES_HELP)
     p.add_argument("--export", default=None, help="the export (default: the one the index names)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -119,7 +109,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", help="index directory")
     p.add_argument("--queries", required=True, help="shards whose other modality are queries")
     p.add_argument(
-        "--k", type=_at_least_one, default=10, help="depth of the overlap with exact search"
+        "--k", type=positive_int, default=10, help="depth of the overlap with exact search"
     )
     p.add_argument("--candidates", type=candidates_arg, default=AUTO, help=CANDIDATES_HELP)
     p.add_argument("--export", default=None, help="the export (default: the one the index names)")

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from setdiv.data.shards import sha256_file
 from setdiv.errors import UserError
 from setdiv.export import ExportedModel, load_exported
 from setdiv.index.store import SetIndexStore
@@ -300,11 +299,3 @@ class SetSearcher:
             item = self.store.items[i]
             out.append({"rank": rank + 1, "score": s, "index": i, **item})
         return out
-
-
-def export_identity(path: str | Path) -> tuple[str, str, str]:
-    """(export directory, sha256 of its weights, its config.yaml text)."""
-    from setdiv.export import WEIGHTS, find_export
-
-    root = find_export(path)
-    return str(root.resolve()), sha256_file(root / WEIGHTS), (root / "config.yaml").read_text()

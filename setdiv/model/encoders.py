@@ -23,7 +23,8 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from setdiv.data.vocab import Vocab, load_glove
+from setdiv.data.text import config_vocab
+from setdiv.data.vocab import load_glove
 from setdiv.distributed.collectives import all_reduce_sum_with_grad
 from setdiv.errors import UserError
 from setdiv.model.hf import check_text_encoder
@@ -189,15 +190,9 @@ class BiGRUEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> None:
         super().__init__()
-        vocab = None
-        if cfg.vocab_path is not None:
-            if not Path(cfg.vocab_path).is_file():
-                raise FileNotFoundError(
-                    f"config key 'model.text.vocab_path': not found: {cfg.vocab_path}"
-                )
-            vocab = Vocab.load(cfg.vocab_path)
-        if vocab is None and cfg.vocab_size is None:
-            raise UserError("bigru needs 'model.text.vocab_path' (or 'model.text.vocab_size')")
+        # A vocabulary, or only its size (architecture-only models: `info`, exports).
+        needed = cfg.vocab_path is not None or cfg.vocab_size is None
+        vocab = config_vocab(cfg, "a bigru text tower") if needed else None
         num_words = len(vocab) if vocab is not None else int(cfg.vocab_size)  # type: ignore[arg-type]
         self.embed = nn.Embedding(num_words, cfg.word_dim, padding_idx=0)
         if cfg.glove_path is not None and pretrained:

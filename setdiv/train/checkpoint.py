@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from setdiv.distributed import is_initialized, is_rank_zero, rank_and_world
 from setdiv.errors import UserError
+from setdiv.paths import RunFiles
 from setdiv.train import engine as ds
 
 __all__ = [
@@ -102,7 +103,7 @@ def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
 
 
 def _root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunFiles(run_dir).checkpoints
 
 
 def step_tag(step: int) -> str:

@@ -24,7 +24,7 @@ from setdiv.errors import UserError
 from setdiv.model.towers import with_tower_preprocessing
 from setdiv.train import rundir
 
-__all__ = ["add_export_arguments", "add_train_arguments", "run_export", "run_train", "train"]
+__all__ = ["add_train_arguments", "run_train", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +80,4 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     job_args = (args.config, list(args.overrides), args.run_dir, args.resume, args.overwrite)
     run_ranks(train, args.nproc, *job_args)
-    return 0
-
-
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="training run directory")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest; e.g. best)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export)")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from setdiv.export import export_run
-
-    out = export_run(args.run_dir, args.tag, args.out)
-    print(f"exported {out}")
     return 0

@@ -18,11 +18,10 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from setdiv.paths import RunFiles
 from setdiv.train.checkpoint import TrainState
 
-__all__ = ["METRICS_FILE", "MetricsWriter"]
-
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["MetricsWriter"]
 
 
 class MetricsWriter:
@@ -30,9 +29,9 @@ class MetricsWriter:
     step is logged, and measures the training throughput between two logged steps."""
 
     def __init__(self, run_dir: str | Path, log_every: int, enabled: bool) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
+        self.path = RunFiles(run_dir).metrics
         self.log_every, self.enabled = log_every, enabled
-        self.tb = SummaryWriter(str(Path(run_dir) / "tb")) if enabled else None
+        self.tb = SummaryWriter(str(RunFiles(run_dir).tb)) if enabled else None
         self.start_timing()
 
     def truncate(self, step: int) -> None:

@@ -27,9 +27,9 @@ from omegaconf import OmegaConf
 
 from setdiv import config as config_lib
 from setdiv.errors import UserError
+from setdiv.paths import RunFiles
 
 __all__ = [
-    "LOCK_FILE",
     "RESUME_MAY_CHANGE",
     "RunDirError",
     "check_resume_config",
@@ -40,12 +40,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "train.lock"
-RUN_MARKS = ("checkpoints", "metrics.jsonl", "tb")
-"""What a training leaves in RUN; a checkpoint or a record in them means RUN holds a run
-(`holds_run`; a `config.yaml` alone does not: `cluster/submit.py` writes it before the job
-starts)."""
-OVERWRITTEN = (*RUN_MARKS, "config.yaml", "vocab.json", "export")
 RESUME_MAY_CHANGE = frozenset(
     {
         "train.log_every",
@@ -67,16 +61,15 @@ def holds_run(run_dir: str | Path) -> bool:
     """Whether `run_dir` holds (part of) a training run: a checkpoint or a training record.
     What a training that failed before it recorded anything leaves (`tb/`, an empty
     `metrics.jsonl` or `checkpoints/`) is no run: a plain retry may start there."""
-    rd = Path(run_dir)
-    ckpts, records = rd / "checkpoints", rd / "metrics.jsonl"
+    run = RunFiles(run_dir)  # (a config.yaml alone is no run: `cluster/submit.py` writes it)
+    ckpts, records = run.checkpoints, run.metrics
     if ckpts.is_dir() and any(ckpts.iterdir()):
         return True
     return records.is_file() and records.stat().st_size > 0
 
 
-def _clear(run_dir: Path, names: tuple[str, ...]) -> None:
-    for name in names:
-        path = run_dir / name
+def _clear(paths: tuple[Path, ...]) -> None:
+    for path in paths:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -100,7 +93,7 @@ def _flat(cfg: config_lib.Config) -> dict[str, Any]:
 def check_resume_config(cfg: config_lib.Config, run_dir: str | Path) -> None:
     """Raise `RunDirError` if `cfg` differs from the config RUN was trained with in a key a
     resume may not change (see `RESUME_MAY_CHANGE`), listing each key's old and new value."""
-    saved = Path(run_dir) / "config.yaml"
+    saved = RunFiles(run_dir).config
     if not saved.is_file():
         return
     old, new = _flat(config_lib.load([saved])), _flat(cfg)
@@ -167,8 +160,8 @@ def _acquire(run_dir: Path) -> Path:
     """Create RUN/train.lock atomically (write a private file, then hard-link it into place:
     the link fails if a lock exists); a stale lock is replaced, a live one is an error."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock, me = run_dir / LOCK_FILE, _owner()
-    tmp = run_dir / f".{LOCK_FILE}.{me['pid']}"
+    lock, me = RunFiles(run_dir).lock, _owner()
+    tmp = lock.with_name(f".{lock.name}.{me['pid']}")
     tmp.write_text(json.dumps(me) + "\n")
     try:
         for _ in range(2):
@@ -237,10 +230,10 @@ def claim(
         held = holds_run(run_dir)
         if overwrite and held:
             log.warning("--overwrite: deleting the run in %s", run_dir)
-            _clear(run_dir, OVERWRITTEN)
-        elif not held and any((run_dir / n).exists() for n in RUN_MARKS):
+            _clear(RunFiles(run_dir).written)
+        elif not held and any(p.exists() for p in RunFiles(run_dir).marks):
             log.info("%s: clearing what a training that recorded nothing left there", run_dir)
-            _clear(run_dir, RUN_MARKS)
+            _clear(RunFiles(run_dir).marks)
         yield
     finally:
         _release(lock)

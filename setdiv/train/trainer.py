@@ -19,8 +19,7 @@ from setdiv import config as config_lib
 from setdiv.data.features import check_training_cache
 from setdiv.data.loaders import build_eval_reader, build_train_reader, per_rank_batch_size
 from setdiv.data.reader import Batch
-from setdiv.data.text import build_tokenizer
-from setdiv.data.vocab import Vocab
+from setdiv.data.text import build_tokenizer, config_vocab
 from setdiv.distributed import (
     all_gather_list,
     all_reduce_sum,
@@ -31,12 +30,12 @@ from setdiv.distributed import (
     pick_device,
     rank_and_world,
 )
-from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode, gather_and_score, whole_set
 from setdiv.losses import build_loss, describe_objective, similarity_spread
 from setdiv.model import build_model
 from setdiv.model.encoders import IMAGE_INPUT_KIND
 from setdiv.model.towers import with_tower_preprocessing
+from setdiv.paths import RunFiles
 from setdiv.similarity import build_similarity
 from setdiv.train import engine as ds
 from setdiv.train.checkpoint import Checkpointer, TrainState
@@ -77,9 +76,9 @@ class Trainer:
             self.guard.load(self.state.collapse)
         if is_rank_zero(self.rank):
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_lib.save(self.cfg, self.run_dir / "config.yaml")
+            config_lib.save(self.cfg, RunFiles(self.run_dir).config)
             if self.vocab is not None:
-                self.vocab.save(self.run_dir / "vocab.json")
+                self.vocab.save(RunFiles(self.run_dir).vocab)
         self.metrics = MetricsWriter(self.run_dir, cfg.train.log_every, is_rank_zero(self.rank))
         if resume is not None:  # records past the restart point (all, when fresh) are redone
             self.metrics.truncate(self.state.step)
@@ -88,13 +87,7 @@ class Trainer:
         """Tokenizer, training reader, model (same init on every rank), similarity, loss."""
         cfg = with_tower_preprocessing(cfg)  # (idempotent: `launch` has done it already)
         text = cfg.model.text
-        self.vocab = (
-            Vocab.load(text.vocab_path) if text.name == "bigru" and text.vocab_path else None
-        )
-        if text.name == "bigru" and self.vocab is None:
-            raise UserError(
-                "training a bigru model needs 'model.text.vocab_path' (see `setdiv demo`)"
-            )
+        self.vocab = config_vocab(text, "training a bigru model") if text.name == "bigru" else None
         self.tokenizer = build_tokenizer(text, self.vocab)
         # A feature cache (`setdiv extract`) replaces the images: the tower's tokens are read.
         kind = "regions" if cfg.data.features else IMAGE_INPUT_KIND[cfg.model.image.name]
