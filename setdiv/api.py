@@ -25,7 +25,7 @@ from setdiv.data.samples import image_transform, normalise, sample_options
 from setdiv.data.text import Tokenizer
 from setdiv.errors import UserError
 from setdiv.export import ExportedModel, load_exported
-from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.model.encoders import image_input_kind
 from setdiv.similarity import build_similarity
 
 __all__ = ["SetModel", "load"]
@@ -47,7 +47,7 @@ class SetModel:
         self.model = exported.model.to(device).eval()
         self.cfg = exported.cfg
         self.tokenizer: Tokenizer = exported.tokenizer
-        self.input_kind = IMAGE_INPUT_KIND[self.cfg.model.image.name]
+        self.input_kind = image_input_kind(self.cfg.model.image.name)
         """image (pixels) | regions (feature arrays, (R, C) each)."""
         self._opts = sample_options(self.cfg.data, "image", self.tokenizer, False, augment=False)
         self._transform = image_transform(self._opts, False) if self.input_kind == "image" else None

@@ -29,7 +29,7 @@ from setdiv.distributed import (
     process_group,
 )
 from setdiv.losses import build_loss, similarity_spread
-from setdiv.model.encoders import SyncMaskedBatchNorm
+from setdiv.model.layers import SyncMaskedBatchNorm
 from setdiv.model.set_modules import SetOutput
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]

@@ -314,7 +314,7 @@ def test_glove_vectors_initialise_word_embeddings(tmp_path: Path) -> None:
 
 
 def test_sync_masked_batchnorm_matches_batchnorm_in_one_process() -> None:
-    from setdiv.model.encoders import SyncMaskedBatchNorm
+    from setdiv.model.layers import SyncMaskedBatchNorm
 
     ours, ref = SyncMaskedBatchNorm(6), nn.BatchNorm1d(6)
     with torch.no_grad():

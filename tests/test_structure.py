@@ -27,31 +27,21 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
-    """Imports run when the module is imported: at module level, also inside `if` / `try`
-    blocks (TYPE_CHECKING included: a cycle there is still a cycle of the design), not inside
-    functions or classes (those run later, on first use)."""
-    found: list[ast.Import | ast.ImportFrom] = []
-    stack: list[ast.stmt] = list(tree.body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            found.append(node)
-        elif isinstance(node, ast.If | ast.Try):
-            stack += node.body + node.orelse
-            stack += [s for h in getattr(node, "handlers", []) for s in h.body]
-            stack += getattr(node, "finalbody", [])
-    return found
+def _imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import of a module: at module level, inside `if` / `try` blocks (TYPE_CHECKING
+    included: a cycle there is still a cycle of the design) and inside functions and classes
+    (run later, on first use, but a dependency all the same)."""
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the setdiv modules it imports at import time (a `from pkg import name` counts
+    """Module -> the setdiv modules it imports, anywhere in it (a `from pkg import name` counts
     as importing `pkg.name` when that is a module, else `pkg`)."""
     mods = modules()
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
         edges: set[str] = set()
-        for node in _top_level_imports(ast.parse(path.read_text(), str(path))):
+        for node in _imports(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
@@ -93,9 +83,46 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_no_import_cycle_among_setdiv_modules() -> None:
+    """Counting imports inside functions: a lazy import that closes a cycle is still one."""
     graph = import_graph()
     assert len(graph) > 60 and graph["setdiv.train.trainer"], "the walk found the modules"
+    assert "setdiv.model.towers" in graph["setdiv.model.encoders"], "function-level imports"
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+LAYERS = {
+    # lower layer (prefix) -> what it must never import (prefixes)
+    "setdiv.errors": ("setdiv.",),
+    "setdiv.registry": ("setdiv.",),
+    "setdiv.paths": ("setdiv.",),
+    "setdiv.config": ("setdiv.data", "setdiv.model", "setdiv.export", "setdiv.train",
+                      "setdiv.eval", "setdiv.index", "setdiv.cli"),
+    "setdiv.data": ("setdiv.model", "setdiv.export", "setdiv.train", "setdiv.eval",
+                    "setdiv.index", "setdiv.cli", "setdiv.api"),
+    "setdiv.model": ("setdiv.export", "setdiv.train", "setdiv.eval", "setdiv.index",
+                     "setdiv.cli", "setdiv.api"),
+    "setdiv.export": ("setdiv.export_run", "setdiv.train", "setdiv.eval", "setdiv.index",
+                      "setdiv.cli", "setdiv.api"),
+    "setdiv.eval": ("setdiv.export_run", "setdiv.train", "setdiv.index", "setdiv.cli"),
+    "setdiv.index": ("setdiv.export_run", "setdiv.train", "setdiv.cli"),
+    "setdiv.train": ("setdiv.index", "setdiv.cli", "setdiv.api", "setdiv.demo"),
+}  # fmt: skip
+"""The layers, bottom up: the exchanged export format sits below training, evaluation and
+search; making an export from a run (`setdiv.export_run`) above training; the CLI on top."""
+
+
+def test_no_lower_layer_imports_a_higher_one() -> None:
+    graph = import_graph()
+    wrong = [
+        f"{m} imports {t}"
+        for m, targets in graph.items()
+        for layer, banned in LAYERS.items()
+        if m == layer or m.startswith(layer + ".")
+        for t in targets
+        if any(t == b or t.startswith(b if b.endswith(".") else b + ".") for b in banned)
+        and not (t == layer or t.startswith(layer + "."))
+    ]
+    assert wrong == [], wrong
 
 
 def test_no_module_over_400_lines() -> None:

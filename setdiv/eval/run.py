@@ -34,7 +34,7 @@ from setdiv.eval.evaluator import (
     write_result,
 )
 from setdiv.export import ExportedModel, find_export, load_exported
-from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.model.encoders import image_input_kind
 from setdiv.paths import ExportFiles
 from setdiv.similarity import build_similarity
 
@@ -84,7 +84,7 @@ def evaluate_export(
     scoring, if fewer images were read than the shard index lists, unless `allow_partial`."""
     cfg = exported.cfg
     rank, world = rank_and_world()
-    kind = IMAGE_INPUT_KIND[cfg.model.image.name]
+    kind = image_input_kind(cfg.model.image.name)
     reader = build_eval_reader(cfg.data, data, kind, exported.tokenizer, rank, world)
     model = exported.model.to(device)
     enc = encode(model, reader, device, progress=progress and is_rank_zero(rank))

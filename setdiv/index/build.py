@@ -31,7 +31,7 @@ from setdiv.errors import UserError
 from setdiv.eval.evaluator import encode
 from setdiv.export import ExportedModel, export_identity, find_export, load_exported
 from setdiv.index.store import AnnSpec, IndexMeta, SetIndexStore
-from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.model.encoders import image_input_kind
 from setdiv.paths import ExportFiles
 
 __all__ = ["add_build_arguments", "encode_gallery", "gallery_items", "run_build"]
@@ -114,7 +114,7 @@ def encode_gallery(
     """(n, K, D) element sets and item records of `data`'s images or captions, encoded with
     this rank's share of the process group; rank 0 gets them all, other ranks None."""
     rank, world = rank_and_world()
-    kind = IMAGE_INPUT_KIND[exported.cfg.model.image.name]
+    kind = image_input_kind(exported.cfg.model.image.name)
     reader = build_eval_reader(exported.cfg.data, data, kind, exported.tokenizer, rank, world)
     enc = encode(
         exported.model.to(device), reader, device, progress=is_rank_zero(rank), modality=modality

@@ -15,7 +15,7 @@ from setdiv.data.samples import image_file_pixels, sample_options
 from setdiv.errors import UserError, positive_int
 from setdiv.eval.evaluator import encode
 from setdiv.index.search import AUTO, Hits, SetSearcher
-from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.model.encoders import image_input_kind
 
 __all__ = [
     "add_eval_arguments",
@@ -56,7 +56,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 
 def _image_query(searcher: SetSearcher, args: argparse.Namespace) -> torch.Tensor:
     cfg = searcher.exported.cfg
-    kind = IMAGE_INPUT_KIND[cfg.model.image.name]
+    kind = image_input_kind(cfg.model.image.name)
     if args.sample is not None:
         shards, image_id = args.sample
         reader = build_eval_reader(cfg.data, shards, kind, searcher.exported.tokenizer)
@@ -135,7 +135,7 @@ def evaluate_index(
     image), recall@k of the indexed search against the exact top-k, and the share of the
     gallery it scored."""
     ex = searcher.exported
-    kind = IMAGE_INPUT_KIND[ex.cfg.model.image.name]
+    kind = image_input_kind(ex.cfg.model.image.name)
     reader = build_eval_reader(ex.cfg.data, queries, kind, ex.tokenizer)
     q_modality = "text" if searcher.modality == "image" else "image"
     enc = encode(ex.model, reader, torch.device("cpu"), progress=True, modality=q_modality)

@@ -28,7 +28,7 @@ from torch import Tensor
 from setdiv.data.samples import SampleOptions, image_file_pixels, sample_options
 from setdiv.errors import UserError
 from setdiv.index.search import Hits, SetSearcher
-from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.model.encoders import image_input_kind
 
 __all__ = [
     "MAX_PIXELS",
@@ -184,7 +184,7 @@ class Service:
     # --- queries --------------------------------------------------------------------------------
 
     def image_kind(self) -> str:
-        return IMAGE_INPUT_KIND[self.searcher.exported.cfg.model.image.name]
+        return image_input_kind(self.searcher.exported.cfg.model.image.name)
 
     def decode_images(self, blobs: list[bytes], deadline: float = math.inf) -> Tensor:
         """(Q, 3, S, S) model-ready pixels of encoded query images. Every header is checked

@@ -1,6 +1,7 @@
 """Encoders, set prediction modules and the full set-based retrieval model."""
 
-from setdiv.model.encoders import IMAGE_ENCODERS, TEXT_ENCODERS, Features
+from setdiv.model.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+from setdiv.model.layers import Features
 from setdiv.model.model import SetRetrievalModel, build_model
 from setdiv.model.set_modules import SET_MODULES, SetOutput
 

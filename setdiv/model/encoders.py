@@ -25,9 +25,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from setdiv.data.text import config_vocab
 from setdiv.data.vocab import load_glove
-from setdiv.distributed.collectives import all_reduce_sum_with_grad
 from setdiv.errors import UserError
 from setdiv.model.hf import check_text_encoder
+from setdiv.model.layers import Features, ProjectionHead, masked_max
 from setdiv.model.positional import sine_positions_1d, sine_positions_2d
 from setdiv.model.weights import hf_config, hf_pretrained, load_fitting, load_state_dict_file
 from setdiv.registry import Registry
@@ -37,87 +37,19 @@ if TYPE_CHECKING:  # setdiv.config reads the registries' names: type hints only,
 
 __all__ = [
     "IMAGE_ENCODERS",
-    "IMAGE_INPUT_KIND",
     "TEXT_ENCODERS",
     "HFTextEncoder",
+    "ImageEncoder",
     "BiGRUEncoder",
     "CNNGridEncoder",
     "Features",
     "RegionEncoder",
     "build_image_encoder",
     "build_text_encoder",
+    "image_input_kind",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class Features(NamedTuple):
-    # A NamedTuple (not a dataclass) so ZeRO-3 sees the tensors and hooks their backward.
-    local: Tensor
-    """(B,R,Din) local features, the set module's keys and values."""
-    mask: Tensor
-    """(B,R) bool, True for real inputs, False for padding."""
-    pooled: Tensor
-    """(B,D) global feature fused into every set element."""
-    pos: Tensor | None
-    """(R,Din) positional encoding added to the keys, or None."""
-
-
-def _masked_max(x_BRD: Tensor, mask_BR: Tensor) -> Tensor:
-    return x_BRD.masked_fill(~mask_BR[:, :, None], float("-inf")).amax(dim=1)
-
-
-def _masked_mean(x_BRD: Tensor, mask_BR: Tensor) -> Tensor:
-    w_BR1 = mask_BR[:, :, None].to(x_BRD.dtype)
-    return (x_BRD * w_BR1).sum(dim=1) / w_BR1.sum(dim=1).clamp_min(1.0)
-
-
-class SyncMaskedBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over a (T, C) set of rows (the real inputs of a batch), with training
-    statistics summed over all ranks, differentiably (SyncBatchNorm semantics on CPU or GPU):
-    a global batch split over ranks normalises exactly like the whole batch in one process."""
-
-    def forward(self, x_TC: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(x_TC)
-        x = x_TC.float()
-        stats = all_reduce_sum_with_grad(
-            torch.cat([x.sum(0), x.pow(2).sum(0), x.new_tensor([x.shape[0]])])
-        )
-        C = x.shape[1]
-        count = stats[-1]
-        mean = stats[:C] / count
-        var = (stats[C : 2 * C] / count - mean.pow(2)).clamp_min(0)
-        with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 0.1
-            unbiased = var * count / (count - 1).clamp_min(1)
-            self.running_mean.mul_(1 - m).add_(m * mean.detach())
-            self.running_var.mul_(1 - m).add_(m * unbiased.detach())
-            self.num_batches_tracked += 1
-        out = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
-        return out.to(x_TC.dtype)
-
-
-class ProjectionHead(nn.Module):
-    """Linear(Cin, D) plus a residual 2-layer MLP (D -> D/2 -> D), as in VSE-infinity / DivE.
-
-    The MLP's BatchNorm sees only real (unmasked) inputs, so padding never shifts its statistics.
-    """
-
-    def __init__(self, dim_in: int, dim: int, dropout: float) -> None:
-        super().__init__()
-        self.fc = nn.Linear(dim_in, dim)
-        self.fc1 = nn.Linear(dim, dim // 2)
-        self.bn = SyncMaskedBatchNorm(dim // 2)
-        self.fc2 = nn.Linear(dim // 2, dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x_BRC: Tensor, mask_BR: Tensor) -> Tensor:
-        base_BRD = self.fc(x_BRC)
-        h_BRH = self.fc1(base_BRD)
-        normed = h_BRH.new_zeros(h_BRH.shape)
-        normed[mask_BR] = self.bn(h_BRH[mask_BR])
-        return self.dropout(base_BRD + self.fc2(torch.relu(normed)))
 
 
 class RegionEncoder(nn.Module):
@@ -135,7 +67,7 @@ class RegionEncoder(nn.Module):
         if mask_BR is None:
             mask_BR = regions_BRC.new_ones(regions_BRC.shape[:2], dtype=torch.bool)
         local_BRD = self.head(regions_BRC, mask_BR)
-        return Features(local_BRD, mask_BR, _masked_max(local_BRD, mask_BR), pos=None)
+        return Features(local_BRD, mask_BR, masked_max(local_BRD, mask_BR), pos=None)
 
 
 class CNNGridEncoder(nn.Module):
@@ -260,7 +192,7 @@ class HFTextEncoder(nn.Module):
             input_ids=ids_BR, attention_mask=mask_BR.long()
         ).last_hidden_state
         local_BRD = self.proj(states_BRH)
-        pooled_BD = local_BRD[:, 0] if self.pool == "cls" else _masked_max(local_BRD, mask_BR)
+        pooled_BD = local_BRD[:, 0] if self.pool == "cls" else masked_max(local_BRD, mask_BR)
         pos_RD = sine_positions_1d(ids_BR.shape[1], self.local_dim, device=ids_BR.device)
         return Features(local_BRD, mask_BR, pooled_BD, pos=pos_RD.to(local_BRD.dtype))
 
@@ -301,17 +233,31 @@ def _open_clip(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> nn
     return OpenClipImageEncoder(cfg, dim, pretrained)
 
 
-IMAGE_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
+class ImageEncoder(NamedTuple):
+    """A registered image encoder: how to build it, and what it reads from the shards."""
+
+    build: Callable[..., nn.Module]
+    reads: str
+    """regions (precomputed features, `.npy`) | image (JPEG pixels)."""
+
+
+IMAGE_ENCODERS: Registry[ImageEncoder] = Registry(
     "image encoder",
     {
-        "region": RegionEncoder,
-        "resnet152": _resnet152,
-        "resnext101_32x8d": _resnext101,
-        "timm": _timm,
-        "open_clip": _open_clip,
+        "region": ImageEncoder(RegionEncoder, "regions"),
+        "resnet152": ImageEncoder(_resnet152, "image"),
+        "resnext101_32x8d": ImageEncoder(_resnext101, "image"),
+        "timm": ImageEncoder(_timm, "image"),
+        "open_clip": ImageEncoder(_open_clip, "image"),
     },
 )
 """The names `model.image.name` accepts."""
+
+
+def image_input_kind(name: str) -> str:
+    """What the image encoder registered as `name` reads from the shards: "regions" or
+    "image"."""
+    return IMAGE_ENCODERS[name].reads
 
 
 def _open_clip_text(cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> nn.Module:
@@ -324,14 +270,6 @@ TEXT_ENCODERS: Registry[Callable[..., nn.Module]] = Registry(
     "text encoder", {"bigru": BiGRUEncoder, "bert": HFTextEncoder, "open_clip": _open_clip_text}
 )
 """The names `model.text.name` accepts."""
-IMAGE_INPUT_KIND = {
-    "region": "regions",
-    "resnet152": "image",
-    "resnext101_32x8d": "image",
-    "timm": "image",
-    "open_clip": "image",
-}
-"""What each image encoder reads from the shards: region features or JPEG pixels."""
 
 
 def build_image_encoder(cfg: ImageEncoderConfig, dim: int, pretrained: bool = True) -> nn.Module:
@@ -339,7 +277,7 @@ def build_image_encoder(cfg: ImageEncoderConfig, dim: int, pretrained: bool = Tr
 
     `pretrained=False` builds the architecture only (no weights file is read).
     """
-    return IMAGE_ENCODERS[cfg.name](cfg, dim, pretrained)
+    return IMAGE_ENCODERS[cfg.name].build(cfg, dim, pretrained)
 
 
 def build_text_encoder(cfg: TextEncoderConfig, dim: int, pretrained: bool = True) -> nn.Module:

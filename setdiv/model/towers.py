@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from setdiv.errors import UserError
-from setdiv.model.encoders import Features, ProjectionHead
+from setdiv.model.layers import Features, ProjectionHead
 from setdiv.model.positional import sine_positions_2d
 from setdiv.model.weights import load_fitting, load_state_dict_file
 

@@ -33,7 +33,7 @@ from setdiv.distributed import (
 from setdiv.eval.evaluator import encode, gather_and_score, whole_set
 from setdiv.losses import build_loss, describe_objective, similarity_spread
 from setdiv.model import build_model
-from setdiv.model.encoders import IMAGE_INPUT_KIND
+from setdiv.model.encoders import image_input_kind
 from setdiv.model.towers import with_tower_preprocessing
 from setdiv.paths import RunFiles
 from setdiv.similarity import build_similarity
@@ -90,7 +90,7 @@ class Trainer:
         self.vocab = config_vocab(text, "training a bigru model") if text.name == "bigru" else None
         self.tokenizer = build_tokenizer(text, self.vocab)
         # A feature cache (`setdiv extract`) replaces the images: the tower's tokens are read.
-        kind = "regions" if cfg.data.features else IMAGE_INPUT_KIND[cfg.model.image.name]
+        kind = "regions" if cfg.data.features else image_input_kind(cfg.model.image.name)
         if cfg.data.features:  # (of this tower, its weights and transform)
             check_training_cache(cfg)
         self.cfg, self.kind = cfg, kind
