@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from setdiv.api import SetModel
 from setdiv.errors import UserError
 from setdiv.export import ExportedModel, load_exported
 from setdiv.index.store import SetIndexStore
@@ -247,6 +248,7 @@ class SetSearcher:
                 f"{meta.export_sha256[:12]}...); {path} holds other weights (sha256 "
                 f"{self.exported.sha256[:12]}...): rebuild the index with this export"
             )
+        self.model = SetModel(self.exported, torch.device("cpu"))
         cfg = self.exported.cfg
         self.similarity = build_similarity(cfg.similarity)
         self.brute_similarity = build_similarity(replace(cfg.similarity, block_size=4096))
@@ -256,23 +258,18 @@ class SetSearcher:
     def modality(self) -> str:
         return self.store.meta.modality
 
-    @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> Tensor:
-        """(Q, L, D) caption sets of `texts` (queries against an image gallery)."""
+        """(Q, L, D) caption sets of `texts` (queries against an image gallery), through the
+        export's `setdiv.load` model."""
         if not texts or any(not t.strip() for t in texts):
             raise UserError("an empty text query")
-        tok = self.exported.tokenizer
-        ids = [tok.encode(t) for t in texts]
-        T = max(map(len, ids))
-        tokens = torch.full((len(ids), T), tok.pad_id, dtype=torch.long)
-        for i, t in enumerate(ids):
-            tokens[i, : len(t)] = torch.tensor(t)
-        return self.exported.model.encode_text(tokens, tokens != tok.pad_id).embeds.float()
+        return self.model.encode_texts(texts)
 
-    @torch.no_grad()
     def encode_images(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(Q, K, D) image sets of model-ready inputs (normalised pixels or region features)."""
-        return self.exported.model.encode_image(images, mask).embeds.float()
+        """(Q, K, D) image sets of model-ready inputs: (Q, 3, S, S) normalised pixels, or
+        (Q, R, C) region features with their (Q, R) mask."""
+        rows = list(images) if mask is None else [x[m] for x, m in zip(images, mask, strict=True)]
+        return self.model.encode_images(rows)
 
     def search(self, queries: Tensor, k: int = 10, candidates: int | str = AUTO) -> Hits:
         """Two-stage top-k of (Q, L, D) query sets: `adaptive_top_k` for "auto", else
