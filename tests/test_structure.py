@@ -205,3 +205,17 @@ def test_the_rank_count_is_checked_where_the_flag_is_defined() -> None:
     for path in modules().values():
         text = path.read_text()
         assert not re.search(r"args\.nproc\s*<\s*1|\"--nproc\": \(", text), path
+
+
+def test_every_tool_is_referenced_from_the_docs() -> None:
+    """tools/ holds what is used: each script is named in the README, docs/, BENCHMARKS.md
+    or .ci/run."""
+    docs = "\n".join(
+        p.read_text()
+        for p in [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / ".ci/run",
+                  *(ROOT / "docs").glob("*.md")]
+    )  # fmt: skip
+    tools = [*(ROOT / "tools").glob("*.py"), *(ROOT / "tools").glob("*.sh")]
+    assert len(tools) > 10
+    unnamed = [p.name for p in tools if f"tools/{p.name}" not in docs]
+    assert unnamed == [], unnamed

@@ -1,18 +1,17 @@
-"""`setdiv shards` / `tools/make_shards.py`: convert a source into WebDataset shards."""
+"""`setdiv shards`: convert a source (SCAN features, Karpathy JSON, synthetic) into WebDataset
+shards."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from setdiv import errors
 from setdiv.data import convert
 from setdiv.data.shards import ShardIndex, write_shards
 
-__all__ = ["add_arguments", "main", "run"]
+__all__ = ["add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +84,3 @@ def run(args: argparse.Namespace) -> ShardIndex:
         index.dropped,
     )
     return index
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = errors.ArgumentParser(prog="make_shards", description=__doc__)
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
