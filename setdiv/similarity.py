@@ -182,7 +182,7 @@ def _is_unit(x: Tensor) -> bool:
 def smooth_chamfer(
     x: Tensor, y: Tensor, alpha: float = 16.0, block_size: int | None = None
 ) -> Tensor:
-    """Smooth-Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
+    """Smooth-Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), docs/method.md §1."""
     fused = None
     if (
         not _needs_grad(x, y)
@@ -197,7 +197,7 @@ def smooth_chamfer(
 
 
 def chamfer(x: Tensor, y: Tensor, block_size: int | None = None) -> Tensor:
-    """Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
+    """Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), docs/method.md §1."""
     return blockwise(chamfer_reduce, x, y, block_size)
 
 
@@ -209,7 +209,7 @@ def mil(x: Tensor, y: Tensor, block_size: int | None = None) -> Tensor:
 def match_prob(
     x: Tensor, y: Tensor, a: float = 1.0, b: float = 0.0, block_size: int | None = None
 ) -> Tensor:
-    """Match probability (PCME) of sets x (N,K,D) and y (M,L,D) -> (N,M), SPEC §1."""
+    """Match probability (PCME) of sets x (N,K,D) and y (M,L,D) -> (N,M), docs/method.md §1."""
     return blockwise(functools.partial(match_prob_reduce, a=a, b=b), x, y, block_size)
 
 

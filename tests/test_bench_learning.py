@@ -47,7 +47,7 @@ def test_reference_agrees_with_setdiv_on_random_sets(ref) -> None:  # noqa: ANN0
     y = F.normalize(torch.randn(30, 4, 16), dim=-1)
     S = ref.smooth_chamfer(x, y, 16.0)
     torch.testing.assert_close(S, similarity.smooth_chamfer(x, y, 16.0), atol=1e-5, rtol=1e-5)
-    ref._check_reference()  # SPEC §1 golden value
+    ref._check_reference()  # docs/method.md §1 golden value
     pos = losses.positive_mask(6, 30)
     for hardest in (True, False):
         i2t, t2i = ref.triplet(S, 0.2, hardest)

@@ -66,7 +66,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def naive_smooth_chamfer(x_NKD: torch.Tensor, y_MLD: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per pair, the SPEC formula written out (fp64)."""
+    """Per pair, the docs/method.md §1 formula written out (fp64)."""
     out = torch.empty(x_NKD.shape[0], y_MLD.shape[0], dtype=torch.float64)
     for n in range(x_NKD.shape[0]):
         for m in range(y_MLD.shape[0]):

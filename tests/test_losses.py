@@ -1,4 +1,4 @@
-"""Loss terms against naive loops straight from SPEC §4."""
+"""Loss terms against naive loops straight from docs/method.md §4."""
 
 from __future__ import annotations
 

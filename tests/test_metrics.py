@@ -9,7 +9,7 @@ from setdiv.eval.metrics import coco_1k, i2t_ranks, recall_at_k, t2i_ranks
 
 
 def naive_metrics(S: np.ndarray, per: int = 5) -> dict[str, float]:
-    """Reference: full stable descending sorts, exactly as SPEC §6 words it (image-major,
+    """Reference: full stable descending sorts, exactly as docs/method.md §6 words it (image-major,
     `per` captions each)."""
     return naive_owned(S, [c // per for c in range(S.shape[1])])
 

@@ -1,4 +1,4 @@
-"""Set similarities against SPEC golden values and naive per-pair loops."""
+"""Set similarities against the golden values of docs/method.md §1 and naive per-pair loops."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ NAMES = sorted(sim.SIMILARITIES)
 
 
 def naive(name: str, x: np.ndarray, y: np.ndarray, alpha: float = 16.0) -> np.ndarray:
-    """Per-pair, per-element Python loops straight from the SPEC §1 formulas (float64)."""
+    """Per-pair, per-element Python loops straight from the docs/method.md §1 formulas (float64)."""
     N, K, _ = x.shape
     M, L, _ = y.shape
     out = np.zeros((N, M))

@@ -219,3 +219,14 @@ def test_every_tool_is_referenced_from_the_docs() -> None:
     assert len(tools) > 10
     unnamed = [p.name for p in tools if f"tools/{p.name}" not in docs]
     assert unnamed == [], unnamed
+
+
+def test_code_cites_the_repositorys_own_method_page() -> None:
+    """Comments and docstrings cite docs/method.md, never a specification outside the
+    repository."""
+    files = [*modules().values(), *(ROOT / "tools").rglob("*.py"), *(ROOT / "tests").glob("*.py")]
+    files += [*(ROOT / "configs").glob("*.yaml")]
+    files = [p for p in files if p != Path(__file__)]  # (this test names what it looks for)
+    citing = [p.name for p in files if re.search(r"\bSPEC §|\(SPEC\b|SPEC golden", p.read_text())]
+    assert citing == [], citing
+    assert "## §1" in (ROOT / "docs/method.md").read_text()

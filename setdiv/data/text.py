@@ -1,4 +1,4 @@
-"""Caption tokenisation for both text encoders, and word dropout (SPEC §5).
+"""Caption tokenisation for both text encoders, and word dropout (docs/method.md §5).
 
 `Tokenizer` is what the readers use: `encode(caption) -> ids` wrapped in start/end (or
 [CLS]/[SEP]) ids, plus what word dropout needs: the special ids, and for BERT which word

@@ -1,4 +1,4 @@
-"""Seed ensembles: the element-wise mean of several models' similarity matrices (SPEC 6), scored
+"""Seed ensembles: the element-wise mean of several models' similarity matrices (docs/method.md §6), scored
 with the same protocol as each model alone."""
 
 from __future__ import annotations

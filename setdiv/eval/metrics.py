@@ -1,4 +1,4 @@
-"""Retrieval metrics on an image x caption similarity matrix (SPEC §6).
+"""Retrieval metrics on an image x caption similarity matrix (docs/method.md §6).
 
 Shape legend: N images, M captions. By default M = 5N, image-major (caption c belongs to
 image c // 5); `owners` gives any other layout: the image of each caption (web data has one

@@ -1,4 +1,4 @@
-"""Statistics of embedding sets and of the slot attention that builds them (SPEC §6): how
+"""Statistics of embedding sets and of the slot attention that builds them (docs/method.md §6): how
 spread out a set's elements are, how much each slot concentrates."""
 
 from __future__ import annotations

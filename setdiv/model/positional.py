@@ -1,4 +1,4 @@
-"""Sine positional encodings added to the keys of the set modules (SPEC §2.4)."""
+"""Sine positional encodings added to the keys of the set modules (docs/method.md §2.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter groups with LR multipliers, the LR schedule, and backbone freezing (SPEC §5).
+"""Parameter groups with LR multipliers, the LR schedule, and backbone freezing (docs/method.md §5).
 
 The groups follow the official train.py: the CNN, the image head (the image encoder without
 its CNN), the image set module, BERT, the rest of the text encoder, the text set module; plus

@@ -9,7 +9,7 @@
 2. Trains the variants of `VARIANTS` with `setdiv train` at reduced width (`Width`, `Recipe`),
    exports the final checkpoint, evaluates with `setdiv eval --protocol coco` on the test split
    and on the first 1000 train images (train vs test RSUM tells under- from over-fitting).
-3. Trains a minimal reference written here in plain PyTorch from SPEC §2-§4 (nothing from
+3. Trains a minimal reference written here in plain PyTorch from docs/method.md §2-§4 (nothing from
    setdiv) on the same files, and scores it with its own recall computation.
 4. Prints a markdown table (mean ± std over seeds); writes `results.md` and `results.json`.
 

@@ -1,4 +1,4 @@
-"""A minimal reference written in plain PyTorch from SPEC §2-§4: nothing from setdiv. Its own
+"""A minimal reference written in plain PyTorch from docs/method.md §2-§4: nothing from setdiv. Its own
 model, similarity, losses, training loop and recall computation, trained on the same files.
 
 Shape legend: B images, R regions / tokens, K / L set sizes, D embedding width, I input width,
@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from learning_bench.variants import CAPS, FEAT_DIM, Recipe, Variant, Width
 
-# --- reference: plain PyTorch from SPEC §2-§4 (nothing from setdiv) --------------------------
+# --- reference: plain PyTorch from docs/method.md §2-§4 (nothing from setdiv) --------------------------
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 PAD, START, END, UNK = 0, 1, 2, 3
@@ -174,7 +174,7 @@ class RefModel(nn.Module):
 
 
 def smooth_chamfer(x_NKD: Tensor, y_MLD: Tensor, alpha: float) -> Tensor:
-    """SPEC §1: 1/(2aK) sum_a lse_b(a s) + 1/(2aL) sum_b lse_a(a s) -> (N, M)."""
+    """docs/method.md §1: 1/(2aK) sum_a lse_b(a s) + 1/(2aL) sum_b lse_a(a s) -> (N, M)."""
     s_NMKL = alpha * torch.einsum("nkd,mld->nmkl", x_NKD, y_MLD)
     rows = torch.logsumexp(s_NMKL, dim=3).mean(dim=2)
     cols = torch.logsumexp(s_NMKL, dim=2).mean(dim=2)
@@ -219,7 +219,7 @@ def diversity(slots_BKD: Tensor) -> Tensor:
 
 
 def _check_reference() -> None:
-    """SPEC §1 golden value: A = {e1, e2}, B = {e1, e1}, alpha 16 -> 0.771661."""
+    """docs/method.md §1 golden value: A = {e1, e2}, B = {e1, e1}, alpha 16 -> 0.771661."""
     e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     got = float(smooth_chamfer(torch.stack([e1, e2])[None], torch.stack([e1, e1])[None], 16.0))
     assert abs(got - 0.771661) < 1e-5, got
@@ -284,7 +284,7 @@ def _ref_optimizer(model: RefModel, mult: dict[str, float], r: Recipe, total: in
 
 
 def _ref_loss(model: RefModel, batch: tuple, r: Recipe, hardest: bool) -> tuple[Tensor, ...]:
-    """(total, i2t, t2i): triplet + 0.01 MMD + 0.01 diversity (SPEC §4)."""
+    """(total, i2t, t2i): triplet + 0.01 MMD + 0.01 diversity (docs/method.md §4)."""
     x_BRC, mask_BR, ids, lengths = batch
     img_e, img_s = model.encode_image(x_BRC, mask_BR)
     txt_e, txt_s = model.encode_text(ids, lengths)

@@ -29,7 +29,7 @@ class Width:
 
 @dataclass
 class Recipe:
-    """Training recipe of both implementations (SPEC §4-§5 at CPU scale)."""
+    """Training recipe of both implementations (docs/method.md §4-§5 at CPU scale)."""
 
     epochs: int = 6
     batch_size: int = 128
@@ -44,7 +44,7 @@ class Recipe:
             "text_set": 0.1,
         }
     )
-    """LR multiplier per parameter group: x0.1 for the set modules (SPEC §5). (setdiv's own
+    """LR multiplier per parameter group: x0.1 for the set modules (docs/method.md §5). (setdiv's own
     default follows the official train.py, which also gives the image head x0.1.)"""
     warmup: int = 1
     """Epochs of mean-over-negatives triplet before the hardest negative. From scratch, the
