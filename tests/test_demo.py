@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from run_helpers import CLEAN_ENV
+from serve_helpers import request
 
 from setdiv import cli
+from setdiv.distributed import free_port
 
 
 @pytest.mark.slow
@@ -42,6 +50,7 @@ def test_demo_set_model_beats_single_embedding(
     out = capsys.readouterr().out
     assert "RSUM gain of the set model over the single embedding" in out
     _search_the_demo_gallery_over_http(tmp_path, capsys)
+    _the_readmes_commands_run_as_shown(tmp_path)
 
 
 def _search_the_demo_gallery_over_http(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,3 +99,71 @@ def _search_the_demo_gallery_over_http(demo: Path, capsys: pytest.CaptureFixture
     share = sum(named) / (5 * len(objects))
     assert min(named) >= 2 and share >= 0.5, (named, base)
     assert share > 3 * sum(base) / len(base), (named, base)
+
+
+ROOT = Path(__file__).parents[1]
+
+
+def readme_block(after: str, lang: str) -> str:
+    """The first fenced `lang` block of the README after the heading `after`."""
+    text = (ROOT / "README.md").read_text()
+    rest = text[text.index(after) :]
+    start = rest.index(f"```{lang}\n") + len(lang) + 4
+    return rest[start : rest.index("```", start)]
+
+
+def _the_readmes_commands_run_as_shown(demo: Path) -> None:
+    """README's ten commands and its Python example, on the demo's output (`demo_out` is
+    `demo` here, `runs/` a fresh folder): each exits 0; `serve` answers /health and stops
+    on SIGTERM."""
+    work = demo / "readme"
+    work.mkdir()
+    commands = readme_block("## The ten commands", "bash").replace("\\\n", " ").splitlines()
+    commands = [c for c in commands if c.strip()]
+    assert len(commands) == 10, commands
+    for line in commands:
+        argv = []
+        for token in shlex.split(line, comments=True):
+            if token == ".venv/bin/setdiv":
+                argv += [sys.executable, "-m", "setdiv.cli"]
+            elif token == ".venv/bin/python":
+                argv.append(sys.executable)
+            elif token.startswith(("configs/", "tools/", "cluster/")):
+                argv.append(str(ROOT / token))
+            else:
+                argv.append(token.replace("demo_out", str(demo)))
+        if "serve" in argv:
+            _serve_and_stop(argv, work)
+            continue
+        done = subprocess.run(
+            argv, cwd=work, capture_output=True, text=True, timeout=900, env=CLEAN_ENV
+        )
+        assert done.returncode == 0, (line, done.stderr[-3000:])
+    code = readme_block("## From Python", "python").replace('"demo_out', f'"{demo}')
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 -- the README's own example
+    assert tuple(namespace["scores"].shape) == (3, 2)
+
+
+def _serve_and_stop(argv: list[str], cwd: Path) -> None:
+    port = free_port()
+    argv = [str(port) if a == "8080" else a for a in argv]
+    proc = subprocess.Popen(argv, cwd=cwd, env=CLEAN_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                status, _, _ = request(port, "GET", "/health")
+                if status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("setdiv serve never answered /health")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then ends by the signal it was sent (0 with --workers)
+    assert proc.returncode in (0, -signal.SIGTERM), err[-3000:]
+    assert "Finished server process" in err and "Traceback" not in err, err[-3000:]

@@ -230,3 +230,15 @@ def test_code_cites_the_repositorys_own_method_page() -> None:
     citing = [p.name for p in files if re.search(r"\bSPEC §|\(SPEC\b|SPEC golden", p.read_text())]
     assert citing == [], citing
     assert "## §1" in (ROOT / "docs/method.md").read_text()
+
+
+def test_the_readme_is_short_and_its_test_command_is_cis() -> None:
+    """A newcomer's README: at most 150 lines, the two commands (the demo; the suite, which
+    is what .ci/run runs), and every documentation page it maps exists."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    assert "bash tools/bootstrap.sh && .venv/bin/setdiv demo" in text
+    suite = "bash tools/bootstrap.sh && .venv/bin/python -m pytest -q"
+    assert suite in text and suite in (ROOT / ".ci/run").read_text()
+    pages = re.findall(r"`(docs/[a-z_]+\.md)`", text)
+    assert len(set(pages)) >= 8 and all((ROOT / p).is_file() for p in pages), pages
