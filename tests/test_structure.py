@@ -242,3 +242,14 @@ def test_the_readme_is_short_and_its_test_command_is_cis() -> None:
     assert suite in text and suite in (ROOT / ".ci/run").read_text()
     pages = re.findall(r"`(docs/[a-z_]+\.md)`", text)
     assert len(set(pages)) >= 8 and all((ROOT / p).is_file() for p in pages), pages
+
+
+def test_run_and_export_file_names_and_vocabularies_have_one_owner() -> None:
+    """Run-directory and export file names are spelled only in setdiv/paths.py; a config's
+    vocabulary is loaded only by `setdiv.data.text.config_vocab` (and `Vocab.load` itself)."""
+    names = r"\"(metrics\.jsonl|config\.yaml|model\.safetensors|train\.lock|checkpoints)\""
+    owner = "setdiv.paths"
+    spelled = [m for m, p in modules().items() if m != owner and re.search(names, p.read_text())]
+    assert spelled == [], spelled
+    loading = {m for m, p in modules().items() if "Vocab.load(" in p.read_text()}
+    assert loading <= {"setdiv.data.vocab", "setdiv.data.text", "setdiv.export_run"}, loading
