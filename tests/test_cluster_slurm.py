@@ -38,6 +38,11 @@ BAD_LOG = ("Traceback", "killed by signal", "DataLoader worker", "Error requeuin
 """What must not appear in the logs of a job that was only ever requeued or finished."""
 
 
+def around_traceback(log: str) -> str:
+    """The part of a job's log around its first traceback (or its end)."""
+    return log[max(0, log.find("Traceback") - 3000) :][:6000]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_data(tmp_path_factory.mktemp("slurm_data"), train=256, val=64, test=64)
@@ -136,7 +141,7 @@ def test_two_node_job_equals_setdiv_train_and_run_dir_rules(
     log = logs(run_dir, first)
     assert "rank 0 of 2, local rank 0, master n1:" in log and "node n1" in log
     assert "rank 1 of 2, local rank 0, master n1:" in log and "node n2" in log
-    assert not any(bad in log for bad in BAD_LOG), log[-3000:]
+    assert not any(bad in log for bad in BAD_LOG), around_traceback(log)
     assert losses(run_dir) == ref  # every step's loss, the final step included
 
     # A second plain submission into the finished run is refused before sbatch.
@@ -234,7 +239,7 @@ def test_scontrol_requeue_and_the_time_limit_both_resume_the_run(
     assert len(resumed) == 3 and 0 < resumed[1] < resumed[2], resumed
     assert "restart 1 of job" in log and "restart 2 of job" in log
     assert "Caught signal SIGUSR2" in log and f"Requeued job {job_id}" in log
-    assert not any(bad in log for bad in BAD_LOG), log[-3000:]
+    assert not any(bad in log for bad in BAD_LOG), around_traceback(log)
     assert losses(run_dir) == ref
 
 

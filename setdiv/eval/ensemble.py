@@ -1,5 +1,5 @@
-"""Seed ensembles: the element-wise mean of several models' similarity matrices (docs/method.md §6), scored
-with the same protocol as each model alone."""
+"""Seed ensembles: the element-wise mean of several models' similarity matrices
+(docs/method.md §6), scored with the same protocol as each model alone."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""A minimal reference written in plain PyTorch from docs/method.md §2-§4: nothing from setdiv. Its own
-model, similarity, losses, training loop and recall computation, trained on the same files.
+"""A minimal reference written in plain PyTorch from docs/method.md §2-§4: nothing from
+setdiv. Its own model, similarity, losses, training loop and recall computation, trained on
+the same files.
 
 Shape legend: B images, R regions / tokens, K / L set sizes, D embedding width, I input width,
 H heads, C head width, N images, M captions."""
@@ -21,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from learning_bench.variants import CAPS, FEAT_DIM, Recipe, Variant, Width
 
-# --- reference: plain PyTorch from docs/method.md §2-§4 (nothing from setdiv) --------------------------
+# --- reference: plain PyTorch from docs/method.md §2-§4 (nothing from setdiv) ---------------
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 PAD, START, END, UNK = 0, 1, 2, 3

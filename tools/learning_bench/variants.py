@@ -44,8 +44,8 @@ class Recipe:
             "text_set": 0.1,
         }
     )
-    """LR multiplier per parameter group: x0.1 for the set modules (docs/method.md §5). (setdiv's own
-    default follows the official train.py, which also gives the image head x0.1.)"""
+    """LR multiplier per parameter group: x0.1 for the set modules (docs/method.md §5).
+    (setdiv's own default follows the official train.py, which also gives the image head x0.1.)"""
     warmup: int = 1
     """Epochs of mean-over-negatives triplet before the hardest negative. From scratch, the
     hardest negative alone stays at chance level for the whole budget (VSE++'s observation)."""
