@@ -11,7 +11,7 @@ Shape legend: N images, M captions, K / L set sizes, D width, R regions, C regio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from setdiv.data.samples import image_transform, normalise, sample_options
+from setdiv.data.samples import Batch, image_transform, normalise, sample_options
 from setdiv.data.text import Tokenizer
 from setdiv.errors import UserError
+from setdiv.eval.evaluator import Encoded, encode
 from setdiv.export import ExportedModel, load_exported
 from setdiv.model.encoders import image_input_kind
 from setdiv.similarity import build_similarity
@@ -116,6 +117,14 @@ class SetModel:
             sets = self.model.encode_text(tokens.to(self.device), mask.to(self.device))
             out.append(sets.embeds.float())
         return torch.cat(out) if out else torch.zeros(0, 1, 1, device=self.device)
+
+    def encode_batches(
+        self, batches: Iterable[Batch], modality: str = "both", progress: bool = False
+    ) -> Encoded:
+        """Every image and caption of reader `batches` (a shard reader's, already
+        preprocessed and tokenised) encoded once: the evaluator's `encode` on this model and
+        device; `modality` "image" / "text" encodes that side only."""
+        return encode(self.model, batches, self.device, progress=progress, modality=modality)
 
     @torch.no_grad()
     def similarity(self, images_NKD: Tensor, texts_MLD: Tensor) -> Tensor:

@@ -279,12 +279,12 @@ def test_bad_eval_sizes_fail_before_encoding(
     setup: Path, flag: str, value: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    from setdiv.eval import run as eval_run
+    from setdiv import api
 
     def no_encoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("encoded before checking the flags")
 
-    monkeypatch.setattr(eval_run, "encode", no_encoding)
+    monkeypatch.setattr(api, "encode", no_encoding)
     assert eval_main(setup, f"{setup}/test/test-*.tar", f"{flag}={value}") == 2
     key = {"--batch-size": "data.eval_batch_size", "--block-size": "similarity.block_size"}[flag]
     assert f"bad config key '{key}': must be > 0" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from setdiv import config as config_lib
+from setdiv.api import SetModel
 from setdiv.data.loaders import build_eval_reader, resolve_shards
 from setdiv.distributed import (
     all_reduce_sum,
@@ -27,7 +28,6 @@ from setdiv.errors import UserError
 from setdiv.eval.evaluator import (
     STANDARD_SIZE,
     EvalResult,
-    encode,
     format_table,
     full_set_key,
     gather_and_score,
@@ -86,8 +86,9 @@ def evaluate_export(
     rank, world = rank_and_world()
     kind = image_input_kind(cfg.model.image.name)
     reader = build_eval_reader(cfg.data, data, kind, exported.tokenizer, rank, world)
-    model = exported.model.to(device)
-    enc = encode(model, reader, device, progress=progress and is_rank_zero(rank))
+    loaded = SetModel(exported, device)
+    model = loaded.model
+    enc = loaded.encode_batches(reader, progress=progress and is_rank_zero(rank))
     expected = reader.shards.num_samples
     read = int(all_reduce_sum(torch.tensor([len(enc.image_ids)]))[0])
     _check_test_set(data, protocol, read, expected, allow_partial)

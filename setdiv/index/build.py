@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from setdiv import config as config_lib
+from setdiv.api import SetModel
 from setdiv.data.loaders import build_eval_reader, resolve_shards
 from setdiv.data.shards import ShardSet
 from setdiv.distributed import (
@@ -28,7 +29,6 @@ from setdiv.distributed import (
 )
 from setdiv.distributed.jobs import add_nproc_argument
 from setdiv.errors import UserError
-from setdiv.eval.evaluator import encode
 from setdiv.export import ExportedModel, export_identity, find_export, load_exported
 from setdiv.index.store import AnnSpec, IndexMeta, SetIndexStore
 from setdiv.model.encoders import image_input_kind
@@ -116,9 +116,8 @@ def encode_gallery(
     rank, world = rank_and_world()
     kind = image_input_kind(exported.cfg.model.image.name)
     reader = build_eval_reader(exported.cfg.data, data, kind, exported.tokenizer, rank, world)
-    enc = encode(
-        exported.model.to(device), reader, device, progress=is_rank_zero(rank), modality=modality
-    )
+    model = SetModel(exported, device)
+    enc = model.encode_batches(reader, modality=modality, progress=is_rank_zero(rank))
     sets = all_gather_rows(enc.images if modality == "image" else enc.captions)
     image_ids = all_gather_list(enc.image_ids)
     caption_ids, texts = all_gather_list(enc.caption_ids), all_gather_list(enc.captions_text)

@@ -13,7 +13,6 @@ import torch
 from setdiv.data.loaders import build_eval_reader
 from setdiv.data.samples import image_file_pixels, sample_options
 from setdiv.errors import UserError, positive_int
-from setdiv.eval.evaluator import encode
 from setdiv.index.search import AUTO, Hits, SetSearcher
 from setdiv.model.encoders import image_input_kind
 
@@ -138,7 +137,7 @@ def evaluate_index(
     kind = image_input_kind(ex.cfg.model.image.name)
     reader = build_eval_reader(ex.cfg.data, queries, kind, ex.tokenizer)
     q_modality = "text" if searcher.modality == "image" else "image"
-    enc = encode(ex.model, reader, torch.device("cpu"), progress=True, modality=q_modality)
+    enc = searcher.model.encode_batches(reader, modality=q_modality, progress=True)
     items = searcher.store.items
     if searcher.modality == "image":
         owners = np.repeat(np.arange(len(enc.caption_counts)), enc.caption_counts)
