@@ -87,10 +87,10 @@ class SetModel:
         """(N, K, D) sets of `images`: file paths or PIL images (pixel models), tensors already
         preprocessed ((3, S, S) each), or region features ((R, C) arrays, R may vary)."""
         out = []
+        dtype = next(self.model.parameters()).dtype  # (bf16 / fp16 models take their dtype)
         starts = range(0, len(images), batch_size)
         for i in tqdm(starts, desc="images", unit="batch", disable=not progress):
             items = [self._image_tensor(x).float() for x in images[i : i + batch_size]]
-            dtype = next(self.model.parameters()).dtype
             if self.input_kind == "regions":
                 x = pad_sequence(items, batch_first=True)
                 mask = torch.arange(x.shape[1]) < torch.tensor([[len(t)] for t in items])

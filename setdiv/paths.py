@@ -18,31 +18,35 @@ EXPORT/                    (`setdiv export`, read by eval, index, search, `setdi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ExportFiles", "RunFiles"]
 
-CONFIG = "config.yaml"
-VOCAB = "vocab.json"
 
+class _Directory:
+    """A directory whose files have fixed names; what runs and exports share."""
 
-@dataclass(frozen=True)
-class RunFiles:
-    """The paths of a run directory's files."""
-
-    root: Path
+    __slots__ = ("root",)
 
     def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
 
     @property
     def config(self) -> Path:
-        return self.root / CONFIG
+        return self.root / "config.yaml"
 
     @property
     def vocab(self) -> Path:
-        return self.root / VOCAB
+        return self.root / "vocab.json"
+
+
+class RunFiles(_Directory):
+    """The paths of a run directory's files."""
+
+    __slots__ = ()
 
     @property
     def metrics(self) -> Path:
@@ -75,26 +79,14 @@ class RunFiles:
         return (*self.marks, self.config, self.vocab, self.export)
 
 
-@dataclass(frozen=True)
-class ExportFiles:
+class ExportFiles(_Directory):
     """The paths of an export directory's files."""
 
-    root: Path
-
-    def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
+    __slots__ = ()
 
     @property
     def weights(self) -> Path:
         return self.root / "model.safetensors"
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def vocab(self) -> Path:
-        return self.root / VOCAB
 
     @property
     def bert(self) -> Path:
