@@ -278,7 +278,8 @@ def test_loading_a_config_imports_no_torch_and_no_other_setdiv_module() -> None:
     assert not {m for m in modules if m.split(".")[0] in ("torch", "numpy", "nltk")}
     assert {m for m in modules if m.split(".")[0] == "setdiv"} == {
         "setdiv", "setdiv.config", "setdiv.config.schema", "setdiv.config.loading",
-        "setdiv.config.objective", "setdiv.config.rules", "setdiv.errors",
+        "setdiv.config.objective", "setdiv.config.rules", "setdiv.config.model",
+        "setdiv.config.data", "setdiv.config.training", "setdiv.errors",
     }  # fmt: skip
 
 

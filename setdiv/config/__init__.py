@@ -7,7 +7,10 @@ after. Either way `load` raises a `ConfigError` naming the file (or override) an
 key. The resolved config is written next to a run with `save` and read back identically with
 `load`.
 
-    schema.py    the sections (dataclasses), defaults and choices
+    schema.py    the root: one field per section
+    model.py     model.* and similarity: encoders, set modules, the set similarity, choices
+    data.py      data.*: shards, sources, loader, transforms, protocol
+    training.py  optim.* and train.*: parameter groups, schedule, precision, checkpoints
     objective.py the loss and collapse-guard sections
     rules.py     range checks of fields, ConfigError
     loading.py   load / override / save / to_yaml / paths: the only YAML reader in setdiv
@@ -16,30 +19,24 @@ Nothing here imports torch or another setdiv module but `setdiv.errors`, so laun
 drivers and `--help` load configs in well under a second.
 """
 
+from setdiv.config.data import DataConfig, Protocol, SourceConfig
 from setdiv.config.loading import _CHOICES, PATH_KEYS, load, override, paths, save, to_yaml
-from setdiv.config.schema import (
-    LR_GROUPS,
-    CollapseConfig,
-    Config,
-    ConfigError,
-    DataConfig,
+from setdiv.config.model import (
     ImageEncoderConfig,
     ImageEncoderName,
-    LossConfig,
     ModelConfig,
-    OptimConfig,
-    ParamGroup,
-    Protocol,
     SetModuleConfig,
     SetModuleName,
     SimilarityConfig,
     SimilarityName,
-    SourceConfig,
     TextEncoderConfig,
     TextEncoderName,
     TokenizerName,
-    TrainConfig,
 )
+from setdiv.config.objective import CollapseConfig, LossConfig
+from setdiv.config.rules import ConfigError
+from setdiv.config.schema import Config
+from setdiv.config.training import LR_GROUPS, OptimConfig, ParamGroup, TrainConfig
 
 __all__ = [
     "CollapseConfig",

@@ -12,7 +12,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from setdiv.config.schema import Config, ConfigError
+from setdiv.config.rules import ConfigError
+from setdiv.config.schema import Config
 
 __all__ = ["PATH_KEYS", "load", "override", "paths", "save", "to_yaml"]
 
