@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from setdiv.data.samples import Batch, image_transform, normalise, sample_options
+from setdiv.data.images import image_transform, normalise
+from setdiv.data.samples import Batch, sample_options
 from setdiv.data.text import Tokenizer
 from setdiv.errors import UserError
 from setdiv.eval.evaluator import Encoded, encode
@@ -57,23 +58,30 @@ class SetModel:
     @property
     def preprocess(self) -> Callable[[Image.Image], Tensor]:
         """PIL image -> (3, S, S) normalised pixels, as evaluation reads a test image."""
+        self._check_pixels()
+
+        def pixels(im: Image.Image) -> Tensor:
+            im.load()  # a caller's image decodes whole: never drafted (images.py) in place
+            return self._pixels(im)
+
+        return pixels
+
+    def _check_pixels(self) -> None:
         if self._transform is None:
             raise UserError(
                 f"this model reads region features ({self.cfg.model.image.name}), not images"
             )
-        transform, opts = self._transform, self._opts
 
-        def pixels(im: Image.Image) -> Tensor:
-            x = torch.from_numpy(transform(im.convert("RGB")))[None]
-            return normalise(x, opts.mean, opts.std)[0]
-
-        return pixels
+    def _pixels(self, im: Image.Image) -> Tensor:
+        x = torch.from_numpy(self._transform(im))[None]  # type: ignore[misc]
+        return normalise(x, self._opts.mean, self._opts.std)[0]
 
     def _image_tensor(self, item: ImageInput) -> Tensor:
         if isinstance(item, (str, Path)):
+            self._check_pixels()
             try:
                 with Image.open(item) as im:
-                    return self.preprocess(im)
+                    return self._pixels(im)  # (opened here: may decode at a DCT scale)
             except OSError as exc:
                 raise UserError(f"{item}: not a readable image ({exc})") from None
         if isinstance(item, Image.Image):

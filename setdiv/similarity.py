@@ -9,6 +9,9 @@ The (N,K,M,L) element tensor is never built whole: the driver walks blocks of at
 are. Under autograd each block is checkpointed (recomputed in backward), which keeps that bound
 for training too. Reductions run in float32 (or float64 for float64 inputs) with max-shifted
 log-sum-exp, so fp16/bf16 inputs are safe at any alpha.
+
+Smooth-Chamfer has a second implementation, a fused Triton kernel (`setdiv.kernels`,
+docs/kernels.md): chosen by `kernel="auto"` on CUDA, forced with "triton" or "torch".
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ if TYPE_CHECKING:  # setdiv.config reads the registry's names: type hints only, 
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "KERNELS",
     "REDUCERS",
     "SIMILARITIES",
     "build_similarity",
@@ -123,12 +127,15 @@ def blockwise(
     y: Tensor,
     block_size: int | None = None,
     inference_block: Callable[[Tensor, Tensor], Tensor] | None = None,
+    grad_block: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Apply an element reduction to all set pairs, `block_size` sets per side at a time.
 
     x: (N,K,D), y: (M,L,D) -> (N,M) in float32 (float64 for float64 inputs).
     `inference_block(x_nKD, y_mLD) -> (n,m)`, if given, replaces GEMM + `reduce` when no
-    gradient is needed (a fused, in-place variant of the same function).
+    gradient is needed (a fused, in-place variant of the same function); `grad_block`, if
+    given, replaces the checkpointed GEMM + `reduce` under autograd (a differentiable fused
+    variant that keeps what its backward needs itself).
     """
     _check_sets(x, y)
     bs = block_size or DEFAULT_BLOCK_SIZE
@@ -140,13 +147,12 @@ def blockwise(
             for j in range(0, M, bs):
                 out[i : i + bs, j : j + bs] = block(x[i : i + bs], y[j : j + bs])
         return out
+    if grad_block is None:
+        # Saves only the two input views; the block's elements are recomputed in backward.
+        grad_block = functools.partial(checkpoint, _block, reduce, use_reentrant=False)
     rows = []
     for i in range(0, N, bs):
-        cols = [
-            # Saves only the two input views; the block's elements are recomputed in backward.
-            checkpoint(_block, reduce, x[i : i + bs], y[j : j + bs], use_reentrant=False)
-            for j in range(0, M, bs)
-        ]
+        cols = [grad_block(x[i : i + bs], y[j : j + bs]) for j in range(0, M, bs)]
         rows.append(torch.cat(cols, dim=1))
     return torch.cat(rows, dim=0)
 
@@ -179,10 +185,56 @@ def _is_unit(x: Tensor) -> bool:
     return bool(x.norm(dim=-1).max() <= 1.0 + 1e-3)
 
 
+KERNELS = ("auto", "triton", "torch")
+"""`smooth_chamfer(kernel=...)`: auto = the Triton kernel on CUDA for float32 / bfloat16 /
+float16 sets where Triton is installed, the torch path elsewhere."""
+
+
+def _use_triton(x: Tensor, kernel: str) -> bool:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown smooth-Chamfer kernel {kernel!r}; choices: {list(KERNELS)}")
+    if kernel == "torch" or (kernel == "auto" and x.device.type != "cuda"):
+        return False
+    supported = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    try:
+        from setdiv.kernels.smooth_chamfer import available_on
+    except ImportError as e:  # a torch build without Triton
+        if kernel == "triton":
+            raise RuntimeError(f"similarity.kernel=triton: Triton is not importable: {e}") from e
+        return False
+    if kernel == "auto":
+        return supported
+    if not supported:
+        raise ValueError(f"the Triton smooth-Chamfer kernel takes float32/bf16/fp16, not {x.dtype}")
+    if not available_on(x.device):
+        raise RuntimeError(
+            "similarity.kernel=triton needs a CUDA device, or TRITON_INTERPRET=1 set before "
+            f"setdiv.kernels is imported (the sets are on {x.device.type})"
+        )
+    return True
+
+
 def smooth_chamfer(
-    x: Tensor, y: Tensor, alpha: float = 16.0, block_size: int | None = None
+    x: Tensor,
+    y: Tensor,
+    alpha: float = 16.0,
+    block_size: int | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
-    """Smooth-Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), docs/method.md §1."""
+    """Smooth-Chamfer similarity of sets x (N,K,D) and y (M,L,D) -> (N,M), docs/method.md §1.
+
+    kernel: auto | triton | torch (`KERNELS`). The Triton kernel computes the whole matrix in
+    one launch when no gradient is needed; under autograd it runs per block, keeping a
+    (block*K, block*L) float32 weight matrix for its backward.
+    """
+    _check_sets(x, y)
+    if _use_triton(x, kernel):
+        from setdiv.kernels.smooth_chamfer import smooth_chamfer_triton
+
+        fn = functools.partial(smooth_chamfer_triton, alpha=alpha)
+        if not _needs_grad(x, y):
+            return fn(x, y)
+        return blockwise(smooth_chamfer_reduce, x, y, block_size, grad_block=fn)
     fused = None
     if (
         not _needs_grad(x, y)
@@ -233,9 +285,9 @@ def get(name: str) -> SetSimilarity:
 def build_similarity(cfg: SimilarityConfig) -> Callable[[Tensor, Tensor], Tensor]:
     """The configured similarity with its parameters bound: f(x (N,K,D), y (M,L,D)) -> (N,M)."""
     fn = get(cfg.name)
-    params: dict[str, float] = {}
+    params: dict[str, float | str] = {}
     if cfg.name == "smooth_chamfer":
-        params["alpha"] = cfg.alpha
+        params = {"alpha": cfg.alpha, "kernel": cfg.kernel}
     elif cfg.name == "match_prob":
         params = {"a": cfg.mp_a, "b": cfg.mp_b}
     return functools.partial(fn, block_size=cfg.block_size, **params)

@@ -17,6 +17,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # The Triton kernels (tests/test_kernels.py) run on the CPU under Triton's interpreter, which
+    # must be on before anything imports triton.language (transformers, timm and open_clip do):
+    # its own helpers (tl.max, tl.sum) are decorated at that import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from setdiv import config as config_lib  # noqa: E402
 
 TINY = [

@@ -686,7 +686,7 @@ def test_image_transforms_match_the_official_pipeline(
 ) -> None:
     import torchvision.transforms as T
 
-    from setdiv.data.samples import image_transform_steps
+    from setdiv.data.images import image_transform_steps
 
     train = image_transform_steps(size, True, style)
     test = image_transform_steps(size, False, style)

@@ -95,6 +95,7 @@ LAYERS = {
     "setdiv.errors": ("setdiv.",),
     "setdiv.registry": ("setdiv.",),
     "setdiv.paths": ("setdiv.",),
+    "setdiv.kernels": ("setdiv.",),
     "setdiv.config": ("setdiv.data", "setdiv.model", "setdiv.export", "setdiv.train",
                       "setdiv.eval", "setdiv.index", "setdiv.cli"),
     "setdiv.data": ("setdiv.model", "setdiv.export", "setdiv.train", "setdiv.eval",

@@ -3,8 +3,9 @@
 COCO 5K shape by default: 5000 image sets x 25000 caption sets, K = L = 4, D = 1024, fp32.
 The bare product is (N*K x D) @ (D x M*L), computed in row chunks into a reused buffer (its
 full output alone would be 8 GB); setdiv's `smooth_chamfer` computes the (N, M) matrix block
-by block. Also times the official DivE evaluation loop (one image set against all caption
-sets at a time, raw exp/sum/log) on a 1K x 5K slice for reference.
+by block, with the fused Triton kernel on CUDA (docs/kernels.md; the torch kernel is timed
+too, in the same run) and the torch one elsewhere. Also times the official DivE evaluation
+loop (one image set against all caption sets at a time, raw exp/sum/log) on a 1K x 5K slice.
 
     python tools/bench_similarity.py [--images 5000] [--device cpu|cuda] [--block-size 512]
 """
@@ -94,15 +95,17 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     device = torch.device(args.device)
     N, M, K, D = args.images, 5 * args.images, args.k, args.dim
     g = torch.Generator().manual_seed(0)
-    x = F.normalize(torch.randn(N, K, D, generator=g), dim=-1).to(device)
-    y = F.normalize(torch.randn(M, K, D, generator=g), dim=-1).to(device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    x = F.normalize(torch.randn(N, K, D, generator=g), dim=-1).to(device, dtype)
+    y = F.normalize(torch.randn(M, K, D, generator=g), dim=-1).to(device, dtype)
     x_flat, y_flat_T = x.reshape(-1, D), y.reshape(-1, D).T
     chunk = 2048
-    buf = torch.empty(chunk, M * K, device=device)
+    buf = torch.empty(chunk, M * K, device=device, dtype=dtype)
 
     def bare() -> None:
         for i in range(0, N * K, chunk):
@@ -116,10 +119,24 @@ def main() -> None:
         with PeakRSS(device) as mem:
             t_sc = timed(lambda: smooth_chamfer(x, y, block_size=args.block_size), device)
         out_bytes = N * M * 4
+        if device.type == "cuda":  # auto = the Triton kernel: the torch one for comparison
+            smooth_chamfer(x[:64], y[:640], block_size=args.block_size, kernel="torch")
+            t_torch = timed(
+                lambda: smooth_chamfer(x, y, block_size=args.block_size, kernel="torch"), device
+            )
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"shape: {N} x {M} sets, K=L={K}, D={D}, fp32, block_size={args.block_size}")
-    print(f"bare element product ({N * K}x{D} @ {D}x{M * K}): {t_bare:8.2f} s")
-    print(f"smooth_chamfer matrix ({N}x{M}):          {t_sc:8.2f} s   ratio {t_sc / t_bare:.3f}x")
+    kernel = "triton" if device.type == "cuda" else "torch"
+    print(f"shape: {N} x {M} sets, K=L={K}, D={D}, {args.dtype}, block_size={args.block_size}")
+    print(f"bare element product ({N * K}x{D} @ {D}x{M * K}): {t_bare:8.3f} s")
+    print(
+        f"smooth_chamfer matrix ({N}x{M}), {kernel} kernel: {t_sc:8.3f} s   "
+        f"ratio {t_sc / t_bare:.3f}x"
+    )
+    if device.type == "cuda":
+        print(
+            f"smooth_chamfer matrix ({N}x{M}), torch kernel:  {t_torch:8.3f} s   "
+            f"ratio {t_torch / t_bare:.3f}x"
+        )
     extra = mem.extra - out_bytes
     print(
         f"peak extra memory beyond inputs and the {out_bytes / 2**30:.2f} GiB output: "

@@ -9,11 +9,23 @@ ViT-B/16 image tower and its text tower (random weights: speed does not depend o
 224 px image and one CLIP-tokenised caption (<= 32 tokens) per pair, the towers frozen as
 the recipe freezes them.
 
-Both compare setdiv's block-wise log-sum-exp smooth-Chamfer + loss with the official
-formulation (whole element matrix, raw exp / sum / log) measured in the same run.
+`--recipe resnext_bert`: configs/resnext_bert.yaml after its frozen first epoch: the
+ResNeXt-101 32x8d grid tower on 512 px images (BatchNorm frozen, as the recipe) and a
+BERT-base text tower (random weights), 5 captions (<= 24 BERT tokens) per image.
 
-    python tools/bench_train_step.py [--recipe vit_setheads] [--reps 3] [--images 200] \
-        [--device cuda --precision bf16]
+Every recipe compares setdiv's smooth-Chamfer + loss with the official formulation (whole
+element matrix, raw exp / sum / log) measured in the same run; on CUDA both of setdiv's
+kernels (the fused Triton one and the torch one, docs/kernels.md).
+
+Model FLOPs per step are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode`
+over one forward + loss + backward (with the torch similarity kernel, whose GEMMs the counter
+sees; the fused kernel does the same GEMMs; a grouped convolution's backward with a corrected
+formula, `_conv_backward_flops`). On CUDA the achieved FLOP/s of the whole step
+(optimizer included) is reported as a share of the device's peak dense bf16 / fp32 tensor
+FLOP/s (MFU); `--peak-tflops` gives the peak of a device not in `PEAK_TFLOPS`.
+
+    python tools/bench_train_step.py [--recipe vit_setheads|resnext_bert] [--reps 3] \
+        [--images 200] [--device cuda --precision bf16] [--peak-tflops 989]
 """
 
 from __future__ import annotations
@@ -26,9 +38,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from setdiv import config as config_lib
 from setdiv.data.reader import SampleOptions, TrainReader
@@ -42,6 +56,46 @@ from setdiv.train.optim import build_optimizer, group_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_reader import write_region_shards  # noqa: E402
+
+PEAK_TFLOPS = {
+    # device name substring -> (dense bf16 tensor, dense tf32 tensor) TFLOP/s, vendor figures
+    "H200": (989.4, 494.7),
+    "H100 PCIe": (756.0, 378.0),
+    "H100": (989.4, 494.7),
+    "A100": (312.0, 156.0),
+    "L40S": (362.1, 183.0),
+    "L4": (121.0, 60.0),
+}
+"""Peak FLOP/s for the MFU: bf16 steps against the bf16 figure, fp32 ones against TF32's."""
+
+
+def peak_flops(device: torch.device, precision: str, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return (bf16 if precision == "bf16" else tf32) * 1e12
+    return None
+
+
+def _conv_backward_flops(
+    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,  # noqa: ANN001
+    _output_padding, _groups, output_mask, out_shape=None,  # noqa: ANN001
+) -> int:  # fmt: skip
+    """FLOPs of a convolution's backward: one forward's worth per gradient asked for.
+
+    torch 2.14's own formula counts a grouped convolution's input gradient as if the
+    convolution were dense (ResNeXt's 32 groups: 33x its forward instead of 2x); the
+    forward count (`conv_flop_count`, which reads the grouped weight shape) is right.
+    """
+    fwd = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return fwd * (int(output_mask[0]) + int(output_mask[1]))
+
+
+FLOP_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flops}
 
 
 def official_smooth_chamfer(x: torch.Tensor, y: torch.Tensor, alpha: float = 16.0) -> torch.Tensor:
@@ -105,11 +159,14 @@ def data_seconds_per_batch(n_images: int, reps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", choices=("roi_bigru", "vit_setheads"), default="roi_bigru")
+    parser.add_argument(
+        "--recipe", choices=("roi_bigru", "vit_setheads", "resnext_bert"), default="roi_bigru"
+    )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -130,6 +187,19 @@ def main() -> None:
         regions, ids, mask = (t.to(device) for t in make_batch(n, 11354, gen))
         images = regions.to(dtype)
         shape = f"{n} images x 36 regions, {5 * n} captions (<= {ids.shape[1]} tokens)"
+    elif args.recipe == "resnext_bert":
+        logging.getLogger("setdiv").setLevel(logging.ERROR)  # (random towers: no warning)
+        cfg = config_lib.load(
+            ["configs/resnext_bert.yaml"], ["model.image.weights=null", "model.text.bert_path=null"]
+        )
+        model = build_model(cfg.model).to(device, dtype).train()
+        side = cfg.data.image_size
+        images = torch.randn(n, 3, side, side, generator=gen).to(device, dtype)
+        lengths = torch.randint(10, 25, (5 * n,), generator=gen)  # [CLS] ~12 words [SEP]
+        ids = torch.randint(1000, 30522, (5 * n, int(lengths.max())), generator=gen)
+        mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        ids, mask = ids.masked_fill(~mask, 0).to(device), mask.to(device)
+        shape = f"{n} images {side} px, {5 * n} captions (<= {ids.shape[1]} BERT tokens)"
     else:
         logging.getLogger("setdiv").setLevel(logging.ERROR)  # (random towers: no warning)
         cfg = config_lib.load(["configs/vit_setheads.yaml"], [])
@@ -146,6 +216,7 @@ def main() -> None:
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = build_loss(cfg.loss, build_similarity(cfg.similarity))
+    torch_loss = build_loss(cfg.loss, build_similarity(replace(cfg.similarity, kernel="torch")))
     official_loss = build_loss(cfg.loss, official_smooth_chamfer)
 
     def forward() -> tuple[SetOutput, SetOutput]:
@@ -166,6 +237,11 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         sum(loss_fn(*forward()).values()).backward()
 
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        optimizer.zero_grad(set_to_none=True)
+        sum(torch_loss(*forward()).values()).backward()
+    flops = counter.get_total_flops()
+
     t_step = timed(step, args.reps, device)
     t_fb = timed(fwd_loss_bwd, args.reps, device)
     t_fwd = timed(lambda: holder.update(sets=forward()), args.reps, device)
@@ -185,6 +261,7 @@ def main() -> None:
         return lambda: sum(loss(leaf(img), leaf(txt)).values()).backward()
 
     t_sl = timed(sim_loss(loss_fn), args.reps, device)
+    t_sl_torch = timed(sim_loss(torch_loss), args.reps, device) if device.type == "cuda" else t_sl
     t_sl_official = timed(sim_loss(official_loss), args.reps, device)
     t_data = (
         data_seconds_per_batch(n, args.reps)
@@ -208,15 +285,27 @@ def main() -> None:
         ("optimizer (clip + AdamW)", t_opt),
     ):
         print(f"  {name:<32}{t:8.3f} s   {100 * t / t_step:5.1f}%")
+    peak = peak_flops(device, args.precision, args.peak_tflops)
+    mfu = f", MFU {100 * flops / t_step / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""
+    print(
+        f"model FLOPs per step (counted)      {flops / 1e12:8.3f} TFLOP   "
+        f"achieved {flops / t_step / 1e12:.2f} TFLOP/s{mfu}"
+    )
     if t_data == t_data:  # (measured: CPU, roi_bigru)
         print(
             f"data: reader, 2 workers, per batch  {t_data:8.3f} s   "
             f"({n / t_data:.0f} images/s; overlaps compute)"
         )
+    kernel = "triton" if device.type == "cuda" and cfg.similarity.kernel != "torch" else "torch"
     print(
-        f"similarity+loss fwd+bwd: setdiv {t_sl:.3f} s, official {t_sl_official:.3f} s, "
-        f"setdiv/official = {t_sl / t_sl_official:.2f}x"
+        f"similarity+loss fwd+bwd: setdiv ({kernel} kernel) {t_sl:.4f} s, official "
+        f"{t_sl_official:.4f} s, setdiv/official = {t_sl / t_sl_official:.2f}x"
     )
+    if device.type == "cuda":
+        print(
+            f"similarity+loss fwd+bwd, torch kernel: {t_sl_torch:.4f} s, "
+            f"{t_sl_torch / t_sl_official:.2f}x the official formulation"
+        )
 
 
 if __name__ == "__main__":

@@ -71,6 +71,10 @@ class DataConfig:
     crop_pct: float | None = None
     """crop: the test image is resized to image_size / crop_pct, then centre-cropped; null: the
     image tower's own (0.875 for the CNNs)."""
+    fast_decode: bool = True
+    """JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers what the image
+    transform cuts out, instead of at full size (docs/data.md: speed, pixel difference); false:
+    decode every image whole, as the official code."""
     train_transform: Literal["random", "test"] = "random"
     """Training images: random (crop, flip) or test (the evaluation transform: what a
     feature cache of `setdiv extract` holds)."""

@@ -51,6 +51,14 @@ class SimilarityConfig:
     """match_prob: offset b of sigmoid(a * s + b)."""
     block_size: int = positive(512)
     """Sets per block along each axis: peak extra memory is O(block_size^2 * K * L)."""
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+    """smooth_chamfer: auto (the fused Triton kernel on CUDA, the torch path elsewhere) |
+    triton | torch, to force either (docs/kernels.md)."""
+
+    def _conflict(self) -> tuple[str, str] | None:
+        if self.kernel == "triton" and self.name != "smooth_chamfer":
+            return "kernel", f"the Triton kernel computes smooth_chamfer only, not {self.name}"
+        return None
 
 
 @dataclass

@@ -26,14 +26,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from setdiv.data import samples
 from setdiv.data import workers as data_workers
+from setdiv.data.images import image_transform
 from setdiv.data.noise import CaptionNoise, plan_caption_noise
-from setdiv.data.samples import (
-    Batch,
-    SampleOptions,
-    collate,
-    decode_sample,
-    image_transform,
-)
+from setdiv.data.samples import Batch, SampleOptions, collate, decode_sample
 from setdiv.data.shards import ShardSet, read_shard
 from setdiv.errors import UserError
 

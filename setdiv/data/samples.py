@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from setdiv.data.images import IMAGENET_MEAN, IMAGENET_STD, image_transform, normalise
 from setdiv.data.noise import CaptionNoise
 from setdiv.data.shards import decode_meta, web_meta
 from setdiv.data.text import Tokenizer, word_dropout
@@ -42,15 +43,10 @@ __all__ = [
     "collate",
     "decode_sample",
     "image_file_pixels",
-    "image_transform",
-    "image_transform_steps",
-    "normalise",
     "sample_options",
 ]
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class _Warner:
@@ -92,6 +88,8 @@ class SampleOptions:
     interpolation: str = "bilinear"
     crop_pct: float = 0.875
     """crop style, test: Resize(size / crop_pct) + CenterCrop(size)."""
+    fast_decode: bool = True
+    """JPEGs decode at the smallest DCT scale covering the transform (`images.py`)."""
     format: str = "auto"
     """auto | setdiv | img2dataset (`shards.web_meta`) | features (`setdiv extract`); the
     readers resolve it from their shards."""
@@ -104,47 +102,6 @@ class SampleOptions:
     """The plan itself, made by the training reader from its shards."""
 
 
-def image_transform_steps(
-    size: int,
-    train: bool,
-    style: str = "crop",
-    hflip: bool = True,
-    interpolation: str = "bilinear",
-    crop_pct: float = 0.875,
-) -> list[Callable]:
-    """The torchvision v2 steps of the official DivE image pipeline (before normalisation).
-
-    crop:   train RandomResizedCrop(size) (default scale 0.08-1), test Resize(size / crop_pct)
-            + CenterCrop(size) (224 -> 256 -> 224 at the official 0.875).
-    gpo512: train RandomResizedCrop(size, scale=(0.36, 1)), test Resize((size, size)) (the
-            official `gpo_aug` 512-pixel setting).
-    Training adds a horizontal flip when `hflip` (official, though captions say left/right).
-    """
-    from torchvision.transforms import InterpolationMode, v2
-
-    mode = InterpolationMode(interpolation)
-    if train:
-        scale = (0.36, 1.0) if style == "gpo512" else (0.08, 1.0)
-        steps = [v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True)]
-        return steps + ([v2.RandomHorizontalFlip()] if hflip else [])
-    if style == "gpo512":
-        return [v2.Resize((size, size), interpolation=mode, antialias=True)]
-    resize = v2.Resize(int(size / crop_pct), interpolation=mode, antialias=True)
-    return [resize, v2.CenterCrop(size)]
-
-
-def image_transform(opts: SampleOptions, train: bool) -> Callable[[Image.Image], np.ndarray]:
-    """PIL image -> (3,size,size) uint8; normalisation happens batched in `collate`."""
-    from torchvision.transforms import v2
-
-    train = train and opts.train_transform == "random"
-    steps = image_transform_steps(
-        opts.image_size, train, opts.image_transform, opts.hflip, opts.interpolation, opts.crop_pct
-    )
-    pipeline = v2.Compose([v2.ToImage(), *steps])
-    return lambda im: pipeline(im).numpy()
-
-
 def image_file_pixels(
     path: str | Path | BinaryIO, size: int, style: str = "crop", opts: SampleOptions | None = None
 ) -> Tensor:
@@ -154,22 +111,11 @@ def image_file_pixels(
     opts = opts or SampleOptions("image", None, False, size, style)  # type: ignore[arg-type]
     try:
         with Image.open(path) as im:
-            pixels = image_transform(opts, False)(im.convert("RGB"))
+            pixels = image_transform(opts, False)(im)
     except (OSError, Image.DecompressionBombError) as exc:
         name = path if isinstance(path, (str, Path)) else "image"
         raise UserError(f"{name}: not a readable image ({exc})") from None
     return normalise(torch.from_numpy(pixels)[None], opts.mean, opts.std)
-
-
-def normalise(
-    pixels_B3HW: Tensor,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-) -> Tensor:
-    """uint8 pixels (B,3,H,W) -> float, normalised with the tower's RGB mean and std."""
-    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std).view(1, 3, 1, 1) * 255
-    return (pixels_B3HW.float() - m) / s
 
 
 def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: list[int]) -> dict:
@@ -192,7 +138,7 @@ def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: li
             # The CPU generator only: torch.manual_seed would also queue a CUDA seeding call
             # (with its stack trace) on a CUDA build, for every sample.
             torch.default_generator.manual_seed(int(rng.integers(2**62)))
-            image = transform(im.convert("RGB"))  # type: ignore[misc]
+            image = transform(im)  # type: ignore[misc]
     ids = [opts.tokenizer.encode(c) for c in meta["captions"]]
     if opts.word_dropout > 0:
         ids = [word_dropout(t, opts.tokenizer, opts.word_dropout, rng) for t in ids]
@@ -296,6 +242,7 @@ def sample_options(
         tuple(cfg.image_std) if cfg.image_std is not None else IMAGENET_STD,  # type: ignore[arg-type]
         cfg.interpolation or "bilinear",
         cfg.crop_pct or 0.875,
+        cfg.fast_decode,
         cfg.format,
         cfg.caption_key,
         cfg.caption_noise if train else 0.0,

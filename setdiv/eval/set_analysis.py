@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from setdiv.data.samples import IMAGENET_MEAN, IMAGENET_STD, Batch  # noqa: E402
+from setdiv.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from setdiv.data.samples import Batch  # noqa: E402
 from setdiv.distributed import all_gather_rows, is_rank_zero  # noqa: E402
 from setdiv.eval.evaluator import Encoded  # noqa: E402
 from setdiv.eval.metrics import recall_at_k  # noqa: E402

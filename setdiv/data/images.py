@@ -1,0 +1,162 @@
+"""Image transforms: the official DivE pipelines, and JPEG decoding at the size they need.
+
+A 640 x 480 photo for a 224 px model is decoded whole and then shrunk; libjpeg can instead
+decode straight to 1/2, 1/4 or 1/8 of the size by dropping DCT coefficients (Pillow's
+`Image.draft`), at a fraction of the cost. `fast_decode` picks the smallest such scale that
+still covers what the transform cuts out, so the resize that follows only ever shrinks:
+
+- test, crop:   the shorter side must stay >= size / crop_pct (what Resize makes of it);
+- test, gpo512: both sides >= size (Resize((size, size)));
+- train:        the crop RandomResizedCrop samples on the full image (same draws, same
+                region) must stay >= size on both sides once scaled; it is then cut from the
+                smaller image with a sub-pixel box and resized in one step.
+
+Non-JPEG files, and images already decoded (the Python API's PIL inputs), take the exact path.
+docs/data.md gives the measured speed and pixel difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageOptions",
+    "image_transform",
+    "image_transform_steps",
+    "normalise",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_transform_steps(
+    size: int,
+    train: bool,
+    style: str = "crop",
+    hflip: bool = True,
+    interpolation: str = "bilinear",
+    crop_pct: float = 0.875,
+) -> list[Callable]:
+    """The torchvision v2 steps of the official DivE image pipeline (before normalisation).
+
+    crop:   train RandomResizedCrop(size) (default scale 0.08-1), test Resize(size / crop_pct)
+            + CenterCrop(size) (224 -> 256 -> 224 at the official 0.875).
+    gpo512: train RandomResizedCrop(size, scale=(0.36, 1)), test Resize((size, size)) (the
+            official `gpo_aug` 512-pixel setting).
+    Training adds a horizontal flip when `hflip` (official, though captions say left/right).
+    """
+    from torchvision.transforms import InterpolationMode, v2
+
+    mode = InterpolationMode(interpolation)
+    if train:
+        scale = (0.36, 1.0) if style == "gpo512" else (0.08, 1.0)
+        steps = [v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True)]
+        return steps + ([v2.RandomHorizontalFlip()] if hflip else [])
+    if style == "gpo512":
+        return [v2.Resize((size, size), interpolation=mode, antialias=True)]
+    resize = v2.Resize(int(size / crop_pct), interpolation=mode, antialias=True)
+    return [resize, v2.CenterCrop(size)]
+
+
+class ImageOptions(Protocol):
+    """What a transform reads of the data options (`samples.SampleOptions` has them)."""
+
+    image_size: int
+    image_transform: str
+    train_transform: str
+    hflip: bool
+    interpolation: str
+    crop_pct: float
+    fast_decode: bool
+
+
+def _draft(im: Image.Image, need_w: float, need_h: float) -> int:
+    """Let a not yet decoded JPEG decode at the smallest DCT scale 1/s (s in 1, 2, 4, 8) whose
+    width stays >= need_w and height >= need_h; returns s. Other formats and images already
+    decoded: a no-op, s = 1."""
+    # Pillow takes the largest s <= min(w // rw, h // rh): w // ceil(need_w) <= w / need_w.
+    full_w = im.size[0]
+    drafted = im.draft(im.mode, (max(1, math.ceil(need_w)), max(1, math.ceil(need_h))))
+    return 1 if drafted is None else round(full_w / drafted[1][2])
+
+
+def _test_box(w: int, h: int, size: int, style: str, crop_pct: float) -> tuple[float, ...]:
+    """The region of a (w, h) image that the test transform maps onto its output, in the
+    image's own pixels: Resize + CenterCrop's geometry (torchvision's rounding) run backwards."""
+    if style == "gpo512":
+        return (0.0, 0.0, float(w), float(h))
+    short = int(size / crop_pct)
+    new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
+    fx, fy = w / new_w, h / new_h
+    return (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
+
+
+def _cut(im: Image.Image, box: tuple[float, ...], size: int, resample: int) -> Image.Image:
+    """Decode `im` at the smallest DCT scale that keeps `box` >= size on both sides, then
+    resize the box (in full-size pixels) to (size, size) in one step."""
+    left, top, right, bottom = box
+    full_w, full_h = im.size
+    s = _draft(im, size * full_w / (right - left), size * full_h / (bottom - top))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im.resize((size, size), resample, box=(left / s, top / s, right / s, bottom / s))
+
+
+def image_transform(opts: ImageOptions, train: bool) -> Callable[[Image.Image], np.ndarray]:
+    """PIL image (opened, preferably not yet decoded) -> (3,size,size) uint8 RGB.
+
+    Normalisation happens batched in `collate`. With `opts.fast_decode` a JPEG decodes at
+    the smallest DCT scale that covers the transform's output (module docstring).
+    """
+    from torchvision.transforms import v2
+
+    train = train and opts.train_transform == "random"
+    steps = image_transform_steps(
+        opts.image_size, train, opts.image_transform, opts.hflip, opts.interpolation, opts.crop_pct
+    )
+    pipeline = v2.Compose([v2.ToImage(), *steps])
+    if not opts.fast_decode:
+        return lambda im: pipeline(im.convert("RGB")).numpy()
+    size, style = opts.image_size, opts.image_transform
+    resample = Image.Resampling.BICUBIC if opts.interpolation == "bicubic" else Image.BILINEAR
+    if not train:
+
+        def test(im: Image.Image) -> np.ndarray:
+            out = _cut(im, _test_box(*im.size, size, style, opts.crop_pct), size, resample)
+            return np.asarray(out).transpose(2, 0, 1).copy()
+
+        return test
+
+    crop, flip = steps[0], steps[1:]
+
+    def train_(im: Image.Image) -> np.ndarray:
+        p = crop.make_params([im])  # the draws the exact path makes, on the full size
+        box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
+        out = _cut(im, box, size, resample)
+        for step in flip:
+            out = step(out)
+        return np.asarray(out).transpose(2, 0, 1).copy()
+
+    return train_
+
+
+def normalise(
+    pixels_B3HW: Tensor,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Tensor:
+    """uint8 pixels (B,3,H,W) -> float, normalised with the tower's RGB mean and std."""
+    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    return (pixels_B3HW.float() - m) / s
