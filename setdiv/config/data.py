@@ -75,6 +75,10 @@ class DataConfig:
     """JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers what the image
     transform cuts out, instead of at full size (docs/data.md: speed, pixel difference); false:
     decode every image whole, as the official code."""
+    image_decode: Literal["workers", "device"] = "workers"
+    """Training JPEGs: decoded by the data workers (workers), or left encoded until the batch
+    reaches the training device and decoded there, nvJPEG on a GPU (device; the worker only
+    reads headers and draws crops). Evaluation decodes in its readers either way."""
     train_transform: Literal["random", "test"] = "random"
     """Training images: random (crop, flip) or test (the evaluation transform: what a
     feature cache of `setdiv extract` holds)."""

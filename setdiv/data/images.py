@@ -12,13 +12,20 @@ still covers what the transform cuts out, so the resize that follows only ever s
                 smaller image with a sub-pixel box and resized in one step.
 
 Non-JPEG files, and images already decoded (the Python API's PIL inputs), take the exact path.
-docs/data.md gives the measured speed and pixel difference.
+
+`image_decode="device"` (training) goes further: a data worker only reads the JPEG's header,
+draws the crop and the flip, and passes the bytes on (`Encoded`); the batch (`DeviceImages`)
+decodes where it is moved, with nvJPEG on a GPU (`torchvision.io.decode_jpeg(device=...)`),
+then crops, resizes and normalises there. Files the device decoder does not take (PNG, CMYK)
+are decoded by the worker as above. docs/data.md gives the measured speed and pixel difference.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +36,8 @@ from torch import Tensor
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "DeviceImages",
+    "Encoded",
     "ImageOptions",
     "image_transform",
     "image_transform_steps",
@@ -78,6 +87,7 @@ class ImageOptions(Protocol):
     interpolation: str
     crop_pct: float
     fast_decode: bool
+    image_decode: str
 
 
 def _draft(im: Image.Image, need_w: float, need_h: float) -> int:
@@ -113,11 +123,12 @@ def _cut(im: Image.Image, box: tuple[float, ...], size: int, resample: int) -> I
     return im.resize((size, size), resample, box=(left / s, top / s, right / s, bottom / s))
 
 
-def image_transform(opts: ImageOptions, train: bool) -> Callable[[Image.Image], np.ndarray]:
-    """PIL image (opened, preferably not yet decoded) -> (3,size,size) uint8 RGB.
+def image_transform(opts: ImageOptions, train: bool) -> Callable[..., np.ndarray | Encoded]:
+    """f(PIL image (opened, preferably not yet decoded)) -> (3,size,size) uint8 RGB.
 
     Normalisation happens batched in `collate`. With `opts.fast_decode` a JPEG decodes at
-    the smallest DCT scale that covers the transform's output (module docstring).
+    the smallest DCT scale that covers the transform's output; with `opts.image_decode ==
+    "device"` (training), f(image, its file's bytes) leaves a JPEG encoded (module docstring).
     """
     from torchvision.transforms import v2
 
@@ -126,29 +137,106 @@ def image_transform(opts: ImageOptions, train: bool) -> Callable[[Image.Image], 
         opts.image_size, train, opts.image_transform, opts.hflip, opts.interpolation, opts.crop_pct
     )
     pipeline = v2.Compose([v2.ToImage(), *steps])
-    if not opts.fast_decode:
-        return lambda im: pipeline(im.convert("RGB")).numpy()
+    if not opts.fast_decode and opts.image_decode != "device":
+        return lambda im, data=None: pipeline(im.convert("RGB")).numpy()
     size, style = opts.image_size, opts.image_transform
     resample = Image.Resampling.BICUBIC if opts.interpolation == "bicubic" else Image.BILINEAR
     if not train:
 
-        def test(im: Image.Image) -> np.ndarray:
-            out = _cut(im, _test_box(*im.size, size, style, opts.crop_pct), size, resample)
+        def test(im: Image.Image, data: bytes | None = None) -> np.ndarray | Encoded:
+            box = _test_box(*im.size, size, style, opts.crop_pct)
+            if data is not None and opts.image_decode == "device" and _device_decodes(im):
+                return Encoded(np.frombuffer(data, np.uint8), box, False)
+            out = _cut(im, box, size, resample)
             return np.asarray(out).transpose(2, 0, 1).copy()
 
         return test
 
     crop, flip = steps[0], steps[1:]
 
-    def train_(im: Image.Image) -> np.ndarray:
+    def draw(im: Image.Image) -> tuple[tuple[float, ...], bool]:
         p = crop.make_params([im])  # the draws the exact path makes, on the full size
         box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
+        return box, bool(flip) and bool(torch.rand(1) < 0.5)  # (RandomHorizontalFlip's draw)
+
+    def train_(im: Image.Image, data: bytes | None = None) -> np.ndarray | Encoded:
+        box, flipped = draw(im)
+        if data is not None and opts.image_decode == "device" and _device_decodes(im):
+            return Encoded(np.frombuffer(data, np.uint8), box, flipped)
         out = _cut(im, box, size, resample)
-        for step in flip:
-            out = step(out)
+        if flipped:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out).transpose(2, 0, 1).copy()
 
     return train_
+
+
+def _device_decodes(im: Image.Image) -> bool:
+    """Whether torchvision's JPEG decoders (nvJPEG, libjpeg) take this file: baseline or
+    progressive JPEG in RGB / grayscale (CMYK ones are decoded by the worker)."""
+    return im.format == "JPEG" and im.mode in ("RGB", "L")
+
+
+@dataclass
+class Encoded:
+    """A training image left JPEG-encoded: its bytes, the region of the full-size image the
+    transform cuts out (left, top, right, bottom) and whether it is flipped."""
+
+    data: np.ndarray
+    box: tuple[float, ...]
+    flip: bool
+
+
+class DeviceImages:
+    """A batch of B images that decode where they are moved: `.to(device, dtype)` ->
+    (B,3,size,size) normalised, like a tensor of pixels (`shape` too). Items are `Encoded`
+    JPEGs or (3,size,size) uint8 arrays a worker decoded already."""
+
+    def __init__(
+        self,
+        items: Sequence[Encoded | np.ndarray],
+        size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        interpolation: str = "bilinear",
+    ) -> None:
+        self.items, self.size, self.mean, self.std = list(items), size, mean, std
+        self.interpolation = interpolation
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.items), 3, self.size, self.size))
+
+    def pixels(self, device: torch.device | str) -> Tensor:
+        """(B,3,size,size) uint8 on `device`: nvJPEG on CUDA, libjpeg on the CPU."""
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec (docs/data.md)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+        device = torch.device(device)
+        jobs = [(i, x) for i, x in enumerate(self.items) if isinstance(x, Encoded)]
+        data = [torch.from_numpy(x.data.copy()) for _, x in jobs]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
+        out = torch.empty(self.shape, dtype=torch.uint8, device=device)
+        for (i, x), img in zip(jobs, decoded, strict=True):
+            left, top, right, bottom = (round(v) for v in x.box)
+            crop = img[None, :, top:bottom, left:right].float()
+            y = torch.nn.functional.interpolate(
+                crop, (self.size, self.size), mode=self.interpolation, antialias=True,
+                align_corners=False,
+            )  # fmt: skip
+            out[i] = (y.flip(-1) if x.flip else y)[0].round_().clamp_(0, 255).to(torch.uint8)
+        for i, x in enumerate(self.items):
+            if not isinstance(x, Encoded):
+                out[i] = torch.from_numpy(x).to(device)
+        return out
+
+    def to(
+        self, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
+    ) -> Tensor:
+        return normalise(self.pixels(device), self.mean, self.std).to(dtype or torch.float32)
 
 
 def normalise(
@@ -157,6 +245,6 @@ def normalise(
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> Tensor:
     """uint8 pixels (B,3,H,W) -> float, normalised with the tower's RGB mean and std."""
-    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    m = torch.tensor(mean, device=pixels_B3HW.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=pixels_B3HW.device).view(1, 3, 1, 1) * 255
     return (pixels_B3HW.float() - m) / s

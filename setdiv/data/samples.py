@@ -27,7 +27,14 @@ from PIL import Image
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from setdiv.data.images import IMAGENET_MEAN, IMAGENET_STD, image_transform, normalise
+from setdiv.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeviceImages,
+    Encoded,
+    image_transform,
+    normalise,
+)
 from setdiv.data.noise import CaptionNoise
 from setdiv.data.shards import decode_meta, web_meta
 from setdiv.data.text import Tokenizer, word_dropout
@@ -90,6 +97,8 @@ class SampleOptions:
     """crop style, test: Resize(size / crop_pct) + CenterCrop(size)."""
     fast_decode: bool = True
     """JPEGs decode at the smallest DCT scale covering the transform (`images.py`)."""
+    image_decode: str = "workers"
+    """workers | device: training JPEGs stay encoded until the batch moves to its device."""
     format: str = "auto"
     """auto | setdiv | img2dataset (`shards.web_meta`) | features (`setdiv extract`); the
     readers resolve it from their shards."""
@@ -138,7 +147,7 @@ def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: li
             # The CPU generator only: torch.manual_seed would also queue a CUDA seeding call
             # (with its stack trace) on a CUDA build, for every sample.
             torch.default_generator.manual_seed(int(rng.integers(2**62)))
-            image = transform(im)  # type: ignore[misc]
+            image = transform(im, raw["jpg"])  # type: ignore[misc]
     ids = [opts.tokenizer.encode(c) for c in meta["captions"]]
     if opts.word_dropout > 0:
         ids = [word_dropout(t, opts.tokenizer, opts.word_dropout, rng) for t in ids]
@@ -173,8 +182,9 @@ def decode_sample(
 
 @dataclass
 class Batch:
-    images: Tensor
-    """(B,R,C) padded region features, or (B,3,H,W) pixels."""
+    images: Tensor | DeviceImages
+    """(B,R,C) padded region features, or (B,3,H,W) pixels (`DeviceImages` with
+    data.image_decode=device: decoded by `.to(device)`)."""
     image_mask: Tensor | None
     """(B,R) bool validity of regions; None for pixels."""
     tokens: Tensor
@@ -199,13 +209,18 @@ def collate(
     normalised with `opts`' mean and std, default ImageNet's); `skipped` adds to the samples'
     own "skipped" counts."""
     images = [s["image"] for s in samples]
-    if images[0].ndim == 2:  # regions (R, C), R varies under region dropout
+    if getattr(images[0], "ndim", 3) == 2:  # regions (R, C), R varies under region dropout
         batch_images = pad_sequence([torch.from_numpy(x) for x in images], batch_first=True)
         image_mask = torch.arange(batch_images.shape[1]) < torch.tensor([[len(x)] for x in images])
         batch_images = batch_images.float()
-    else:  # uint8 pixels (3, H, W)
+    else:  # uint8 pixels (3, H, W), or JPEGs left for the device
         mean, std = (opts.mean, opts.std) if opts is not None else (IMAGENET_MEAN, IMAGENET_STD)
-        batch_images, image_mask = normalise(torch.from_numpy(np.stack(images)), mean, std), None
+        if any(isinstance(x, Encoded) for x in images):
+            assert opts is not None
+            batch_images = DeviceImages(images, opts.image_size, mean, std, opts.interpolation)
+        else:
+            batch_images = normalise(torch.from_numpy(np.stack(images)), mean, std)
+        image_mask = None
     captions = [torch.tensor(t, dtype=torch.long) for s in samples for t in s["tokens"]]
     tokens = pad_sequence(captions, batch_first=True, padding_value=pad_id)
     token_mask = torch.arange(tokens.shape[1]) < torch.tensor([[len(t)] for t in captions])
@@ -220,6 +235,15 @@ def collate(
         captions=[c for s in samples for c in s["captions"]],
         caption_counts=[len(s["tokens"]) for s in samples],
     )
+
+
+def _image_decode(cfg: DataConfig, kind: str, train: bool) -> str:
+    if cfg.image_decode == "device" and kind != "image":
+        raise UserError(
+            f"data.image_decode=device decodes JPEGs on the device; this model reads {kind}, "
+            "not images: use workers"
+        )
+    return cfg.image_decode if train else "workers"  # (evaluation decodes in its readers)
 
 
 def sample_options(
@@ -243,6 +267,7 @@ def sample_options(
         cfg.interpolation or "bilinear",
         cfg.crop_pct or 0.875,
         cfg.fast_decode,
+        _image_decode(cfg, kind, train),
         cfg.format,
         cfg.caption_key,
         cfg.caption_noise if train else 0.0,
