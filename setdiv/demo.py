@@ -1,19 +1,26 @@
 """`setdiv demo`: the whole system on one CPU in minutes.
 
 Generates the built-in ambiguous synthetic dataset as shards, trains the set model (K = 4,
-smooth-Chamfer) and the single-embedding baseline (K = 1) through the DeepSpeed trainer,
-exports both, evaluates both with the evaluator on the test split, prints the two side by
-side, and writes `attention.png` (slot attention of the K = 4 model) and `curves.png`
-(training loss, similarity spread and validation RSUM of both) into the output directory.
+smooth-Chamfer) and the single-embedding baseline (K = 1) through the DeepSpeed trainer (side
+by side: the baseline as a `setdiv train` job of its own in a second process, the machine's
+cores split between the two), exports both, evaluates both with the evaluator on the test
+split, prints the two side by side, and writes `attention.png` (slot attention of the K = 4
+model) and `curves.png` (training loss, similarity spread and validation RSUM of both) into
+the output directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +143,49 @@ def run(args: argparse.Namespace) -> int:
 MODELS = {"set K=4 (smooth-Chamfer)": 4, "single K=1 (cosine)": 1}
 
 
+@contextlib.contextmanager
+def _cores_shared_by(jobs: int) -> Iterator[None]:
+    """This process's ranks size their CPU threads for `jobs` jobs on the machine
+    (`setdiv.distributed.jobs.cpu_threads`): the two trainings must not oversubscribe it."""
+    before = os.environ.get("LOCAL_WORLD_SIZE")
+    os.environ["LOCAL_WORLD_SIZE"] = str(jobs)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LOCAL_WORLD_SIZE")
+        else:
+            os.environ["LOCAL_WORLD_SIZE"] = before
+
+
+@contextlib.contextmanager
+def _background_training(name: str, run_dir: Path, overrides: list[str]) -> Iterator[None]:
+    """`setdiv train` of one model in a second process (a job of its own: no job variables of
+    this shell passed on) while the body runs; its log goes to RUN_DIR.log. Waits for it at
+    the end and raises, with the log's tail, if it failed; stops it if the body fails."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith("SLURM_")
+    }
+    env["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
+    logfile = run_dir.with_suffix(".log")
+    cmd = [sys.executable, "-m", "setdiv.cli", "train", str(CONFIG), "--run-dir", str(run_dir)]
+    log.info("training %s -> %s in a second process (log: %s)", name, run_dir, logfile)
+    with open(logfile, "w") as sink:
+        proc = subprocess.Popen([*cmd, *overrides], stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
+        if proc.wait() != 0:
+            tail = logfile.read_text()[-2000:]
+            raise RuntimeError(f"training {name} failed (exit {proc.returncode}):\n{tail}")
+
+
 def _train_and_evaluate(
     args: argparse.Namespace, out: Path, vocab_path: Path
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
@@ -155,23 +205,28 @@ def _train_and_evaluate(
         *(["train.epochs=2"] if args.quick else []),
         *args.overrides,
     ]
-    runs, rows, results = {}, {}, {}
-    for name, k in MODELS.items():
-        run_dir = out / f"run_k{k}"
-        cfg = config_lib.load(
-            [CONFIG], [*base, f"model.image_set.num_embeds={k}", f"model.text_set.num_embeds={k}"]
-        )
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run: trained anew each time
-        log.info("training %s -> %s", name, run_dir)
-        Trainer(cfg, run_dir).train()
+    runs = {name: out / f"run_k{k}" for name, k in MODELS.items()}
+    overrides = {
+        name: [*base, f"model.image_set.num_embeds={k}", f"model.text_set.num_embeds={k}"]
+        for name, k in MODELS.items()
+    }
+    (set_name, set_run), (single_name, single_run) = runs.items()
+    for run_dir in runs.values():
+        shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own runs: trained anew each time
+    cfg = config_lib.load([CONFIG], overrides[set_name])
+    with _cores_shared_by(2), _background_training(single_name, single_run, overrides[single_name]):
+        log.info("training %s -> %s", set_name, set_run)
+        Trainer(cfg, set_run).train()
+    rows, results = {}, {}
+    for name, run_dir in runs.items():
         export_run(run_dir, tag="best")
         result = evaluate_export(
-            load_exported(run_dir), f"{out}/data/test-*.tar", "coco", pick_device(), analysis=k > 1
-        )
+            load_exported(run_dir), f"{out}/data/test-*.tar", "coco", pick_device(),
+            analysis=name == set_name,
+        )  # fmt: skip
         write_result(result, run_dir / "eval")
-        runs[name], results[name] = run_dir, result
+        results[name] = result
         rows[name] = result.metrics[full_set_key("coco", len(result.image_ids))]
-    set_name = next(iter(MODELS))
     for fig_name, fig in results[set_name].figures.items():  # attention, specialisation
         fig.savefig(out / f"{fig_name}.png", dpi=110, bbox_inches="tight")
     analysis = results[set_name].metrics.get("analysis", {})

@@ -47,11 +47,21 @@ def args(run: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.timeout(900)
-def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(tmp_path: Path) -> None:
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 6-epoch run on the CC12M pairs, exported (its latest checkpoint), for both tests."""
+    ref = tmp_path_factory.mktemp("web") / "ref"
     done = run_setdiv(*args(ref, "train.ckpt_every=5"))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert run_setdiv("export", str(ref), "--tag", "latest").returncode == 0
+    return ref
+
+
+@pytest.mark.timeout(900)
+def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(
+    trained: Path, tmp_path: Path
+) -> None:
+    ref = trained
     records = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
     rsums = [r["val_rsum"] for r in records if "val_rsum" in r]
     loss = losses(ref)
@@ -78,7 +88,6 @@ def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(tmp_path: Pa
     }
     assert with_state["image_backbone"] == with_state["text_backbone"] == 0, with_state
     assert with_state["image_set"] > 0 and with_state["text_set"] > 0, with_state
-    assert run_setdiv("export", str(ref), "--tag", "latest").returncode == 0
     from safetensors.torch import load_file
 
     exported = load_file(ref / "export" / "model.safetensors")
@@ -127,18 +136,15 @@ def naive_recalls(S: np.ndarray) -> dict[str, float]:
 
 
 @pytest.mark.timeout(900)
-def test_web_shards_evaluate_and_index_like_a_naive_loop(tmp_path: Path) -> None:
-    """Train on the CC12M pairs, then `setdiv eval --protocol web`, `index build` and `index
+def test_web_shards_evaluate_and_index_like_a_naive_loop(trained: Path, tmp_path: Path) -> None:
+    """Trained on the CC12M pairs, `setdiv eval --protocol web`, `index build` and `index
     eval` read the img2dataset shard in place (no index, no `data.format` given); the
     similarity matrix, recalls and gallery equal a per-sample loop over the tar's members
     (the model applied to one image / one caption at a time, smooth-Chamfer written out)."""
     from setdiv.data.samples import image_file_pixels, sample_options
     from setdiv.export import load_exported
 
-    run = tmp_path / "run"
-    done = run_setdiv(*args(run, "train.epochs=2"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert run_setdiv("export", str(run)).returncode == 0
+    run = trained  # (exported by the fixture)
     ev = run_setdiv("eval", str(run), "--data", str(CC12M), "--protocol", "web")
     assert ev.returncode == 0, ev.stderr[-3000:]
     ex = load_exported(run)

@@ -9,27 +9,44 @@ Writes its own shards into a temporary directory: BUTD-sized region features (36
 stored float16, via the SCAN `precomp` converter) and COCO-sized JPEGs (640 x 480, via the
 Karpathy converter). Each case runs `--repeats` times and reports the median.
 
-    python tools/bench_reader.py [--regions 2000] [--images 600] [--workers 2] [--repeats 3]
+First, decoding per core (one process, one thread): images/s of the test (Resize + CenterCrop)
+and train (RandomResizedCrop + flip) transforms at 224 px on the 32 real CC12M photos of
+../shared/data (where present) and on COCO-sized 640 x 480 JPEGs, today's path (decode whole,
+torchvision pipeline: `data.fast_decode=false`) against decoding at the DCT scale the
+transform needs (`data.fast_decode=true`), with the mean absolute difference of the uint8
+model input between the two. With `--device cuda` also the device path
+(`data.image_decode=device`: nvJPEG batch decode + crop/resize on the GPU), in images/s.
+
+    python tools/bench_reader.py [--regions 2000] [--images 600] [--workers 2] [--repeats 3] \
+        [--decode-only] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from setdiv.config import TextEncoderConfig  # noqa: E402
 from setdiv.data import convert, reader  # noqa: E402
+from setdiv.data.images import DeviceImages, image_transform  # noqa: E402
+from setdiv.data.samples import SampleOptions  # noqa: E402
 from setdiv.data.shards import write_shards  # noqa: E402
+
+CC12M = Path(__file__).parents[2] / "shared/data/cc12m_img2dataset_32/cc12m-train-0000.tar"
 from setdiv.data.text import build_tokenizer  # noqa: E402
 from setdiv.data.vocab import Vocab  # noqa: E402
 
@@ -92,13 +109,94 @@ def resume_wait(module, pattern: str, opts: dict, workers: int, batch: int, at: 
     return wait
 
 
+def coco_sized_jpegs(n: int) -> list[bytes]:
+    """640 x 480 photo-like JPEGs (gradients, edges, noise), quality 90."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640] / 640
+    out = []
+    for i in range(n):
+        base = np.stack(
+            [
+                128 + 100 * np.sin((6 + i % 5) * xx + 2 * yy),
+                128 + 90 * np.cos(5 * yy - (3 + i % 3) * xx),
+                127 * ((xx * (7 + i % 4)).astype(int) % 2) + 60 * yy,
+            ],
+            -1,
+        )
+        px = (base + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_rates(files: list[bytes], train: bool, fast: bool, repeats: int):  # noqa: ANN201
+    """(images/s on one core, the uint8 outputs) of one transform over `files`."""
+    o = SampleOptions("image", None, True, 224, "crop", fast_decode=fast)  # type: ignore[arg-type]
+    transform = image_transform(o, train)
+    times, outs = [], []
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        outs = [transform(Image.open(io.BytesIO(f))) for f in files]
+        times.append(time.perf_counter() - t0)
+    return len(files) / statistics.median(times), outs
+
+
+def device_rate(files: list[bytes], train: bool, device: str, repeats: int) -> float:
+    """Images/s of the device path: worker step (header, draws) + batch decode on `device`."""
+    o = SampleOptions("image", None, True, 224, "crop", image_decode="device")  # type: ignore[arg-type]
+    transform = image_transform(o, train)
+    times = []
+    for _ in range(repeats + 1):  # (the first: CUDA context, nvJPEG handles)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        items = [transform(Image.open(io.BytesIO(f)), f) for f in files]
+        DeviceImages(items, 224, (0.5,) * 3, (0.25,) * 3).pixels(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return len(files) / statistics.median(times[1:])
+
+
+def decoding(repeats: int, device: str) -> None:
+    torch.set_num_threads(1)
+    sets = [("COCO-sized 640x480", coco_sized_jpegs(64))]
+    if CC12M.exists():
+        with tarfile.open(CC12M) as tar:
+            jpgs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+        sets.insert(0, ("CC12M photos (32 real)", jpgs))
+    else:
+        print(f"({CC12M} absent: the CC12M rows are left out)")
+    print("decoding per core, 224 px, images/s: today (decode whole) | at the DCT scale needed")
+    print(f"{'images':<24}{'transform':<10}{'today':>8}{'fast':>8}{'ratio':>8}{'|diff|':>8}"
+          + (f"{device + ' path':>13}" if device != "cpu" else ""))  # fmt: skip
+    for name, files in sets:
+        for train in (False, True):
+            exact, a = decode_rates(files, train, False, repeats)
+            fast, b = decode_rates(files, train, True, repeats)
+            mad = np.mean([np.abs(x.astype(float) - y).mean() for x, y in zip(a, b, strict=True)])
+            row = f"{name:<24}{'train' if train else 'test':<10}{exact:>8.0f}{fast:>8.0f}"
+            row += f"{fast / exact:>7.2f}x{mad:>8.2f}"
+            if device != "cpu":
+                row += f"{device_rate(files, train, device, repeats):>13.0f}"
+            print(row)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regions", type=int, default=2000)
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-only", action="store_true", help="only the decoding table")
+    parser.add_argument("--device", default="cpu", help="also time the device path (cuda)")
     args = parser.parse_args()
+    decoding(args.repeats, args.device)
+    if args.decode_only:
+        return
     vocab = Vocab.build(["a man riding a horse on a beach number photo of scene variant"])
     tok = build_tokenizer(TextEncoderConfig(), vocab)
     dropouts = {"region_dropout": 0.2, "word_dropout": 0.2}

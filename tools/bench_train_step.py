@@ -25,7 +25,7 @@ formula, `_conv_backward_flops`). On CUDA the achieved FLOP/s of the whole step
 FLOP/s (MFU); `--peak-tflops` gives the peak of a device not in `PEAK_TFLOPS`.
 
     python tools/bench_train_step.py [--recipe vit_setheads|resnext_bert] [--reps 3] \
-        [--images 200] [--device cuda --precision bf16] [--peak-tflops 989]
+        [--images 200] [--device cuda --precision bf16] [--peak-tflops 989] [--flops-only]
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    parser.add_argument("--flops-only", action="store_true", help="count the FLOPs, time nothing")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -241,6 +242,11 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         sum(torch_loss(*forward()).values()).backward()
     flops = counter.get_total_flops()
+    if args.flops_only:
+        print(f"recipe {args.recipe}, batch: {shape}")
+        print(f"model FLOPs per step (counted): {flops / 1e12:.3f} TFLOP, "
+              f"{flops / n / 1e9:.1f} GFLOP per image")  # fmt: skip
+        return
 
     t_step = timed(step, args.reps, device)
     t_fb = timed(fwd_loss_bwd, args.reps, device)

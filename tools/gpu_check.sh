@@ -2,18 +2,26 @@
 # One-shot GPU check of setdiv on a machine that has torch + CUDA but not setdiv's other
 # dependencies: installs the wheels tools/gpu_wheels.sh put in .whl/ (no index, no network) into $SITE, then
 #   a. the tests marked `cuda` (tests/test_cuda.py: the model math and every tower family on
-#      the device against CPU references) and the model-math / tower unit tests
-#   b. tools/bench_similarity.py on CUDA (COCO 5K x 25K shape)
-#   c. tools/bench_train_step.py on CUDA, bf16: the paper's ROI + bi-GRU recipe
+#      the device against CPU references), the fused kernel's tests compiled for the GPU
+#      (tests/test_kernels.py; CI runs them under Triton's interpreter), the decoding tests
+#      and the model-math / tower unit tests
+#   b. tools/bench_similarity.py on CUDA (COCO 5K x 25K shape): the Triton and torch kernels
+#      against the bare GEMM
+#   c. tools/bench_train_step.py on CUDA, bf16: the paper's ROI + bi-GRU recipe, with MFU and
+#      similarity + loss (both kernels) against the official formulation
 #   e. tools/bench_train_step.py --recipe vit_setheads on CUDA, bf16 (frozen ViT-B/16 towers)
+#   f. tools/bench_train_step.py --recipe resnext_bert on CUDA, bf16 (512 px, BERT-base)
+#   g. tools/bench_reader.py --decode-only --device cuda: JPEG decoding per CPU core (whole vs
+#      DCT-scaled) and the nvJPEG device path
 #   d. synthetic shards -> `setdiv train` (DeepSpeed, CUDA accelerator, bf16, 2 epochs) ->
 #      `setdiv export` -> `setdiv eval` on CUDA
 # Every step runs under `timeout`, logs into $OUT/ (env.log, a_pytest.log, b_bench_similarity.log,
-# c_bench_train_step.log, e_bench_vit_step.log, d_train_eval.log, summary.txt, table.md); a
-# failed step does not stop the next. The summary ends with one Markdown table for
-# BENCHMARKS.md (table.md). Run from the repository root:  bash tools/gpu_check.sh
-# Worst case (every cap hit) 7 minutes of steps (caps 90+60+60+90+120 s) plus the install;
-# expected 2-4 minutes on one H200.
+# c_bench_train_step.log, e_bench_vit_step.log, f_bench_resnext_step.log, g_bench_decode.log,
+# d_train_eval.log, summary.txt, table.md); a failed step does not stop the next. The summary
+# ends with one Markdown table for BENCHMARKS.md (table.md). Run from the repository root:
+#   bash tools/gpu_check.sh
+# Worst case (every cap hit) 7.5 minutes of steps (caps 90+45+45+60+60+45+105 s) plus the
+# install; expected 3-5 minutes on one H200.
 # Local dry run on a CPU machine (same commands, CPU device, the venv's own packages: the .whl/
 # wheels are for the GPU machine's CPython 3.12):
 #   PY=.venv/bin/python DEVICE=cpu DS_ACC=cpu WHEELS=0 OUT=/tmp/gc_out bash tools/gpu_check.sh
@@ -28,12 +36,14 @@ OUT=${OUT:-/tmp/gpu_check_out}
 SITE=${SITE:-/tmp/site}
 WORK=${WORK:-/tmp/setdiv_gpu_check}
 CAP_A=${CAP_A:-90}
-CAP_B=${CAP_B:-60}
-CAP_C=${CAP_C:-60}
-CAP_E=${CAP_E:-90}
-CAP_D=${CAP_D:-120}
+CAP_B=${CAP_B:-45}
+CAP_C=${CAP_C:-45}
+CAP_E=${CAP_E:-60}
+CAP_F=${CAP_F:-60}
+CAP_G=${CAP_G:-45}
+CAP_D=${CAP_D:-105}
 WHEELS=${WHEELS:-1}  # 0: install nothing (a dry run with a complete environment)
-STEPS=${STEPS:-abced}  # which of the steps to run (e.g. STEPS=d)
+STEPS=${STEPS:-abcefgd}  # which of the steps to run (e.g. STEPS=d)
 want() { [[ "$STEPS" == *"$1"* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -118,8 +128,9 @@ echo "=== a. pytest (cap ${CAP_A}s)"
 # CPU dry run: the `cuda` tests on the CPU (SETDIV_TEST_DEVICE=cpu), which otherwise skip.
 [ "$DEVICE" = cuda ] || export SETDIV_TEST_DEVICE=cpu
 timeout -k 10 "$CAP_A" "$PY" -m pytest -q --timeout=120 -p no:cacheprovider \
-    tests/test_cuda.py tests/test_similarity.py tests/test_losses.py tests/test_model.py \
-    tests/test_towers.py tests/test_metrics.py tests/test_optim.py 2>&1 | tee "$OUT/a_pytest.log"
+    tests/test_cuda.py tests/test_kernels.py tests/test_images.py tests/test_similarity.py \
+    tests/test_losses.py tests/test_model.py tests/test_towers.py tests/test_metrics.py \
+    tests/test_optim.py 2>&1 | tee "$OUT/a_pytest.log"
 rc=$?
 [ "$rc" -eq 0 ] || printf "\nSTEP a FAILED rc=%s\n" "$rc" | tee -a "$OUT/a_pytest.log"
 record a_pytest "$rc" $((SECONDS - t0))
@@ -160,6 +171,29 @@ timeout -k 10 "$CAP_E" "$PY" tools/bench_train_step.py --recipe vit_setheads --d
 rc=$?
 [ "$rc" -eq 0 ] || printf "\nSTEP e FAILED rc=%s\n" "$rc" | tee -a "$OUT/e_bench_vit_step.log"
 record e_bench_vit_step "$rc" $((SECONDS - t0))
+fi
+
+# ---------------------------------------------------------------- f. ResNeXt-BERT step benchmark
+if want f; then
+t0=$SECONDS
+echo "=== f. bench_train_step --recipe resnext_bert bf16 (cap ${CAP_F}s)"
+if [ "$DEVICE" = cuda ]; then F_ARGS=(--images 32); else F_ARGS=(--images 2 --reps 1); fi
+timeout -k 10 "$CAP_F" "$PY" tools/bench_train_step.py --recipe resnext_bert --device "$DEVICE" \
+    --precision bf16 "${F_ARGS[@]}" 2>&1 | tee "$OUT/f_bench_resnext_step.log"
+rc=$?
+[ "$rc" -eq 0 ] || printf "\nSTEP f FAILED rc=%s\n" "$rc" | tee -a "$OUT/f_bench_resnext_step.log"
+record f_bench_resnext_step "$rc" $((SECONDS - t0))
+fi
+
+# ---------------------------------------------------------------- g. decoding benchmark
+if want g; then
+t0=$SECONDS
+echo "=== g. bench_reader --decode-only (cap ${CAP_G}s)"
+timeout -k 10 "$CAP_G" "$PY" tools/bench_reader.py --decode-only --repeats 2 --device "$DEVICE" \
+    2>&1 | tee "$OUT/g_bench_decode.log"
+rc=$?
+[ "$rc" -eq 0 ] || printf "\nSTEP g FAILED rc=%s\n" "$rc" | tee -a "$OUT/g_bench_decode.log"
+record g_bench_decode "$rc" $((SECONDS - t0))
 fi
 
 # ---------------------------------------------------------------- d. train / export / eval

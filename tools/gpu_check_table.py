@@ -39,21 +39,33 @@ def rows(out: Path) -> list[tuple[str, str]]:
     env, a = out / "env.log", out / "a_pytest.log"
     b, c = out / "b_bench_similarity.log", out / "c_bench_train_step.log"
     e, d = out / "e_bench_vit_step.log", out / "d_train_eval.log"
+    f, g = out / "f_bench_resnext_step.log", out / "g_bench_decode.log"
     table = [
         ("device", _first(env, r"^gpu 0:", "no CUDA device reported")),
         ("software", _first(env, r"^python .*torch", "?")),
-        ("a. tests (`cuda` + model math + towers)", _last(a, r"\d+ (passed|failed)")),
+        ("a. tests (cuda, kernels, decoding, model, towers)", _last(a, r"\d+ (passed|failed)")),
         ("b. smooth-Chamfer matrix", _first(b, r"^smooth_chamfer matrix")),
+        ("b. same, torch kernel", _first(b, r"^smooth_chamfer matrix .*torch kernel", "-")),
         ("b. vs the official loop", _first(b, r"^at \d+x\d+", "-")),
-        ("c. ROI + bi-GRU step, bf16", _first(c, r"^training step")),
-        ("c. batch", _first(c, r"^(recipe|batch)", "-")),
-        ("e. ViT-B/16 set heads step, bf16", _first(e, r"^training step")),
-        ("e. batch", _first(e, r"^recipe", "-")),
-        ("e. forward share", _first(e, r"^forward\b", "-")),
+    ]
+    for step, log, name in (("c", c, "ROI + bi-GRU"), ("e", e, "ViT-B/16 set heads"),
+                            ("f", f, "ResNeXt-101 + BERT, 512 px")):  # fmt: skip
+        table += [
+            (f"{step}. {name} step, bf16", _first(log, r"^training step")),
+            (f"{step}. batch", _first(log, r"^recipe", "-")),
+            (f"{step}. FLOPs and MFU", _first(log, r"^model FLOPs", "-")),
+            (f"{step}. similarity + loss", _first(log, r"^similarity\+loss fwd\+bwd: setdiv", "-")),
+            (f"{step}. same, torch kernel", _first(log, r"^similarity\+loss.*torch kernel", "-")),
+        ]
+    table += [
+        ("g. decode images/s per core: today, fast, ratio, |diff| (, device path)", r)
+        for r in _lines(g, r"^(CC12M|COCO)")
+    ]
+    table += [
         ("d. train -> export -> eval", _last(d, r"^--- d\.\w+ rc=")),
         ("d. test RSUM", _first(d, r'"rsum"', "-")),
     ]
-    for step, log in (("a", a), ("b", b), ("c", c), ("e", e), ("d", d)):
+    for step, log in (("a", a), ("b", b), ("c", c), ("e", e), ("f", f), ("g", g), ("d", d)):
         failed = _step_rc(log, step)
         if failed:
             table.append((f"{step}. FAILED", failed))

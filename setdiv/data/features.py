@@ -64,6 +64,7 @@ def tower_identity(cfg: Config) -> dict[str, Any]:
             "crop_pct": data.crop_pct,
             "mean": list(data.image_mean) if data.image_mean is not None else None,
             "std": list(data.image_std) if data.image_std is not None else None,
+            "fast_decode": data.fast_decode,
         },
     }
 
@@ -92,7 +93,8 @@ def _differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
         for key in ("tower", "arch", "weights_sha256")
         if have.get(key) != want[key]
     ]
-    ht, wt = have.get("transform") or {}, want["transform"]
+    # (records written before data.fast_decode existed were made decoding whole images)
+    ht, wt = {"fast_decode": False, **(have.get("transform") or {})}, want["transform"]
     out += [f"data.{k} {ht.get(k)!r} (asked: {wt[k]!r})" for k in wt if ht.get(k) != wt[k]]
     return out
 

@@ -17,10 +17,9 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from nltk.tokenize import NLTKWordTokenizer
-from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from torch import Tensor
 
 from setdiv.data import noise
@@ -47,14 +46,24 @@ TOKENIZERS = ("nltk", "regex")
 """Caption tokenisers: `nltk` as the official vocabularies were built, `regex` a simple one."""
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
-_WORDS = NLTKWordTokenizer()
-# `nltk.word_tokenize` splits sentences with the trained English Punkt model (a data download)
-# before the Treebank-style word tokenizer, so a period ending an inner sentence is its own
-# token ("dogs. and" -> dogs . and). Punkt without training data splits the same way except
-# after known abbreviations; these are the ones the official vocabularies keep whole.
-_ABBREVIATIONS = PunktParameters()
-_ABBREVIATIONS.abbrev_types = {"mr", "mrs", "dr", "st", "ave", "u.s", "d.c", "j.p"}
-_SENTENCES = PunktSentenceTokenizer(_ABBREVIATIONS)
+
+
+@functools.cache
+def _nltk() -> tuple[Any, Any]:
+    """(sentence splitter, word tokenizer). Imported on first use: importing nltk takes ~1.3 s
+    (it loads scipy.stats), which processes that never tokenise with it should not pay.
+
+    `nltk.word_tokenize` splits sentences with the trained English Punkt model (a data
+    download) before the Treebank-style word tokenizer, so a period ending an inner sentence is
+    its own token ("dogs. and" -> dogs . and). Punkt without training data splits the same way
+    except after known abbreviations; these are the ones the official vocabularies keep whole.
+    """
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    abbreviations = PunktParameters()
+    abbreviations.abbrev_types = {"mr", "mrs", "dr", "st", "ave", "u.s", "d.c", "j.p"}
+    return PunktSentenceTokenizer(abbreviations), NLTKWordTokenizer()
 
 
 def tokenize(caption: str, kind: str = "nltk") -> list[str]:
@@ -72,7 +81,8 @@ def _tokenize(caption: str, kind: str) -> tuple[str, ...]:
     # Cached: NLTK costs ~0.2 ms a caption, and short-caption datasets repeat captions a lot.
     text = caption.lower()
     if kind == "nltk":
-        return tuple(w for s in _SENTENCES.tokenize(text) for w in _WORDS.tokenize(s))
+        sentences, words = _nltk()
+        return tuple(w for s in sentences.tokenize(text) for w in words.tokenize(s))
     if kind == "regex":
         return tuple(_TOKEN.findall(text))
     raise ValueError(f"unknown tokenizer {kind!r}, expected one of {TOKENIZERS}")

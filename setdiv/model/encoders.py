@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -77,6 +76,8 @@ class CNNGridEncoder(nn.Module):
         self, cfg: ImageEncoderConfig, dim: int, arch: str, pretrained: bool = True
     ) -> None:
         super().__init__()
+        import torchvision.models  # (here: importing it costs every process ~1.7 s, torch._dynamo)
+
         net = getattr(torchvision.models, arch)(weights=None)
         if pretrained and cfg.weights is None:
             log.warning("model.image.weights is null: %s is randomly initialised", arch)
