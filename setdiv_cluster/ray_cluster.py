@@ -1,25 +1,15 @@
-"""Start a local Ray with explicit resources and a short temp dir of its own, or join a running
-cluster (`--address`, e.g. the one `cluster/ray_slurm.sbatch` starts).
-
-Token authentication (Ray >= 2.59) follows the environment: RAY_AUTH_MODE=token with the
-token in ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH; a local cluster started without
-RAY_AUTH_MODE gets a generated token (Ray's default). See docs/cluster.md.
-"""
+"""The Ray flags of the cluster commands (`--address`, `--num-cpus`, `--num-gpus`; the session
+itself: `setdiv.distributed.ray_session`), and waiting for a cluster's nodes."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 
 from setdiv import errors
 
-__all__ = ["add_arguments", "main", "ray_session", "resource_bounds", "wait_for_nodes"]
+__all__ = ["add_arguments", "main", "resource_bounds", "wait_for_nodes"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,38 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def resource_bounds(args: argparse.Namespace) -> dict[str, tuple[int | None, int]]:
     """The lowest values of the flags `add_arguments` adds (`setdiv.errors.check_at_least`)."""
     return {"--num-cpus": (args.num_cpus, 1), "--num-gpus": (args.num_gpus, 0)}
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None, num_gpus: int | None) -> Iterator[None]:
-    """Ray for the duration of the block; a local one is shut down and its files removed."""
-    import ray
-
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-        return
-    if num_gpus is None:
-        import torch
-
-        num_gpus = torch.cuda.device_count()
-    # Unix socket paths are limited to 107 bytes: keep the session dir short.
-    temp = tempfile.mkdtemp(prefix="sdray", dir="/tmp")
-    try:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(),
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            _temp_dir=temp,
-            log_to_driver=False,
-        )
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_for_nodes(address: str, nodes: int, timeout_s: float) -> int:

@@ -41,11 +41,12 @@ from omegaconf import OmegaConf
 from setdiv import config as config_lib
 from setdiv import errors
 from setdiv.distributed.jobs import add_nproc_argument
+from setdiv.distributed.ray_session import ray_session
 from setdiv.errors import UserError, check_at_least
 from setdiv.paths import RunFiles
 from setdiv_cluster.cli import INTERRUPTED, run_cli
 from setdiv_cluster.ray_cluster import add_arguments as add_ray_arguments
-from setdiv_cluster.ray_cluster import ray_session, resource_bounds
+from setdiv_cluster.ray_cluster import resource_bounds
 from setdiv_cluster.trials import (
     NONFINITE_MARK,
     USER_ERROR_MARK,

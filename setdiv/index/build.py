@@ -28,8 +28,9 @@ from setdiv.distributed import (
     run_ranks,
 )
 from setdiv.distributed.jobs import add_nproc_argument
-from setdiv.errors import UserError
+from setdiv.errors import UserError, positive_int
 from setdiv.export import ExportedModel, export_identity, find_export, load_exported
+from setdiv.index.ray_build import add_ray_arguments, encode_gallery_ray
 from setdiv.index.store import AnnSpec, IndexMeta, SetIndexStore
 from setdiv.model.encoders import image_input_kind
 from setdiv.paths import ExportFiles
@@ -54,7 +55,11 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp16", action="store_true", default=None, help="store the element matrix in fp16"
     )
+    p.add_argument(
+        "--batch-size", type=positive_int, help="images per encoding batch (data.eval_batch_size)"
+    )
     add_nproc_argument(p, "local processes encoding the gallery")
+    add_ray_arguments(p)
 
 
 SPEC_OPTIONS = ("kind", "nlist", "m", "codec", "nprobe", "ef_search")
@@ -124,15 +129,15 @@ def encode_gallery(
     counts = all_gather_list(enc.caption_counts)
     if not is_rank_zero(rank):
         return None
-    if enc.skipped or len(image_ids) < reader.shards.num_samples:
-        log.warning(
-            "%s: %d of %d images could not be read and are not in the index",
-            data,
-            reader.shards.num_samples - len(image_ids),
-            reader.shards.num_samples,
-        )
+    _warn_unread(data, len(image_ids), reader.shards.num_samples)
     pictures = picture_members(reader.shards) if modality == "image" else None
     return sets.cpu(), gallery_items(modality, image_ids, caption_ids, texts, counts, pictures)
+
+
+def _warn_unread(data: str, read: int, listed: int) -> None:
+    if read < listed:
+        log.warning("%s: %d of %d images could not be read and are not in the index",
+                    data, listed - read, listed)  # fmt: skip
 
 
 def _check_existing(args: argparse.Namespace, sha: str) -> None:
@@ -178,18 +183,33 @@ def _worker(args: argparse.Namespace) -> None:
     with process_group() as job:
         log_as_rank(job)
         exported = load_exported(args.export)
+        if args.batch_size:
+            exported.cfg.data.eval_batch_size = args.batch_size
         device = pick_device(job)
         limit_cpu_threads(device, 0)
         gallery = encode_gallery(exported, args.data, args.modality, device)
         if gallery is None:
             return
-        sets, items = gallery
-        store = _open_or_create(args, sets.shape[1], sets.shape[2])
-        store.append(sets, items, args.data, args.shard_sha256)
-        print(
-            f"index {args.out}: +{len(items)} {args.modality} items ({len(store)} in all, "
-            f"{store.ann.ntotal} elements, {store.meta.ann.factory()})"
-        )
+        _append(args, *gallery)
+
+
+def _append(args: argparse.Namespace, sets: torch.Tensor, items: list[dict[str, Any]]) -> None:
+    store = _open_or_create(args, sets.shape[1], sets.shape[2])
+    store.append(sets, items, args.data, args.shard_sha256)
+    print(
+        f"index {args.out}: +{len(items)} {args.modality} items ({len(store)} in all, "
+        f"{store.ann.ntotal} elements, {store.meta.ann.factory()})"
+    )
+
+
+def _build_on_ray(args: argparse.Namespace, shards: ShardSet) -> None:
+    sets, got, nodes = encode_gallery_ray(args)
+    _warn_unread(args.data, len(got["image_ids"]), shards.num_samples)
+    pictures = picture_members(shards) if args.modality == "image" else None
+    items = gallery_items(args.modality, got["image_ids"], got["caption_ids"], got["texts"],
+                          got["counts"], pictures)  # fmt: skip
+    log.info("encoded on %d Ray node(s)", nodes)
+    _append(args, sets, items)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -204,5 +224,10 @@ def run_build(args: argparse.Namespace) -> int:
     shards.verify()
     args.shard_sha256 = shards.sha256s()  # (img2dataset shards: hashed here, once)
     _check_existing(args, export_identity(args.export)[1])
-    run_ranks(_worker, args.nproc, args)
+    if args.ray:
+        if args.nproc != 1:
+            raise UserError("--ray encodes with Ray actors: leave --nproc out")
+        _build_on_ray(args, shards)
+    else:
+        run_ranks(_worker, args.nproc, args)
     return 0
