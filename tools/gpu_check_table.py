@@ -55,7 +55,7 @@ def rows(out: Path) -> list[tuple[str, str]]:
             (f"{step}. batch", _first(log, r"^recipe", "-")),
             (f"{step}. FLOPs and MFU", _first(log, r"^model FLOPs", "-")),
             (f"{step}. similarity + loss", _first(log, r"^similarity\+loss fwd\+bwd: setdiv", "-")),
-            (f"{step}. same, torch kernel", _first(log, r"^similarity\+loss.*torch kernel", "-")),
+            (f"{step}. same, torch kernel", _first(log, r"^similarity\+loss fwd\+bwd, torch", "-")),
         ]
     table += [
         ("g. decode images/s per core: today, fast, ratio, |diff| (, device path)", r)
