@@ -121,80 +121,46 @@ EOF
     echo "imports rc=$?"
 } 2>&1 | tee -a "$OUT/env.log"
 
-# ---------------------------------------------------------------- a. unit tests
-if want a; then
-t0=$SECONDS
-echo "=== a. pytest (cap ${CAP_A}s)"
-# CPU dry run: the `cuda` tests on the CPU (SETDIV_TEST_DEVICE=cpu), which otherwise skip.
-[ "$DEVICE" = cuda ] || export SETDIV_TEST_DEVICE=cpu
-timeout -k 10 "$CAP_A" "$PY" -m pytest -q --timeout=120 -p no:cacheprovider \
+# One step: run `command` under its cap, log it to $OUT/LOG, record its exit code and time.
+step() {  # letter title cap log command...
+    local letter=$1 title=$2 cap=$3 log=$OUT/$4 t0=$SECONDS rc
+    shift 4
+    want "$letter" || return 0
+    echo "=== $letter. $title (cap ${cap}s)"
+    timeout -k 10 "$cap" "$@" 2>&1 | tee "$log"
+    rc=$?
+    [ "$rc" -eq 0 ] || printf "\nSTEP %s FAILED rc=%s\n" "$letter" "$rc" | tee -a "$log"
+    record "$(basename "$log" .log)" "$rc" $((SECONDS - t0))
+}
+cuda() { [ "$DEVICE" = cuda ]; }
+
+# a. unit tests. CPU dry run: the `cuda` tests on the CPU (SETDIV_TEST_DEVICE=cpu), which
+# otherwise skip.
+cuda || export SETDIV_TEST_DEVICE=cpu
+step a pytest "$CAP_A" a_pytest.log "$PY" -m pytest -q --timeout=120 -p no:cacheprovider \
     tests/test_cuda.py tests/test_kernels.py tests/test_images.py tests/test_similarity.py \
     tests/test_losses.py tests/test_model.py tests/test_towers.py tests/test_metrics.py \
-    tests/test_optim.py 2>&1 | tee "$OUT/a_pytest.log"
-rc=$?
-[ "$rc" -eq 0 ] || printf "\nSTEP a FAILED rc=%s\n" "$rc" | tee -a "$OUT/a_pytest.log"
-record a_pytest "$rc" $((SECONDS - t0))
-fi
-
-# ---------------------------------------------------------------- b. similarity benchmark
-if want b; then
-t0=$SECONDS
-echo "=== b. bench_similarity (cap ${CAP_B}s)"
-if [ "$DEVICE" = cuda ]; then B_ARGS=(); else B_ARGS=(--images 500); fi  # CPU dry run: small
-timeout -k 10 "$CAP_B" "$PY" tools/bench_similarity.py --device "$DEVICE" ${B_ARGS[@]+"${B_ARGS[@]}"} \
-    2>&1 | tee "$OUT/b_bench_similarity.log"
-rc=$?
-[ "$rc" -eq 0 ] || printf "\nSTEP b FAILED rc=%s\n" "$rc" | tee -a "$OUT/b_bench_similarity.log"
-record b_bench_similarity "$rc" $((SECONDS - t0))
-fi
-
-# ---------------------------------------------------------------- c. training-step benchmark
-if want c; then
-t0=$SECONDS
-echo "=== c. bench_train_step bf16 (cap ${CAP_C}s)"
-# CPU dry run: few images, but >= 2 shards of 100 for the 2-worker reader it times on CPU
-if [ "$DEVICE" = cuda ]; then C_ARGS=(); else C_ARGS=(--images 34 --reps 1); fi
-timeout -k 10 "$CAP_C" "$PY" tools/bench_train_step.py --device "$DEVICE" --precision bf16 \
-    ${C_ARGS[@]+"${C_ARGS[@]}"} 2>&1 | tee "$OUT/c_bench_train_step.log"
-rc=$?
-[ "$rc" -eq 0 ] || printf "\nSTEP c FAILED rc=%s\n" "$rc" | tee -a "$OUT/c_bench_train_step.log"
-record c_bench_train_step "$rc" $((SECONDS - t0))
-fi
-
-# ---------------------------------------------------------------- e. ViT recipe step benchmark
-if want e; then
-t0=$SECONDS
-echo "=== e. bench_train_step --recipe vit_setheads bf16 (cap ${CAP_E}s)"
-if [ "$DEVICE" = cuda ]; then E_ARGS=(--images 256); else E_ARGS=(--images 2 --reps 1); fi
-timeout -k 10 "$CAP_E" "$PY" tools/bench_train_step.py --recipe vit_setheads --device "$DEVICE" \
-    --precision bf16 "${E_ARGS[@]}" 2>&1 | tee "$OUT/e_bench_vit_step.log"
-rc=$?
-[ "$rc" -eq 0 ] || printf "\nSTEP e FAILED rc=%s\n" "$rc" | tee -a "$OUT/e_bench_vit_step.log"
-record e_bench_vit_step "$rc" $((SECONDS - t0))
-fi
-
-# ---------------------------------------------------------------- f. ResNeXt-BERT step benchmark
-if want f; then
-t0=$SECONDS
-echo "=== f. bench_train_step --recipe resnext_bert bf16 (cap ${CAP_F}s)"
-if [ "$DEVICE" = cuda ]; then F_ARGS=(--images 32); else F_ARGS=(--images 2 --reps 1); fi
-timeout -k 10 "$CAP_F" "$PY" tools/bench_train_step.py --recipe resnext_bert --device "$DEVICE" \
-    --precision bf16 "${F_ARGS[@]}" 2>&1 | tee "$OUT/f_bench_resnext_step.log"
-rc=$?
-[ "$rc" -eq 0 ] || printf "\nSTEP f FAILED rc=%s\n" "$rc" | tee -a "$OUT/f_bench_resnext_step.log"
-record f_bench_resnext_step "$rc" $((SECONDS - t0))
-fi
-
-# ---------------------------------------------------------------- g. decoding benchmark
-if want g; then
-t0=$SECONDS
-echo "=== g. bench_reader --decode-only (cap ${CAP_G}s)"
-timeout -k 10 "$CAP_G" "$PY" tools/bench_reader.py --decode-only --repeats 2 --device "$DEVICE" \
-    2>&1 | tee "$OUT/g_bench_decode.log"
-rc=$?
-[ "$rc" -eq 0 ] || printf "\nSTEP g FAILED rc=%s\n" "$rc" | tee -a "$OUT/g_bench_decode.log"
-record g_bench_decode "$rc" $((SECONDS - t0))
-fi
+    tests/test_optim.py
+# b. similarity benchmark (CPU dry run: small)
+if cuda; then B_ARGS=(); else B_ARGS=(--images 500); fi
+step b bench_similarity "$CAP_B" b_bench_similarity.log "$PY" tools/bench_similarity.py \
+    --device "$DEVICE" ${B_ARGS[@]+"${B_ARGS[@]}"}
+# c. training-step benchmark (CPU dry run: few images, but >= 2 shards of 100 for the 2-worker
+# reader it times on CPU)
+if cuda; then C_ARGS=(); else C_ARGS=(--images 34 --reps 1); fi
+step c "bench_train_step bf16" "$CAP_C" c_bench_train_step.log "$PY" tools/bench_train_step.py \
+    --device "$DEVICE" --precision bf16 ${C_ARGS[@]+"${C_ARGS[@]}"}
+# e. ViT recipe step benchmark
+if cuda; then E_ARGS=(--images 256); else E_ARGS=(--images 2 --reps 1); fi
+step e "bench_train_step --recipe vit_setheads bf16" "$CAP_E" e_bench_vit_step.log "$PY" \
+    tools/bench_train_step.py --recipe vit_setheads --device "$DEVICE" --precision bf16 "${E_ARGS[@]}"
+# f. ResNeXt-BERT step benchmark
+if cuda; then F_ARGS=(--images 32); else F_ARGS=(--images 2 --reps 1); fi
+step f "bench_train_step --recipe resnext_bert bf16" "$CAP_F" f_bench_resnext_step.log "$PY" \
+    tools/bench_train_step.py --recipe resnext_bert --device "$DEVICE" --precision bf16 "${F_ARGS[@]}"
+# g. decoding benchmark
+step g "bench_reader --decode-only" "$CAP_G" g_bench_decode.log "$PY" tools/bench_reader.py \
+    --decode-only --repeats 2 --device "$DEVICE"
 
 # ---------------------------------------------------------------- d. train / export / eval
 if want d; then
