@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from setdiv import config as config_lib  # noqa: E402
 from setdiv.data.convert import synthetic_samples  # noqa: E402
 from setdiv.data.shards import ShardIndex, index_path, write_shards  # noqa: E402
 from setdiv.data.vocab import Vocab  # noqa: E402
+from setdiv.distributed.jobs import child_env, setdiv_command  # noqa: E402
 from setdiv.eval.evaluator import format_table, full_set_key, write_result  # noqa: E402
 from setdiv.paths import RunFiles  # noqa: E402
 
@@ -163,15 +163,9 @@ def _background_training(name: str, run_dir: Path, overrides: list[str]) -> Iter
     """`setdiv train` of one model in a second process (a job of its own: no job variables of
     this shell passed on) while the body runs; its log goes to RUN_DIR.log. Waits for it at
     the end and raises, with the log's tail, if it failed; stops it if the body fails."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-        and not k.startswith("SLURM_")
-    }
-    env["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
+    env = {**child_env(), "LOCAL_WORLD_SIZE": os.environ["LOCAL_WORLD_SIZE"]}
     logfile = run_dir.with_suffix(".log")
-    cmd = [sys.executable, "-m", "setdiv.cli", "train", str(CONFIG), "--run-dir", str(run_dir)]
+    cmd = setdiv_command("train", str(CONFIG), "--run-dir", str(run_dir))
     log.info("training %s -> %s in a second process (log: %s)", name, run_dir, logfile)
     with open(logfile, "w") as sink:
         proc = subprocess.Popen([*cmd, *overrides], stdout=sink, stderr=subprocess.STDOUT, env=env)

@@ -24,11 +24,11 @@ from typing import get_args
 
 from setdiv import config as config_lib
 from setdiv import errors
-from setdiv.distributed.jobs import add_nproc_argument
+from setdiv.distributed.jobs import add_nproc_argument, child_env, setdiv_command
 from setdiv.distributed.ray_session import ray_session
 from setdiv.errors import UserError, check_at_least
 from setdiv_cluster.cli import INTERRUPTED, run_cli
-from setdiv_cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
+from setdiv_cluster.jobs import ChildFailedError, run_child
 from setdiv_cluster.ray_cluster import add_arguments as add_ray_arguments
 from setdiv_cluster.ray_cluster import resource_bounds
 from setdiv_cluster.trials import (

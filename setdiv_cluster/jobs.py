@@ -19,7 +19,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -27,18 +26,15 @@ from pathlib import Path
 
 import submitit
 
-from setdiv.distributed.jobs import JOB_VARIABLES, die_with_parent
+from setdiv.distributed.jobs import die_with_parent, is_job_variable
 from setdiv.errors import report
 
 __all__ = [
     "ChildFailedError",
     "TrainJob",
-    "child_env",
-    "is_job_variable",
     "kill_group",
     "restart_count",
     "run_child",
-    "setdiv_command",
     "submission_env",
 ]
 
@@ -48,23 +44,6 @@ class ChildFailedError(RuntimeError):
     the launcher reports it as one line and exits with `exit_code`."""
 
     exit_code = 1
-
-
-JOB_VARIABLE_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_", "TORCHELASTIC_")
-INHERITED_JOB_VARIABLES = (*JOB_VARIABLES, "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
-"""What describes a running job, and what a new job must not inherit from the one it is
-started in: the variables `process_group` exports, plus torchrun's others (with the prefixes,
-submitit's `clean_env` list). `SBATCH_*` would override the script's own `#SBATCH` lines."""
-SITE_VARIABLES = ("SLURM_CONF", "SLURM_DEBUG_FLAGS")
-"""Kept, although they start with SLURM_: where the site's Slurm configuration is (a site
-that points at it only through SLURM_CONF cannot submit without it)."""
-
-
-def is_job_variable(name: str) -> bool:
-    """Whether `name` describes the job this process runs in (`INHERITED_JOB_VARIABLES`)."""
-    return name not in SITE_VARIABLES and (
-        name.startswith(JOB_VARIABLE_PREFIXES) or name in INHERITED_JOB_VARIABLES
-    )
 
 
 @contextlib.contextmanager
@@ -146,23 +125,6 @@ class TrainJob:
         return shlex.join(
             ["setdiv", "train", self.config, "--run-dir", self.run_dir, *resume, *overwrite]
         )
-
-
-def setdiv_command(*args: str) -> list[str]:
-    """`setdiv ARGS...` with this interpreter."""
-    return [sys.executable, "-m", "setdiv.cli", *args]
-
-
-def child_env(threads: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`base` (default: this process's environment) without any job's rank / rendezvous
-    variables, so a child starts a job of its own; CUDA_VISIBLE_DEVICES (set by Ray or SLURM
-    for this worker) is kept. `threads` sets OMP_NUM_THREADS."""
-    env = {
-        k: v for k, v in (os.environ if base is None else base).items() if not is_job_variable(k)
-    }
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
 
 
 def kill_group(pgid: int, grace_s: float = 10.0) -> None:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from setdiv.distributed.jobs import child_env, setdiv_command
 from setdiv.paths import RunFiles
-from setdiv_cluster.jobs import ChildFailedError, child_env, run_child, setdiv_command
+from setdiv_cluster.jobs import ChildFailedError, run_child
 
 __all__ = [
     "NonFiniteTrialError",

@@ -22,7 +22,8 @@ from run_helpers import (
     write_data,
 )
 
-from setdiv_cluster.jobs import child_env, run_child
+from setdiv.distributed.jobs import child_env
+from setdiv_cluster.jobs import run_child
 
 FAMILY = [  # a leader that starts a grandchild, as `setdiv train` starts ranks and workers
     sys.executable,
@@ -65,7 +66,7 @@ def test_training_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     script = (
         "import sys, json\n"
         "from pathlib import Path\n"
-        "from setdiv_cluster.jobs import child_env, run_child\n"
+        "from setdiv.distributed.jobs import child_env\nfrom setdiv_cluster.jobs import run_child\n"
         "run_child(json.loads(sys.argv[1]), Path(sys.argv[2]), child_env(), "
         "record=Path(sys.argv[3]))\n"
     )

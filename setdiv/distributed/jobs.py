@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "JOB_VARIABLES",
     "Job",
+    "child_env",
+    "is_job_variable",
+    "setdiv_command",
     "add_nproc_argument",
     "cpu_threads",
     "die_with_parent",
@@ -53,6 +56,39 @@ __all__ = [
 
 JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """What `process_group` exports for DeepSpeed and torch (and restores on exit)."""
+
+JOB_VARIABLE_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_", "TORCHELASTIC_")
+INHERITED_JOB_VARIABLES = (*JOB_VARIABLES, "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+"""What describes a running job, and what a new job must not inherit from the one it is
+started in: the variables `process_group` exports, plus torchrun's others (with the prefixes,
+submitit's `clean_env` list). `SBATCH_*` would override the script's own `#SBATCH` lines."""
+SITE_VARIABLES = ("SLURM_CONF", "SLURM_DEBUG_FLAGS")
+"""Kept, although they start with SLURM_: where the site's Slurm configuration is (a site
+that points at it only through SLURM_CONF cannot submit without it)."""
+
+
+def is_job_variable(name: str) -> bool:
+    """Whether `name` describes the job this process runs in (`INHERITED_JOB_VARIABLES`)."""
+    return name not in SITE_VARIABLES and (
+        name.startswith(JOB_VARIABLE_PREFIXES) or name in INHERITED_JOB_VARIABLES
+    )
+
+
+def setdiv_command(*args: str) -> list[str]:
+    """`setdiv ARGS...` with this interpreter."""
+    return [sys.executable, "-m", "setdiv.cli", *args]
+
+
+def child_env(threads: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) without any job's rank / rendezvous
+    variables, so a child starts a job of its own; CUDA_VISIBLE_DEVICES (set by Ray or SLURM
+    for this worker) is kept. `threads` sets OMP_NUM_THREADS."""
+    env = {
+        k: v for k, v in (os.environ if base is None else base).items() if not is_job_variable(k)
+    }
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
 @dataclass(frozen=True)
