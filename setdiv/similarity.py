@@ -227,12 +227,12 @@ def smooth_chamfer(
     one launch when no gradient is needed; under autograd it runs per block, keeping a
     (block*K, block*L) float32 weight matrix for its backward.
     """
-    _check_sets(x, y)
     if _use_triton(x, kernel):
         from setdiv.kernels.smooth_chamfer import smooth_chamfer_triton
 
         fn = functools.partial(smooth_chamfer_triton, alpha=alpha)
-        if not _needs_grad(x, y):
+        if not _needs_grad(x, y):  # (one launch: `blockwise`, which checks the sets, not used)
+            _check_sets(x, y)
             return fn(x, y)
         return blockwise(smooth_chamfer_reduce, x, y, block_size, grad_block=fn)
     fused = None

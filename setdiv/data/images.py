@@ -136,37 +136,31 @@ def image_transform(opts: ImageOptions, train: bool) -> Callable[..., np.ndarray
     steps = image_transform_steps(
         opts.image_size, train, opts.image_transform, opts.hflip, opts.interpolation, opts.crop_pct
     )
-    pipeline = v2.Compose([v2.ToImage(), *steps])
     if not opts.fast_decode and opts.image_decode != "device":
+        pipeline = v2.Compose([v2.ToImage(), *steps])
         return lambda im, data=None: pipeline(im.convert("RGB")).numpy()
     size, style = opts.image_size, opts.image_transform
     resample = Image.Resampling.BICUBIC if opts.interpolation == "bicubic" else Image.BILINEAR
-    if not train:
 
-        def test(im: Image.Image, data: bytes | None = None) -> np.ndarray | Encoded:
-            box = _test_box(*im.size, size, style, opts.crop_pct)
-            if data is not None and opts.image_decode == "device" and _device_decodes(im):
-                return Encoded(np.frombuffer(data, np.uint8), box, False)
-            out = _cut(im, box, size, resample)
-            return np.asarray(out).transpose(2, 0, 1).copy()
-
-        return test
-
-    crop, flip = steps[0], steps[1:]
-
-    def draw(im: Image.Image) -> tuple[tuple[float, ...], bool]:
-        p = crop.make_params([im])  # the draws the exact path makes, on the full size
-        box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
-        return box, bool(flip) and bool(torch.rand(1) < 0.5)  # (RandomHorizontalFlip's draw)
-
-    def train_(im: Image.Image, data: bytes | None = None) -> np.ndarray | Encoded:
-        box, flipped = draw(im)
+    def cut(im: Image.Image, data: bytes | None, box: tuple[float, ...], flip: bool):  # noqa: ANN202
         if data is not None and opts.image_decode == "device" and _device_decodes(im):
-            return Encoded(np.frombuffer(data, np.uint8), box, flipped)
+            return Encoded(np.frombuffer(data, np.uint8), box, flip)
         out = _cut(im, box, size, resample)
-        if flipped:
+        if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out).transpose(2, 0, 1).copy()
+
+    if not train:
+        return lambda im, data=None: cut(
+            im, data, _test_box(*im.size, size, style, opts.crop_pct), False
+        )
+    crop, flip = steps[0], steps[1:]
+
+    def train_(im: Image.Image, data: bytes | None = None) -> np.ndarray | Encoded:
+        p = crop.make_params([im])  # the draws the exact path makes, on the full size
+        box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
+        flipped = bool(flip) and bool(torch.rand(1) < flip[0].p)  # (RandomHorizontalFlip's draw)
+        return cut(im, data, box, flipped)
 
     return train_
 
@@ -209,14 +203,12 @@ class DeviceImages:
 
     def pixels(self, device: torch.device | str) -> Tensor:
         """(B,3,size,size) uint8 on `device`: nvJPEG on CUDA, libjpeg on the CPU."""
-        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec (docs/data.md)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
 
         device = torch.device(device)
         jobs = [(i, x) for i, x in enumerate(self.items) if isinstance(x, Encoded)]
         data = [torch.from_numpy(x.data.copy()) for _, x in jobs]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec (docs/data.md)
             warnings.simplefilter("ignore", DeprecationWarning)
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
         out = torch.empty(self.shape, dtype=torch.uint8, device=device)

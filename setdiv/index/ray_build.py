@@ -76,7 +76,6 @@ class _Encoder:
                 "caption_ids": enc.caption_ids,
                 "texts": enc.captions_text,
                 "counts": enc.caption_counts,
-                "skipped": enc.skipped,
             }
             out["slice"].append(i)
             out["sets"].append(buf.getvalue())
@@ -98,7 +97,6 @@ def encode_gallery_ray(args: argparse.Namespace) -> tuple[torch.Tensor, dict[str
 
     from setdiv.distributed.ray_session import ray_session
 
-    gpus = args.gpus_per_actor or 0.0
     with ray_session(args.address, None, None):
         nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
         actors = args.actors_per_node * len(nodes)
@@ -117,7 +115,7 @@ def encode_gallery_ray(args: argparse.Namespace) -> tuple[torch.Tensor, dict[str
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
                 num_cpus=args.cpus_per_actor,
-                num_gpus=gpus,
+                num_gpus=args.gpus_per_actor,
                 scheduling_strategy="SPREAD",  # (best effort: one actor pool over the nodes)
             )
             .take_all()
@@ -129,7 +127,6 @@ def encode_gallery_ray(args: argparse.Namespace) -> tuple[torch.Tensor, dict[str
     for m in metas:
         for k in merged:
             merged[k] += m[k]
-    merged["skipped"] = [sum(m["skipped"] for m in metas)]
     used = len({r["node"] for r in rows})
     sets = torch.from_numpy(np.concatenate([p for p in parts if len(p)], axis=0))
     return sets, merged, used
