@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 
 from setdiv import config as config_lib
+from setdiv.data import remote
 from setdiv.data.features import (
     CACHE_FILE,
     PREFIX,
@@ -43,9 +44,10 @@ from setdiv.data.features import (
     tower_identity,
     write_json_atomic,
 )
+from setdiv.data.loaders import resolve_shards
 from setdiv.data.reader import EvalReader
 from setdiv.data.samples import sample_options
-from setdiv.data.shards import ShardIndex, ShardInfo, ShardSet, sha256_file
+from setdiv.data.shards import ShardIndex, ShardInfo, sha256_file
 from setdiv.data.text import build_tokenizer
 from setdiv.distributed import log_as_rank, process_group, rank_and_world, run_ranks
 from setdiv.distributed.jobs import add_nproc_argument
@@ -91,7 +93,7 @@ def _done(out: Path, name: str) -> dict | None:
 
 
 def extract_shards(
-    cfg: config_lib.Config, paths: list[Path], fmt: str, out: Path, batch_size: int
+    cfg: config_lib.Config, paths: list[str], fmt: str, out: Path, batch_size: int
 ) -> None:
     """Extract `paths` (skipping those already done) into `out`, one output shard each."""
     from setdiv.model.encoders import build_image_encoder
@@ -128,13 +130,13 @@ def extract_shards(
         tmp.replace(out / name)
         record = {
             "samples": count, "skipped": skipped, "sha256": sha256_file(out / name),
-            "source": str(path.resolve()),
+            "source": path if remote.is_remote(path) else str(Path(path).resolve()),
         }  # fmt: skip
         write_json_atomic(out / f"{name}{DONE}", record)
         log.info("%s: %d images extracted (%d skipped) -> %s", path, count, skipped, name)
 
 
-def _worker(config: str, overrides: list[str], paths: list[Path], fmt: str, out: Path,
+def _worker(config: str, overrides: list[str], paths: list[str], fmt: str, out: Path,
             batch_size: int) -> None:  # fmt: skip
     """One rank: its share (every world-th) of the shards still to do."""
     with process_group() as job:
@@ -180,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
             "config key 'model.image.weights' is null: a randomly initialised tower's features "
             "would differ in every process and run; give the weights file to extract with"
         )
-    shards = ShardSet.resolve(args.data, "image", cfg.data.format, cfg.data.caption_key)
+    shards = resolve_shards(cfg.data, args.data, "image")
     sources = list({cache_name(p): p for p in shards.paths}.values())  # (each shard once)
     out = Path(args.out)
     _prepare(out, tower_identity(cfg), args.overwrite)

@@ -480,7 +480,7 @@ def test_all_corrupt_shards_fail_after_one_pass_naming_them(
             rewrite_member(shard, f"train{10 * i + j:07d}.npy", b"garbage")
     opened = []
     real = reader_mod.read_shard
-    monkeypatch.setattr(reader_mod, "read_shard", lambda p, h: opened.append(p) or real(p, h))
+    monkeypatch.setattr(reader_mod, "read_shard", lambda p, h, r: opened.append(p) or real(p, h, r))
     warner = samples_mod._Warner()
     monkeypatch.setattr(samples_mod, "WARN", warner)
     opts = SampleOptions("regions", SYNTH_TOK, train=True)

@@ -15,9 +15,9 @@ from PIL import Image
 
 from setdiv.data import samples as samples_mod
 from setdiv.data.reader import EvalReader, SampleOptions, ShardSet, TrainReader
-from setdiv.data.shards import web_meta
 from setdiv.data.text import Tokenizer
 from setdiv.data.vocab import SPECIALS, Vocab
+from setdiv.data.web_shards import web_meta
 from setdiv.errors import UserError
 
 CC12M = Path(__file__).parents[2] / "shared/data/cc12m_img2dataset_32/cc12m-train-0000.tar"

@@ -20,7 +20,7 @@ any caption count."""
 @dataclass
 class SourceConfig:
     shards: str = ""
-    """A brace pattern or glob of .tar files (setdiv or img2dataset)."""
+    """A brace pattern or glob of .tar files (setdiv or img2dataset), local or URLs."""
     weight: float = 1.0
     """Relative share of the training samples drawn from this source."""
 
@@ -28,7 +28,8 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     train_shards: str | None = None
-    """Training shards: a brace pattern or glob of .tar files."""
+    """Training shards: a brace pattern or glob of .tar files, local or URLs (https://,
+    s3://, pipe:CMD; docs/data.md)."""
     train_sources: list[SourceConfig] = field(default_factory=list)
     """Instead of train_shards: several sources mixed by weight ([{shards, weight}, ...]),
     drawn with replacement (resampled) into epochs of `samples_per_epoch`."""
@@ -55,6 +56,12 @@ class DataConfig:
     """Samples held per worker for sample-level shuffling (shards are shuffled too)."""
     resampled: bool = False
     """Draw shards with replacement (epochs of equal length) instead of one pass over all."""
+    retries: int = non_negative(3)
+    """Remote shards (https://, s3://, pipe:): how often a failed open or read is retried,
+    reopening at the byte reached, before the shard's remaining samples are skipped and
+    counted like a truncated tar's."""
+    retry_backoff_s: float = ruled(1.0, lambda v: None if 0 <= v < math.inf else "must be >= 0")
+    """Seconds before the first retry of a remote read; doubles with each further one."""
     verify_checksums: bool = True
     """Check every shard's sha256 against its index before training starts."""
     eval_batch_size: int = positive(256)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from setdiv.config import Config
+from setdiv.data import remote
 from setdiv.data.shards import ShardSet, sha256_file
 from setdiv.errors import UserError
 
@@ -38,11 +39,12 @@ PREFIX = "features"
 _FORMAT = "setdiv-features/1"
 
 
-def cache_name(source: Path) -> str:
+def cache_name(source: str | Path) -> str:
     """The cache entry of source shard `source`: its stem (dashes as underscores, so the index
-    prefix stays `features`) and 12 hex digits of its absolute path's sha256."""
-    digest = hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:12]
-    return f"{PREFIX}-{Path(source).name.removesuffix('.tar').replace('-', '_')}.{digest}.tar"
+    prefix stays `features`) and 12 hex digits of the sha256 of its absolute path (or URL)."""
+    where = str(source) if remote.is_remote(source) else str(Path(source).resolve())
+    digest = hashlib.sha256(where.encode()).hexdigest()[:12]
+    return f"{PREFIX}-{remote.name(source).removesuffix('.tar').replace('-', '_')}.{digest}.tar"
 
 
 def tower_identity(cfg: Config) -> dict[str, Any]:

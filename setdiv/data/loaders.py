@@ -7,6 +7,7 @@ from __future__ import annotations
 from setdiv.config import DataConfig
 from setdiv.data.features import cached_shards
 from setdiv.data.reader import EvalReader, TrainReader
+from setdiv.data.remote import Retry
 from setdiv.data.samples import sample_options
 from setdiv.data.shards import ShardSet
 from setdiv.data.text import Tokenizer
@@ -30,7 +31,8 @@ def feature_shards(cfg: DataConfig, pattern: str) -> str:
 def resolve_shards(cfg: DataConfig, pattern: str, kind: str | None = None) -> ShardSet:
     """`pattern`'s shards in the config's format (`data.format`, auto-detected as the readers
     do, with `data.caption_key`): what a command checks before starting ranks."""
-    return ShardSet.resolve(pattern, kind, cfg.format, cfg.caption_key)
+    retry = Retry(cfg.retries, cfg.retry_backoff_s)
+    return ShardSet.resolve(pattern, kind, cfg.format, cfg.caption_key, retry)
 
 
 def per_rank_batch_size(cfg: DataConfig, world: int) -> int:

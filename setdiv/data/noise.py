@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from setdiv.data import remote
 from setdiv.errors import UserError
 
 __all__ = ["CaptionNoise", "plan_caption_noise", "shard_captions"]
@@ -59,7 +60,7 @@ def shard_captions(
     """(key, captions) of each sample of one shard with readable, non-empty captions. Only
     caption members are read; an unreadable tail ends the shard (the reader skips it too)."""
     try:
-        with tarfile.open(url, "r:") as tar:
+        with remote.open_tar(url) as tar:
             for member in tar:
                 if not member.isfile():
                     continue

@@ -28,6 +28,7 @@ from setdiv.data import samples
 from setdiv.data import workers as data_workers
 from setdiv.data.images import image_transform
 from setdiv.data.noise import CaptionNoise, plan_caption_noise
+from setdiv.data.remote import RETRIES, Retry
 from setdiv.data.samples import Batch, SampleOptions, collate, decode_sample
 from setdiv.data.shards import ShardSet, read_shard
 from setdiv.errors import UserError
@@ -42,18 +43,26 @@ MAX_PASSES = 100
 _LOST = {"__lost__": True}
 
 
-def _read_shards(src: Iterator[dict], expected: dict[str, int]) -> Iterator[dict]:
-    """Stage: each shard's raw samples (with the shard item's "draw", if any, as "__draw__"),
-    then one `_LOST` for each sample its index lists that it did not deliver (a truncated or
-    unreadable tar), so positions match the index."""
+def _read_shards(src: Iterator[dict], expected: dict[str, int], retry: Retry) -> Iterator[dict]:
+    """Stage: each shard's raw samples (with the shard item's "draw", if any, as "__draw__",
+    and the remote reads retried since the last one as "__retries__"), then one `_LOST` for
+    each sample its index lists that it did not deliver (a truncated or unreadable tar), so
+    positions match the index."""
+    counted = RETRIES.count
     for item in src:
         url, seen = item["url"], 0
-        for raw in read_shard(url, lambda e, u=url: samples.WARN(f"{u}: unreadable tar: {e}", 0)):
+        warn = functools.partial(_unreadable, url)
+        for raw in read_shard(url, warn, retry):
             seen, raw["__draw__"] = seen + 1, item.get("draw", ())
+            raw["__retries__"], counted = RETRIES.count - counted, RETRIES.count
             yield raw
         if (lost := expected[url] - seen) > 0:
             samples.WARN(f"{url}: {lost} of {expected[url]} samples unreadable", lost)
             yield from [_LOST] * lost
+
+
+def _unreadable(url: str, exc: Exception) -> bool:
+    return samples.WARN(f"{url}: unreadable tar: {exc}", 0)
 
 
 def plan_epoch(
@@ -96,7 +105,9 @@ class _PassStream(IterableDataset):
         info, reader = get_worker_info(), self.reader
         w = (self.first + (info.id if info else 0)) % len(self.shards)
         stages = [functools.partial(iter, self.shards[w])]  # (a list would be taken as stages)
-        stages.append(functools.partial(_read_shards, expected=reader.expected))
+        stages.append(
+            functools.partial(_read_shards, expected=reader.expected, retry=reader.opts.retry)
+        )
         if reader.buffer > 1:
             rng = random.Random("samples/" + "/".join(map(str, [*self.key, w])))
             stages.append(wds.shuffle(reader.buffer, reader.buffer, rng=rng))
@@ -127,7 +138,10 @@ class TrainReader:
     ) -> None:  # fmt: skip
         sources = [(pattern, 1.0)] if isinstance(pattern, str) else list(pattern)
         self.pattern = " + ".join(p for p, _ in sources)
-        sets = [ShardSet.resolve(p, opts.kind, opts.format, opts.caption_key) for p, _ in sources]
+        sets = [
+            ShardSet.resolve(p, opts.kind, opts.format, opts.caption_key, opts.retry)
+            for p, _ in sources
+        ]
         for (p, _), s in zip(sources, sets, strict=True):
             if s.num_samples == 0:  # (a weighted draw would ask it for samples forever)
                 where = "data.train_sources: source" if len(sources) > 1 else "training data"
@@ -321,7 +335,9 @@ class EvalReader:
         self, pattern: str, opts: SampleOptions, batch_size: int, rank: int = 0, world: int = 1,
         align: int = 1,
     ) -> None:  # fmt: skip
-        self.shards = ShardSet.resolve(pattern, opts.kind, opts.format, opts.caption_key)
+        self.shards = ShardSet.resolve(
+            pattern, opts.kind, opts.format, opts.caption_key, opts.retry
+        )
         self.opts = dataclasses.replace(opts, format=self.shards.format)
         self.batch_size = batch_size
         total = self.shards.num_samples
@@ -348,7 +364,8 @@ class EvalReader:
         expected = {
             str(p): i.samples for p, i in zip(self.shards.paths, self.shards.infos, strict=True)
         }
-        stream = _read_shards(iter(wds.SimpleShardList(list(expected)[first:])), expected)
+        shards = iter(wds.SimpleShardList(list(expected)[first:]))
+        stream = _read_shards(shards, expected, self.opts.retry)
         transform = image_transform(self.opts, False) if self.opts.kind == "image" else None
         pending, skipped, pad_id = [], 0, self.opts.tokenizer.pad_id
         with contextlib.closing(stream):  # (its tar files, whose tail the slice may not read)

@@ -36,8 +36,10 @@ from setdiv.data.images import (
     normalise,
 )
 from setdiv.data.noise import CaptionNoise
-from setdiv.data.shards import decode_meta, web_meta
+from setdiv.data.remote import DEFAULT_RETRY, Retry
+from setdiv.data.shards import decode_meta
 from setdiv.data.text import Tokenizer, word_dropout
+from setdiv.data.web_shards import web_meta
 from setdiv.errors import UserError
 
 if TYPE_CHECKING:
@@ -100,7 +102,7 @@ class SampleOptions:
     image_decode: str = "workers"
     """workers | device: training JPEGs stay encoded until the batch moves to its device."""
     format: str = "auto"
-    """auto | setdiv | img2dataset (`shards.web_meta`) | features (`setdiv extract`); the
+    """auto | setdiv | img2dataset (`web_shards.web_meta`) | features (`setdiv extract`); the
     readers resolve it from their shards."""
     caption_key: str | None = None
     """img2dataset: the `.json` field holding the caption (None: `.txt`)."""
@@ -109,6 +111,8 @@ class SampleOptions:
     caption_noise_seed: int = 0
     noise: CaptionNoise | None = None
     """The plan itself, made by the training reader from its shards."""
+    retry: Retry = DEFAULT_RETRY
+    """Remote shards: how failed reads are retried (`data.retries`, `data.retry_backoff_s`)."""
 
 
 def image_file_pixels(
@@ -152,7 +156,8 @@ def _decode(raw: dict, opts: SampleOptions, transform: Callable | None, seed: li
     if opts.word_dropout > 0:
         ids = [word_dropout(t, opts.tokenizer, opts.word_dropout, rng) for t in ids]
     keys = ("image_id", "caption_ids", "captions")
-    return {"image": image, "tokens": ids, **{k: meta[k] for k in keys}}
+    out = {"image": image, "tokens": ids, **{k: meta[k] for k in keys}}
+    return out | ({"retries": raw["__retries__"]} if raw.get("__retries__") else {})
 
 
 def _drop_regions(regions_RC: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
@@ -196,6 +201,8 @@ class Batch:
     caption_ids: list[Any]
     skipped: int = 0
     """Corrupt samples skipped while this batch was read."""
+    retries: int = 0
+    """Failed remote reads retried while this batch was read (`remote.py`)."""
     captions: list[str] = field(default_factory=list)
     """The M caption texts, image-major."""
     caption_counts: list[int] = field(default_factory=list)
@@ -232,6 +239,7 @@ def collate(
         image_ids=[s["image_id"] for s in samples],
         caption_ids=[c for s in samples for c in s["caption_ids"]],
         skipped=skipped + sum(s.get("skipped", 0) for s in samples),
+        retries=sum(s.get("retries", 0) for s in samples),
         captions=[c for s in samples for c in s["captions"]],
         caption_counts=[len(s["tokens"]) for s in samples],
     )
@@ -272,4 +280,5 @@ def sample_options(
         cfg.caption_key,
         cfg.caption_noise if train else 0.0,
         cfg.caption_noise_seed,
+        retry=Retry(cfg.retries, cfg.retry_backoff_s),
     )

@@ -9,20 +9,16 @@ One sample per image:
 Next to the shards `{split}-index.json` records, per shard, its name, sample count and sha256,
 plus the source: the reader plans epochs from it without opening a tar, and verifies checksums.
 
-img2dataset shards (CC3M, CC12M, LAION, DataComp, as img2dataset writes them) are read in
-place: `KEY.jpg`, `KEY.txt` (one caption), `KEY.json` (metadata with a `status`). They have no
-index: their sample counts come from the tar headers (`scan_img2dataset`) and there is no
-checksum to verify.
+img2dataset shards are read in place (`web_shards.py`). A shard is a local path or a URL
+(`https://`, `s3://`, `pipe:CMD`: `remote.py`), its index read from next to it either way.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import logging
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +28,9 @@ import numpy as np
 import webdataset as wds
 from braceexpand import braceexpand
 
+from setdiv.data import remote
+from setdiv.data.remote import DEFAULT_RETRY, Retry
+from setdiv.data.web_shards import count_img2dataset, first_members, stats_path
 from setdiv.errors import UserError
 
 __all__ = [
@@ -44,9 +43,8 @@ __all__ = [
     "decode_meta",
     "index_path",
     "read_shard",
-    "scan_img2dataset",
     "sha256_file",
-    "web_meta",
+    "shard_index",
     "write_shards",
 ]
 
@@ -118,13 +116,16 @@ class ShardIndex:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> ShardIndex:
-        if not path.is_file():
+    def load(cls, path: str | Path, retry: Retry = DEFAULT_RETRY) -> ShardIndex:
+        """The index at `path` (a local path or a URL, `remote.py`)."""
+        try:
+            text = remote.read_bytes(path, retry)
+        except FileNotFoundError:
             raise FileNotFoundError(
                 f"shard index not found: {path} (write shards with `setdiv shards`)"
-            )
+            ) from None
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: not a JSON shard index: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
@@ -148,9 +149,15 @@ def index_path(directory: Path, split: str) -> Path:
     return Path(directory) / f"{split}-index.json"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def shard_index(shard: str) -> str:
+    """The location of the index listing `shard` (`{split}-index.json` next to it, split
+    being the shard's name before its last dash)."""
+    return remote.sibling(shard, f"{remote.name(shard).rsplit('-', 1)[0]}-index.json")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22, retry: Retry = DEFAULT_RETRY) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with remote.open_stream(path, retry) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -158,48 +165,54 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 @dataclass
 class ShardSet:
-    """Resolved shard paths with their index entries, in index order."""
+    """Resolved shard locations (local paths or URLs, `remote.py`) with their index entries,
+    in index order."""
 
-    paths: list[Path]
+    paths: list[str]
     infos: list[ShardInfo]
     kind: str
     format: str = "setdiv"
     """setdiv | img2dataset | features (`setdiv extract` output)."""
+    retry: Retry = field(default_factory=Retry)
+    """How reads of remote shards are retried."""
 
     @classmethod
     def resolve(
         cls, pattern: str, kind: str | None = None, fmt: str = "setdiv",
-        caption_key: str | None = None,
+        caption_key: str | None = None, retry: Retry | None = None,
     ) -> ShardSet:  # fmt: skip
-        """Expand braces and globs; every shard must exist and be listed in its index, and
-        hold `kind` samples ("regions" / "image") when given. `fmt` img2dataset: shards read
-        in place (image kind, counted from their tar headers); auto: setdiv where an index
-        lies next to the first shard, img2dataset where none does and the first shard with
-        members holds `.txt` captions (or `caption_key` names the `.json` field that does)."""
+        """Expand braces and globs; every shard must be listed in its index (and exist, when
+        local), and hold `kind` samples ("regions" / "image") when given. `fmt` img2dataset:
+        shards read in place (image kind, counted as `count_img2dataset` can); auto: setdiv
+        where an index lies next to the first shard, img2dataset where none does and the
+        first shard with members holds `.txt` captions (or `caption_key` names the `.json`
+        field that does)."""
         if fmt not in FORMATS:
             raise UserError(f"shard format must be one of {FORMATS}, got {fmt!r}")
+        retry = retry or Retry()
         paths = cls.expand(pattern)
-        missing = [p for p in paths if not p.is_file()]
+        missing = [p for p in paths if not remote.is_remote(p) and not Path(p).is_file()]
         if missing:  # (a brace list names shards whether they exist or not)
             raise FileNotFoundError(f"missing shard: {missing[0]}")
         if fmt == "auto":
-            fmt = _detect_format(paths, kind, caption_key)
+            fmt = _detect_format(paths, kind, caption_key, retry)
         if fmt == "img2dataset":
             if kind not in (None, "image"):
                 raise UserError(
                     f"{pattern}: img2dataset shards hold images, the model reads {kind!r}"
                 )
-            return cls(paths, [scan_img2dataset(p) for p in paths], "image", "img2dataset")
-        indexes: dict[Path, ShardIndex] = {}
+            infos = [ShardInfo(remote.name(p), count_img2dataset(p, retry), "") for p in paths]
+            return cls(paths, infos, "image", "img2dataset", retry)
+        indexes: dict[str, ShardIndex] = {}
         infos, kinds, layouts = [], set(), set()
         for p in paths:
-            idx_file = index_path(p.parent, p.name.rsplit("-", 1)[0])
+            idx_file = shard_index(p)
             if idx_file not in indexes:
-                indexes[idx_file] = ShardIndex.load(idx_file)
+                indexes[idx_file] = ShardIndex.load(idx_file, retry)
             by_name = {s.name: s for s in indexes[idx_file].shards}
-            if p.name not in by_name:
+            if remote.name(p) not in by_name:
                 raise UserError(f"shard {p} is not listed in {idx_file}")
-            infos.append(by_name[p.name])
+            infos.append(by_name[remote.name(p)])
             kinds.add(indexes[idx_file].kind)
             layouts.add(indexes[idx_file].layout)
         if len(kinds) != 1:
@@ -208,26 +221,23 @@ class ShardSet:
             raise UserError(f"{pattern}: shards hold {kinds.pop()!r}, the model reads {kind!r}")
         if len(layouts) != 1:
             raise UserError(f"shards of different layouts in {pattern!r}: {sorted(layouts)}")
-        return cls(paths, infos, kinds.pop(), layouts.pop())
+        return cls(paths, infos, kinds.pop(), layouts.pop(), retry)
 
     @staticmethod
-    def expand(pattern: str) -> list[Path]:
-        """The shard paths of a brace pattern / glob, in order; a part matching nothing is an
-        error naming it."""
-        paths: list[Path] = []
-        for part in braceexpand(pattern):
-            matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
-            if not matches:
-                raise FileNotFoundError(f"no shard matches {part!r}")
-            paths += [Path(m) for m in matches]
-        return paths
+    def expand(pattern: str) -> list[str]:
+        """The shard locations of a brace pattern / glob, in order; a part matching nothing
+        is an error naming it."""
+        return [m for part in braceexpand(pattern) for m in remote.expand_part(part)]
 
     def verify(self, which: list[int] | None = None) -> None:
-        """Compare sha256 of the chosen shards (default all) with the index; raise on mismatch.
-        img2dataset shards have no checksums: nothing to compare."""
+        """Compare sha256 of the chosen local shards (default all) with the index; raise on
+        mismatch. img2dataset shards have no checksums, and remote shards are not read
+        twice (once to hash, once to train): nothing to compare."""
         if self.format == "img2dataset":
             return
         for i in range(len(self.paths)) if which is None else which:
+            if remote.is_remote(self.paths[i]):
+                continue
             digest = sha256_file(self.paths[i])
             if digest != self.infos[i].sha256:
                 raise UserError(
@@ -241,29 +251,45 @@ class ShardSet:
 
     def sha256s(self) -> list[str]:
         """Each shard's sha256: the index's, or (img2dataset shards, which have none) the
-        file's, computed now."""
-        return [i.sha256 or sha256_file(p) for p, i in zip(self.paths, self.infos, strict=True)]
+        file's, computed now (a remote one streamed once)."""
+        return [
+            i.sha256 or sha256_file(p, retry=self.retry)
+            for p, i in zip(self.paths, self.infos, strict=True)
+        ]
 
 
-def read_shard(path: str | Path, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+def read_shard(
+    path: str | Path, on_error: Callable[[Exception], bool], retry: Retry = DEFAULT_RETRY
+) -> Iterator[dict]:
     """The raw samples of one shard ({"__key__", "__url__", ext: bytes}) through webdataset's
-    `tarfile_to_samples`; an unreadable or truncated tar ends early, after `on_error(exc)`."""
-    return wds.tarfile_to_samples(handler=on_error)([{"url": str(path)}])
+    tar expansion and grouping; a remote shard is streamed with retries (`remote.py`). An
+    unreadable or truncated tar ends early, after `on_error(exc)`."""
+    url = str(path)
+    try:
+        stream = remote.open_stream(url, retry)
+    except Exception as exc:  # noqa: BLE001 -- the handler decides, as webdataset's opener would
+        on_error(exc)
+        return iter(())
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=on_error)
+    return wds.tariterators.group_by_keys(files, handler=on_error)
 
 
-def _detect_format(paths: list[Path], kind: str | None, caption_key: str | None) -> str:
+def _detect_format(
+    paths: list[str], kind: str | None, caption_key: str | None, retry: Retry
+) -> str:
     """`format: auto`: setdiv where `{split}-index.json` lies next to the first shard;
     img2dataset where none does and the first shard with members holds `.txt` captions (or
-    `caption_key` is set); otherwise an error naming what was looked for."""
+    `caption_key` is set, or img2dataset's `_stats.json` lies next to it); otherwise an
+    error naming what was looked for."""
     first = paths[0]
-    index = index_path(first.parent, first.name.rsplit("-", 1)[0])
-    if index.is_file() or kind not in (None, "image"):
+    index = shard_index(first)
+    if remote.exists(index) or kind not in (None, "image"):
         return "setdiv"  # (a region-feature reader: setdiv shards or none)
-    if caption_key is not None:
+    if caption_key is not None or remote.exists(stats_path(first)):
         return "img2dataset"
     members: list[str] = []
     for path in paths:  # (an empty shard says nothing: look at the next)
-        members = _first_members(path)
+        members = first_members(path, retry)
         if members:
             break
     if any(m.endswith(".txt") for m in members):
@@ -275,65 +301,6 @@ def _detect_format(paths: list[Path], kind: str | None, caption_key: str | None)
         f"{path} (img2dataset; seen: {seen}). Captions in each sample's .json: set "
         "data.format=img2dataset and data.caption_key=<its field>"
     )
-
-
-def _first_members(path: Path, look: int = 16) -> list[str]:
-    """The names of the first `look` file members of a tar (none if unreadable)."""
-    names: list[str] = []
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isfile():
-                    names.append(member.name)
-                if len(names) >= look:
-                    break
-    except (OSError, tarfile.TarError, EOFError):
-        pass
-    return names
-
-
-def scan_img2dataset(path: Path) -> ShardInfo:
-    """A shard's sample count from its tar headers (webdataset's grouping: members sharing the
-    name before the first dot of their file name form one sample). An unreadable tar counts
-    what could be read; the reader then skips and counts the rest."""
-    keys, last = 0, None
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                head, _, name = member.name.rpartition("/")
-                key = f"{head}/{name.split('.', 1)[0]}"
-                if key != last:
-                    keys, last = keys + 1, key
-    except (OSError, tarfile.TarError, EOFError) as exc:
-        log.warning("%s: unreadable after %d samples (%s)", path, keys, exc)
-    return ShardInfo(path.name, keys, "")
-
-
-def web_meta(raw: dict[str, Any], caption_key: str | None = None) -> dict[str, Any]:
-    """The meta of an img2dataset sample: its one caption (from `.txt`, or the `.json` field
-    `caption_key`), id = key; raises for a failed download, a missing or empty caption, or an
-    image that is missing or not a JPEG."""
-    info = json.loads(raw["json"]) if "json" in raw else {}
-    if not isinstance(info, dict):
-        raise ValueError("its .json is not an object")
-    if info.get("status", "success") != "success":
-        raise ValueError(f"download status {info.get('status')!r}")
-    if caption_key is not None:
-        caption = info.get(caption_key)
-        if not isinstance(caption, str):
-            raise ValueError(f"no caption string in .json field {caption_key!r}")
-    elif "txt" in raw:
-        caption = raw["txt"].decode("utf-8")
-    else:
-        raise ValueError("no .txt caption")
-    if not caption.strip():
-        raise ValueError("an empty caption")
-    if raw.get("jpg", b"")[:3] != b"\xff\xd8\xff":
-        raise ValueError("no JPEG image (.jpg missing or not JPEG data)")
-    key = raw["__key__"]
-    return {"image_id": key, "captions": [caption.strip()], "caption_ids": [key]}
 
 
 def decode_meta(raw: dict[str, Any], five: bool = True) -> dict[str, Any]:

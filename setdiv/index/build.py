@@ -14,6 +14,7 @@ import torch
 
 from setdiv import config as config_lib
 from setdiv.api import SetModel
+from setdiv.data import remote
 from setdiv.data.loaders import build_eval_reader, resolve_shards
 from setdiv.data.shards import ShardSet
 from setdiv.distributed import (
@@ -76,6 +77,9 @@ def picture_members(shards: ShardSet) -> dict[str, dict[str, str]]:
     headers only), so a server can show an image item."""
     out = {}
     for path in shards.paths:
+        if remote.is_remote(path):  # (the service shows pictures from local shards only)
+            log.info("%s: remote shard, its pictures are not listed for the service", path)
+            continue
         try:
             with tarfile.open(path) as tar:
                 for m in tar.getmembers():

@@ -58,6 +58,8 @@ class TrainState:
     """Steps skipped because the loss was not finite."""
     skipped_samples: int = 0
     """Corrupt samples the readers skipped so far."""
+    data_retries: int = 0
+    """Failed reads of remote shards retried so far (`setdiv.data.remote`)."""
     best_rsum: float = float("-inf")
     world_size: int = 1
     """Ranks of the run: the data plan depends on it, so a resume must use the same number."""

@@ -70,6 +70,7 @@ class MetricsWriter:
             "lr": lr,
             "samples_per_s": samples_per_s,
             "skipped_samples": state.skipped_samples,
+            "data_retries": state.data_retries,
             "nonfinite_steps": state.nonfinite_steps,
         }
         self._append(record)

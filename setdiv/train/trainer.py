@@ -225,7 +225,9 @@ class Trainer:
             # arrives while it closes then stops the rank cleanly (no "Exception ignored").
             with contextlib.closing(batches):
                 for batch in batches:
-                    st.skipped_samples += int(all_reduce_sum(torch.tensor([batch.skipped]))[0])
+                    counts = all_reduce_sum(torch.tensor([batch.skipped, batch.retries]))
+                    st.skipped_samples += int(counts[0])
+                    st.data_retries += int(counts[1])
                     result = self.train_step(batch)
                     st.step, st.batch_in_epoch = st.step + 1, st.batch_in_epoch + 1
                     self.metrics.count(batch.images.shape[0] * self.world)
