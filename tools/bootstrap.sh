@@ -30,4 +30,10 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
         >/dev/null 2>&1 || echo "[bootstrap] chromium not installed: that test will be skipped"
 fi
+# An HTTP server for the remote-shard tests (tests/test_remote.py, tests/test_train_web.py).
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing nginx (HTTP server for the remote-shard tests)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) \
+        >/dev/null 2>&1 || echo "[bootstrap] nginx not installed: the HTTP shard tests will be skipped"
+fi
 echo "[bootstrap] .venv ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

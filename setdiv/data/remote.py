@@ -51,6 +51,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+BUFFER = 256 << 10
+"""Bytes a remote stream asks for at a time (HTTP: a range request of this plus fsspec's
+block size, unless its read-ahead cache holds them)."""
 _FATAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
 
 
@@ -282,7 +285,7 @@ def open_stream(url: str | Path, retry: Retry = DEFAULT_RETRY) -> IO[bytes]:
     if not is_remote(text):
         return open(_local(text), "rb")  # noqa: SIM115 -- the caller closes it
     opener = _open_pipe if text.startswith("pipe:") else _open_fsspec
-    return io.BufferedReader(RetryingStream(text, retry, opener), buffer_size=1 << 20)
+    return io.BufferedReader(RetryingStream(text, retry, opener), buffer_size=BUFFER)
 
 
 def read_bytes(url: str | Path, retry: Retry = DEFAULT_RETRY) -> bytes:
