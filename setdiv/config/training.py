@@ -90,6 +90,11 @@ class TrainConfig:
     """Steps between checkpoints (plus one at every epoch end)."""
     keep_last: int = positive(3)
     """Checkpoints kept besides `best`."""
+    remote_dir: str | None = None
+    """An fsspec URL (s3://bucket/runs/x, gs://..., file:///shared/x) that receives every step
+    checkpoint in the background once it is complete, with the run's config, vocabulary and
+    records; `--resume latest` in an empty run directory resumes from its latest
+    (docs/reliability.md). null: checkpoints stay in the run directory only."""
     max_nonfinite: int = positive(5)
     """Consecutive non-finite losses (each step skipped) after which training stops."""
     collapse: CollapseConfig = field(default_factory=CollapseConfig)

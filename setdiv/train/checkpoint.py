@@ -31,6 +31,7 @@ from setdiv.distributed import is_initialized, is_rank_zero, rank_and_world
 from setdiv.errors import UserError
 from setdiv.paths import RunFiles
 from setdiv.train import engine as ds
+from setdiv.train.remote_store import RemoteCheckpoints
 
 __all__ = [
     "Checkpointer",
@@ -206,9 +207,14 @@ class Checkpointer:
     """One run's checkpoints for the trainer: restores them, saves them, and decides when --
     every `every` steps and at every epoch end."""
 
-    def __init__(self, engine: Any, run_dir: Path, every: int, keep_last: int) -> None:
+    def __init__(
+        self, engine: Any, run_dir: Path, every: int, keep_last: int,
+        remote_dir: str | None = None,
+    ) -> None:  # fmt: skip
         self.engine, self.run_dir = engine, Path(run_dir)
         self.every, self.keep_last = every, keep_last
+        self.remote = RemoteCheckpoints(remote_dir, self.run_dir, keep_last) if remote_dir else None
+        """The uploader to `train.remote_dir` (given on rank 0 only), or None."""
 
     def load(self, which: str) -> TrainState | None:
         """Restore from `latest`, a tag or a checkpoint directory (see `load`)."""
@@ -225,8 +231,17 @@ class Checkpointer:
         return latest_tag(self.run_dir) != step_tag(step)
 
     def save(self, state: TrainState, tag: str | None = None) -> str:
-        """Checkpoint on every rank (a step tag, or `best`); returns the tag."""
-        return save(self.engine, self.run_dir, state, self.keep_last, tag=tag)
+        """Checkpoint on every rank (a step tag, or `best`); returns the tag. A step
+        checkpoint is then queued for upload to the remote store, if any."""
+        tag = save(self.engine, self.run_dir, state, self.keep_last, tag=tag)
+        if self.remote is not None and tag != "best":
+            self.remote.submit(tag)
+        return tag
+
+    def flush(self) -> None:
+        """Wait for the uploads to the remote store (the end of a training)."""
+        if self.remote is not None:
+            self.remote.flush()
 
     def latest_path(self) -> Path | None:
         """The newest complete checkpoint's directory, or None before the first."""

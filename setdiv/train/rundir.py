@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from setdiv import config as config_lib
 from setdiv.errors import UserError
 from setdiv.paths import RunFiles
+from setdiv.train.remote_store import clear_remote, fetch_latest, remote_latest
 
 __all__ = [
     "RESUME_MAY_CHANGE",
@@ -218,15 +219,30 @@ def claim(
     run_dir: str | Path, cfg: config_lib.Config, resume: str | None, overwrite: bool = False
 ) -> Iterator[None]:
     """Own `run_dir` for a training (rank 0 of the job calls this): take its lock, then
-    `check_start`; with `overwrite`, the run's checkpoints, records, TensorBoard logs, config,
-    vocabulary and export are deleted. Raises `RunDirError` before writing anything else; the
-    lock is released on exit."""
+    `check_start` (`--resume latest` with `train.remote_dir` and no local checkpoint fetches
+    the remote latest first); with `overwrite`, the run's checkpoints, records, TensorBoard
+    logs, config, vocabulary and export are deleted. Raises `RunDirError` before writing
+    anything else; the lock is released on exit."""
     run_dir = Path(run_dir)
     if resume is not None and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: pick one")
     lock = _acquire(run_dir)
     try:
+        remote = cfg.train.remote_dir
+        local = (RunFiles(run_dir).checkpoints / "latest").exists()
+        if resume == "latest" and remote and not local:
+            log.info("--resume latest: no checkpoint in %s, looking in %s", run_dir, remote)
+            fetch_latest(remote, run_dir)
         check_start(run_dir, cfg, resume, overwrite)
+        if remote and resume is None and remote_latest(remote) is not None:
+            if not overwrite:
+                raise RunDirError(
+                    f"config key 'train.remote_dir': {remote} holds another run's checkpoints: "
+                    "pass --resume latest to continue it, --overwrite to delete it, or choose "
+                    "another remote_dir"
+                )
+            log.warning("--overwrite: deleting the run in %s", remote)
+            clear_remote(remote)
         held = holds_run(run_dir)
         if overwrite and held:
             log.warning("--overwrite: deleting the run in %s", run_dir)

@@ -63,8 +63,9 @@ class Trainer:
         # any training, and on every rank at once so none waits in a collective.
         model = on_all_ranks(lambda: self._build(cfg), "building data and model")
         self.engine = self._engine(model)
+        remote = cfg.train.remote_dir if is_rank_zero(self.rank) else None  # (rank 0 uploads)
         self.checkpointer = Checkpointer(
-            self.engine, self.run_dir, cfg.train.ckpt_every, cfg.train.keep_last
+            self.engine, self.run_dir, cfg.train.ckpt_every, cfg.train.keep_last, remote
         )
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # independent dropout per rank
         # Inputs in the weights' dtype: fp32 under autocast, bf16/fp16 with half weights.
@@ -247,6 +248,7 @@ class Trainer:
             if self.checkpointer.should_save_epoch_end(st.step):
                 self._save()
         bar.close()
+        self.checkpointer.flush()
         self.metrics.close()
         self.guard.finish(st.step)
         return st
