@@ -25,6 +25,7 @@ from torch import Tensor
 from setdiv.api import SetModel
 from setdiv.errors import UserError
 from setdiv.export import ExportedModel, load_exported
+from setdiv.index.meta import IndexMeta
 from setdiv.index.store import SetIndexStore
 from setdiv.index.summary import query_summaries, set_summaries
 from setdiv.similarity import build_similarity
@@ -36,6 +37,7 @@ __all__ = [
     "SetSearcher",
     "adaptive_top_k",
     "exact_top_k",
+    "top_rows",
     "two_stage_top_k",
 ]
 
@@ -67,6 +69,15 @@ def _score(similarity: Any, modality: str, queries_QLD: Tensor, gallery_NKD: Ten
     return torch.where(torch.isfinite(s), s, -torch.inf)
 
 
+def top_rows(scores_QN: Tensor, rows_QN: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best (score, row) of each query: score descending, ties by the lower gallery row,
+    so that a search over parts of a gallery merges into the answer of the whole (`sharded`)."""
+    by_row = torch.argsort(rows_QN, dim=1, stable=True)
+    s, r = torch.gather(scores_QN, 1, by_row), torch.gather(rows_QN, 1, by_row)
+    best = torch.sort(s, dim=1, descending=True, stable=True)
+    return best.values[:, :k], torch.gather(r, 1, best.indices[:, :k])
+
+
 def exact_top_k(
     store: SetIndexStore, similarity: Any, queries_QLD: Tensor, k: int, chunk: int = 65536
 ) -> Hits:
@@ -75,13 +86,12 @@ def exact_top_k(
     Q, n = queries_QLD.shape[0], len(store)
     k = min(k, n)
     best_s = torch.full((Q, k), -torch.inf)
-    best_i = torch.zeros((Q, k), dtype=torch.long)
+    best_i = torch.full((Q, k), n, dtype=torch.long)  # (placeholders rank after every row)
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(start + chunk, n))
         s = _score(similarity, store.meta.modality, queries_QLD, store.elements(rows.numpy()))
-        top = torch.topk(torch.cat([best_s, s], dim=1), k, dim=1, sorted=True)
-        best_i = torch.gather(torch.cat([best_i, rows.expand(Q, -1)], dim=1), 1, top.indices)
-        best_s = top.values
+        both_s, both_i = torch.cat([best_s, s], dim=1), torch.cat([best_i, rows.expand(Q, -1)], 1)
+        best_s, best_i = top_rows(both_s, both_i, k)
     return Hits(best_s, best_i, [n] * Q)
 
 
@@ -98,9 +108,8 @@ def two_stage_top_k(
     items = torch.full((len(cands), k), -1, dtype=torch.long)
     for q, rows in enumerate(cands):
         s = _score(similarity, store.meta.modality, queries_QLD[q : q + 1], store.elements(rows))
-        top = torch.topk(s[0], min(k, len(rows)))
-        scores[q, : len(top.values)] = top.values
-        items[q, : len(top.values)] = torch.from_numpy(rows)[top.indices]
+        top_s, top_i = top_rows(s, torch.from_numpy(rows)[None], k)
+        scores[q, : top_s.shape[1]], items[q, : top_s.shape[1]] = top_s[0], top_i[0]
     return Hits(scores, items, [len(c) for c in cands])
 
 
@@ -226,9 +235,8 @@ def adaptive_top_k(
     for q in range(Q):
         rows = torch.tensor(list(seen[q]), dtype=torch.long)
         s = torch.tensor([v[0] for v in seen[q].values()], dtype=torch.float32)
-        top = torch.topk(s, min(k, len(s)))
-        scores[q, : len(top.values)] = top.values
-        items[q, : len(top.values)] = rows[top.indices]
+        top_s, top_i = top_rows(s[None], rows[None], k)
+        scores[q, : top_s.shape[1]], items[q, : top_s.shape[1]] = top_s[0], top_i[0]
     return Hits(scores, items, [len(x) for x in seen], rounds)
 
 
@@ -239,7 +247,11 @@ class SetSearcher:
 
     def __init__(self, index: str | Path, export: str | Path | None = None) -> None:
         self.store = SetIndexStore.open(index)
-        meta = self.store.meta
+        self._load_model(self.store.meta, index, export)
+
+    def _load_model(self, meta: IndexMeta, index: str | Path, export: str | Path | None) -> None:
+        """The export the index was built with (or `export`, if it holds the same weights),
+        its model and similarity."""
         path = Path(export) if export is not None else Path(meta.export_path)
         self.exported: ExportedModel = load_exported(path)
         if self.exported.sha256 != meta.export_sha256:

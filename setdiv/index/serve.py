@@ -51,7 +51,7 @@ from setdiv.index.guard import (
     escape,
 )
 from setdiv.index.page import page_html
-from setdiv.index.search import AUTO, SetSearcher
+from setdiv.index.search import AUTO
 from setdiv.index.service import (
     LARGE_IMAGE,
     MAX_PIXELS,
@@ -60,6 +60,7 @@ from setdiv.index.service import (
     Service,
     TooManyPixelsError,
 )
+from setdiv.index.sharded import ShardUnavailableError, open_searcher
 
 __all__ = ["Guard", "SearchRequest", "add_arguments", "app_from_env", "create_app", "run"]
 
@@ -209,7 +210,7 @@ def create_app(service: Service, allowed_hosts: set[str] | None = None) -> FastA
             hits = await asyncio.wrap_future(service.submit(kind, payload, body.k, body.candidates))
         except TooManyPixelsError as exc:
             return error_response(413, str(exc))
-        except DecodeBusyError as exc:
+        except (DecodeBusyError, ShardUnavailableError) as exc:
             return error_response(503, str(exc), headers={"Retry-After": "1"})
         except (UserError, ValueError) as exc:
             return error_response(400, str(exc))
@@ -267,6 +268,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a Host header name to accept (repeatable; default: localhost names and --host; "
         "'*': any)",
     )
+    p.add_argument(
+        "--ray", action="store_true",
+        help="INDEX holds index shards (shard-*/): deploy one Ray Serve replica per shard and "
+        "route queries to them from this process (docs/search.md)",
+    )  # fmt: skip
+    p.add_argument("--address", default=None, help="--ray: the Ray cluster (default: local)")
+    p.add_argument(
+        "--shard-cpus", type=float, default=1.0, help="--ray: CPUs each shard replica asks for"
+    )
 
 
 ENV = "SETDIV_SERVE"
@@ -281,7 +291,7 @@ def app_from_env() -> FastAPI:
     # Decoded images in blocks over glibc's largest mmap threshold (32 MB): a large query
     # image's memory goes back to the system when it is freed, not into a thread's heap.
     Image.core.set_block_size(64 << 20)
-    service = Service(SetSearcher(opts["index"], opts["export"]))
+    service = Service(open_searcher(opts["index"], opts["export"]))
     hosts = None if opts["hosts"] is None else set(opts["hosts"])
     return Guard(create_app(service, hosts), hosts)  # type: ignore[return-value]
 
@@ -317,7 +327,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--threads must be >= 1")
     if args.workers > 1 and args.port == 0:
         raise UserError("--workers > 1 needs a fixed --port")
-    SetSearcher(args.index, args.export)  # fails here, in one line, before any worker starts
+    if args.ray:
+        return _run_on_ray(args, uvicorn)
+    open_searcher(args.index, args.export)  # fails here, in one line, before any worker starts
     os.environ[ENV] = json.dumps(
         {
             "index": args.index,
@@ -338,4 +350,24 @@ def run(args: argparse.Namespace) -> int:
         log_level="info",
         timeout_graceful_shutdown=DEADLINE_S,
     )
+    return 0
+
+
+def _run_on_ray(args: argparse.Namespace, uvicorn: Any) -> int:
+    """`--ray`: the shards on Ray Serve, this process the router (one uvicorn worker: the
+    Serve handles live here)."""
+    from setdiv.index.serve_ray import sharded_searcher
+
+    if args.workers != 1:
+        raise UserError("--ray serves from one router process: drop --workers")
+    set_threads(args.threads)
+    service = Service(sharded_searcher(args.index, args.export, args.address, args.shard_cpus))
+    named = allowed_hosts(args)
+    hosts = None if named is None else set(named)
+    app = Guard(create_app(service, hosts), hosts)
+    print(f"serving {args.index} on http://{args.host}:{args.port}/ (Ray Serve shards)")
+    uvicorn.run(
+        app, host=args.host, port=args.port, http=HeadTimeoutH11, access_log=False,
+        log_level="info", timeout_graceful_shutdown=DEADLINE_S,
+    )  # fmt: skip
     return 0
