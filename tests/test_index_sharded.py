@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,6 +82,14 @@ def test_shards_answer_as_the_single_index_ties_included(built: Path) -> None:
     assert tied and all(b == f"copy-{a}" for a, b in tied), tied[:5]
 
 
+def _replica_pid(name: str) -> int:
+    """The pid of the Serve replica process of deployment `name` (its process title)."""
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{name}:"], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 1, out
+    return pids[0]
+
+
 def _post(url: str, body: dict, timeout: float = 30) -> tuple[int, dict]:
     req = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -135,6 +144,41 @@ def test_ray_serve_shards_on_two_nodes_answer_as_one_index_and_503_while_restart
             assert status == 200, got
             ids = [[h["id"] for h in r["hits"]] for r in got["results"]]
             assert ids == want_ids[start : start + 20]
+        # 20 s of queries from 2 clients; 3 s in, shard 1's replica process is SIGKILLed.
+        log: list[tuple[float, float, int, bool | str]] = []  # (sent, answered, status, ...)
+        t0 = time.time()
+
+        def load() -> None:
+            n = 0
+            while time.time() - t0 < 20:
+                batch = [texts[(n + i) % len(texts)] for i in range(4)]
+                sent = time.time() - t0
+                status, got = _post(f"{url}/search", {"texts": batch, "k": 10})
+                right = [want_ids[(n + i) % len(texts)] for i in range(4)]
+                ok = (
+                    [[h["id"] for h in r["hits"]] for r in got["results"]] == right
+                    if status == 200 else got.get("error", "")
+                )  # fmt: skip
+                log.append((sent, time.time() - t0, status, ok))
+                n += 4
+
+        clients = [threading.Thread(target=load) for _ in range(2)]
+        for c in clients:
+            c.start()
+        time.sleep(3)
+        victim = _replica_pid("setdiv-shard-001")
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time() - t0
+        for c in clients:
+            c.join()
+        answered = [x for x in log if x[2] == 200]
+        assert all(x[3] is True for x in answered), "a wrong answer"
+        failed = [x for x in log if x[2] != 200]
+        assert all(x[2] == 503 and "did not answer" in str(x[3]) for x in failed), failed[:3]
+        back = min(x[1] for x in answered if x[0] > killed)  # the first answer sent after
+        assert all(killed <= x[1] <= back for x in failed), (killed, back, failed[:3])
+        assert back - killed < 15 and len(answered) > 20, (back - killed, len(answered))
+        assert _replica_pid("setdiv-shard-001") != victim  # Serve started a new one
     finally:
         for p in (server, worker, head):
             if p is not None and p.poll() is None:
