@@ -182,3 +182,36 @@ def test_s3_shards_through_s3fs_equal_the_local_files(shards: Path, s3: str) -> 
     local = batches(f"{shards}/test-{{000000..000002}}.tar")
     same_batches(batches("s3://shards/data/test-{000000..000002}.tar"), local)
     same_batches(batches("s3://shards/data/test-*.tar"), local)
+
+
+@needs_nginx
+def test_index_build_and_vocab_read_http_shards_as_local_ones(shards: Path, tmp_path: Path) -> None:
+    """`setdiv index build` and `setdiv vocab` over the shards served by nginx: the same index
+    (elements bitwise, items) and the same vocabulary as from the files."""
+    from run_helpers import run_setdiv
+    from test_index import make_export
+
+    from setdiv.index.store import SetIndexStore
+
+    Vocab.build(c for s in synthetic_samples("train", 300, 0) for c in s.captions).save(
+        tmp_path / "vocab.json"
+    )
+    export = make_export(tmp_path, 0)
+    build = ["index", "build", str(export), "--modality", "image", "--batch-size", "8"]
+    pattern = "test-{000000..000002}.tar"
+    local = run_setdiv(*build, "--data", f"{shards}/{pattern}", "--out", str(tmp_path / "a"))
+    assert local.returncode == 0, local.stderr[-2000:]
+    vocab = ["vocab", "--min-count", "1", "--shards"]
+    assert (
+        run_setdiv(*vocab, f"{shards}/{pattern}", "--out", str(tmp_path / "v1.json")).returncode
+        == 0
+    )
+    with nginx(shards, tmp_path / "nginx") as (url, _):
+        served = run_setdiv(*build, "--data", f"{url}/{pattern}", "--out", str(tmp_path / "b"))
+        assert served.returncode == 0, served.stderr[-2000:]
+        got = run_setdiv(*vocab, f"{url}/{pattern}", "--out", str(tmp_path / "v2.json"))
+        assert got.returncode == 0, got.stderr[-2000:]
+    a, b = SetIndexStore.open(tmp_path / "a"), SetIndexStore.open(tmp_path / "b")
+    assert len(a) == 40 and a.items == b.items
+    assert np.array_equal(a.elements().numpy(), b.elements().numpy())
+    assert (tmp_path / "v1.json").read_text() == (tmp_path / "v2.json").read_text()
