@@ -36,6 +36,8 @@ __all__ = ["RemoteCheckpoints", "clear_remote", "fetch_latest", "remote_fs", "re
 
 log = logging.getLogger(__name__)
 UPLOAD_DIR = ".upload"
+CKPTS = RunFiles(Path()).checkpoints.name
+"""The checkpoints folder, named in the store as in the run directory."""
 ATTEMPTS = 3
 
 
@@ -129,26 +131,26 @@ class RemoteCheckpoints:
 
     def _upload(self, tag: str) -> None:
         start, staged = time.perf_counter(), self.staging / tag
-        remote_ckpt = f"{self.root}/checkpoints/{tag}"
+        remote_ckpt = f"{self.root}/{CKPTS}/{tag}"
         for f in sorted(p for p in (staged / "checkpoint").rglob("*") if p.is_file()):
             rel = f.relative_to(staged / "checkpoint").as_posix()
             _retried(f"upload of {f.name}", self._put, f, f"{remote_ckpt}/{rel}")
         for f in sorted(p for p in staged.iterdir() if p.is_file()):
             _retried(f"upload of {f.name}", self._put, f, f"{self.root}/{f.name}")
-        latest = f"{self.root}/checkpoints/latest"
+        latest = f"{self.root}/{CKPTS}/latest"
         _retried("writing the remote latest", self.fs.pipe_file, latest, tag.encode())
         self._prune()
         log.info("train.remote_dir: %s uploaded in %.1f s", tag, time.perf_counter() - start)
 
     def _prune(self) -> None:
         try:
-            listed = self.fs.ls(f"{self.root}/checkpoints", detail=False)
+            listed = self.fs.ls(f"{self.root}/{CKPTS}", detail=False)
         except FileNotFoundError:
             return
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
         steps = sorted(n for n in names if n.startswith("step"))
         for old in steps[: max(len(steps) - self.keep_last, 0)]:
-            self.fs.rm(f"{self.root}/checkpoints/{old}", recursive=True)
+            self.fs.rm(f"{self.root}/{CKPTS}/{old}", recursive=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -162,7 +164,7 @@ def remote_latest(url: str) -> str | None:
     """The tag of the remote `latest`, or None when the store holds no checkpoint."""
     fs, root = remote_fs(url.rstrip("/"))
     try:
-        return fs.cat_file(f"{root}/checkpoints/latest").decode().strip()
+        return fs.cat_file(f"{root}/{CKPTS}/latest").decode().strip()
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 -- credentials, endpoint, network: say which key
@@ -174,7 +176,7 @@ def remote_latest(url: str) -> str | None:
 def clear_remote(url: str) -> None:
     """Delete the run files and checkpoints an earlier run left at `url` (`--overwrite`)."""
     fs, root = remote_fs(url.rstrip("/"))
-    for name in ("checkpoints", *(f.name for f in _run_files(Path()))):
+    for name in (CKPTS, *(f.name for f in _run_files(Path()))):
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
 
@@ -192,7 +194,7 @@ def fetch_latest(url: str, run_dir: Path) -> str | None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     start = time.perf_counter()
-    remote_ckpt = f"{root}/checkpoints/{tag}"
+    remote_ckpt = f"{root}/{CKPTS}/{tag}"
     for path in fs.find(remote_ckpt):
         rel = path[len(remote_ckpt.rstrip("/")) :].lstrip("/")
         (partial / rel).parent.mkdir(parents=True, exist_ok=True)
