@@ -85,7 +85,7 @@ def picture_members(shards: ShardSet) -> dict[str, dict[str, str]]:
                 for m in tar.getmembers():
                     key, dot, ext = m.name.rpartition(".")
                     if m.isfile() and dot and f".{ext.lower()}" in PICTURES:
-                        out[key] = {"shard": str(path.resolve()), "member": m.name}
+                        out[key] = {"shard": str(Path(path).resolve()), "member": m.name}
         except (OSError, tarfile.TarError) as exc:
             log.warning("%s: pictures not listed (%s)", path, exc)
     return out
