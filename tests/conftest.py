@@ -38,6 +38,59 @@ TINY = [
 """Overrides that shrink any config to a model that builds and runs in milliseconds."""
 
 
+# --- two tests at a time (pytest-xdist: `-n 2 --dist loadscope` in pyproject.toml) ----------
+
+ONE_CLUSTER_AT_A_TIME = frozenset({
+    "test_cluster_ensemble.py", "test_cluster_jobs.py", "test_cluster_ray_slurm.py",
+    "test_cluster_slurm.py", "test_cluster_submit.py", "test_cluster_sweep.py",
+    "test_index_ray.py", "test_index_sharded.py",
+})  # fmt: skip
+"""Files whose tests start Ray or Slurm on this machine. They run one after another on one
+worker: a plain `ray.init()` joins the newest cluster that `ray start` made here, and Slurm's
+nodes are this machine's CPUs. Together they are the suite's longest group."""
+
+START_FIRST = ("cluster", "test_demo.py")
+"""The longest groups, queued first so that the other tests fill in beside them."""
+
+
+def xdist_group(nodeid: str) -> str:
+    """What runs on one worker, in order: a test file, or all the Ray and Slurm files."""
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "cluster" if name in ONE_CLUSTER_AT_A_TIME else name
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadscope` with `xdist_group`'s units (xdist's own `loadgroup` does not see its
+    marks under pytest 9.2, whose items keep their id elsewhere)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return ByGroup(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest groups first (`--no-loadscope-reorder` keeps this order)."""
+
+    def rank(item: pytest.Item) -> int:
+        group = xdist_group(item.nodeid)
+        return START_FIRST.index(group) if group in START_FIRST else len(START_FIRST)
+
+    items.sort(key=rank)  # stable: collection order within each rank
+
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Each worker's in-process tests take their share of the cores (spawned jobs size their
+    # own threads).
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -169,7 +170,11 @@ class Chromium:
         if browser is None:
             pytest.skip("no Chromium here (tools/bootstrap.sh installs it where apt-get can)")
         (to_r, self._to), (self._from, from_w) = os.pipe(), os.pipe()
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe"]
+        # A profile of its own: two browsers at once (tests on two xdist workers) would
+        # otherwise share the default one, and the second hands its page to the first.
+        self._profile = tempfile.mkdtemp(prefix="sdchromium")
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+                 f"--user-data-dir={self._profile}"]  # fmt: skip
         self.proc = subprocess.Popen(
             ["bash", "-c", f'exec "$0" "$@" 3<&{to_r} 4>&{from_w}', browser, *flags],
             pass_fds=(to_r, from_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -226,3 +231,4 @@ class Chromium:
         self.proc.wait(timeout=30)
         os.close(self._to)
         os.close(self._from)
+        shutil.rmtree(self._profile, ignore_errors=True)

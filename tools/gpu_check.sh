@@ -137,7 +137,7 @@ cuda() { [ "$DEVICE" = cuda ]; }
 # a. unit tests. CPU dry run: the `cuda` tests on the CPU (SETDIV_TEST_DEVICE=cpu), which
 # otherwise skip.
 cuda || export SETDIV_TEST_DEVICE=cpu
-step a pytest "$CAP_A" a_pytest.log "$PY" -m pytest -q --timeout=120 -p no:cacheprovider \
+step a pytest "$CAP_A" a_pytest.log "$PY" -m pytest -q -n 0 --timeout=120 -p no:cacheprovider \
     tests/test_cuda.py tests/test_kernels.py tests/test_images.py tests/test_similarity.py \
     tests/test_losses.py tests/test_model.py tests/test_towers.py tests/test_metrics.py \
     tests/test_optim.py
