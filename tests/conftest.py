@@ -53,7 +53,7 @@ START_FIRST = ("cluster", "test_demo.py")
 """The longest groups, queued first so that the other tests fill in beside them."""
 
 
-def xdist_group(nodeid: str) -> str:
+def work_unit(nodeid: str) -> str:
     """What runs on one worker, in order: a test file, or all the Ray and Slurm files."""
     name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
     return "cluster" if name in ONE_CLUSTER_AT_A_TIME else name
@@ -61,15 +61,15 @@ def xdist_group(nodeid: str) -> str:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`--dist loadscope` with `xdist_group`'s units (xdist's own `loadgroup` does not see its
-    marks under pytest 9.2, whose items keep their id elsewhere)."""
+    """`--dist loadscope` with `work_unit`'s units. (xdist's own `--dist loadgroup` would do
+    this from marks, but under pytest 9.2 its renamed node ids never reach the scheduler.)"""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ByGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return xdist_group(nodeid)
+            return work_unit(nodeid)
 
     return ByGroup(config, log)
 
@@ -78,7 +78,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """The longest groups first (`--no-loadscope-reorder` keeps this order)."""
 
     def rank(item: pytest.Item) -> int:
-        group = xdist_group(item.nodeid)
+        group = work_unit(item.nodeid)
         return START_FIRST.index(group) if group in START_FIRST else len(START_FIRST)
 
     items.sort(key=rank)  # stable: collection order within each rank
