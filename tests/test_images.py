@@ -63,7 +63,9 @@ def both(data: bytes, train: bool, style: str, size: int, seed: int = 0):  # noq
     return out
 
 
-def test_the_smallest_dct_scale_that_covers_the_transform_is_chosen() -> None:
+def test_the_smallest_dct_scale_that_covers_the_transform_is_chosen(monkeypatch) -> None:  # noqa: ANN001
+    from setdiv.data import images
+
     data = jpeg(photo(2000, 1500))
     # test crop at 224: the shorter side must stay >= 256: 1500 / 4 = 375, 1500 / 8 < 256
     im = Image.open(io.BytesIO(data))
@@ -74,13 +76,24 @@ def test_the_smallest_dct_scale_that_covers_the_transform_is_chosen() -> None:
     # a crop of 300 x 900 for 224: its width allows no scaling
     im = Image.open(io.BytesIO(data))
     assert _draft(im, 224 * 2000 / 300, 224 * 1500 / 900) == 1 and im.size == (2000, 1500)
-    # a training crop: the exact path's draws, and the scale that keeps the crop >= size
+    # a training crop: the exact path's draws, and the scale that keeps the crop >= size, in
+    # the region decoder (its scale in eighths) and in Pillow's fallback (a draft's size)
     o = opts(64, "crop", True)
     crop = image_transform_steps(64, True)[0]
     for seed in range(20):
         torch.manual_seed(seed)
         p = crop.make_params([Image.open(io.BytesIO(data))])
         s = max(f for f in (1, 2, 4, 8) if min(p["width"], p["height"]) / f >= 64)
+        if images._jpeg is not None:  # (not built: docs/data.md; the fallback is tested below)
+            calls: list = []
+            real = images._jpeg.decode
+            monkeypatch.setattr(
+                images._jpeg, "decode", lambda *a, c=calls, r=real: c.append(a) or r(*a)
+            )
+            torch.manual_seed(seed)
+            image_transform(o, True)(Image.open(io.BytesIO(data)), data)
+            assert len(calls) == 1 and calls[0][1] == 8 // s, (seed, p, calls[0][1:])
+        monkeypatch.setattr(images, "_jpeg", None)
         im = Image.open(io.BytesIO(data))
         seen: list = []
 
@@ -90,8 +103,11 @@ def test_the_smallest_dct_scale_that_covers_the_transform_is_chosen() -> None:
 
         im.draft = draft
         torch.manual_seed(seed)
-        image_transform(o, True)(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the one about the missing decoder)
+            image_transform(o, True)(im)
         assert round(2000 / seen[0][1][2]) == s, (seed, p)
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize(("train", "style", "size"), CASES)

@@ -12,10 +12,12 @@ Karpathy converter). Each case runs `--repeats` times and reports the median.
 First, decoding per core (one process, one thread): images/s of the test (Resize + CenterCrop)
 and train (RandomResizedCrop + flip) transforms at 224 px on the 32 real CC12M photos of
 ../shared/data (where present) and on COCO-sized 640 x 480 JPEGs, today's path (decode whole,
-torchvision pipeline: `data.fast_decode=false`) against decoding at the DCT scale the
-transform needs (`data.fast_decode=true`), with the mean absolute difference of the uint8
-model input between the two. With `--device cuda` also the device path
-(`data.image_decode=device`: nvJPEG batch decode + crop/resize on the GPU), in images/s.
+torchvision pipeline: `data.fast_decode=false`) against decoding the region the transform
+keeps at the DCT scale it needs (`data.fast_decode=true`; the decoder in use is printed), with
+the mean absolute difference of the uint8 model input between the two. The two paths take
+turns within each repeat, so that a slow spell of a shared machine falls on both. With
+`--device cuda` also the device path (`data.image_decode=device`: nvJPEG batch decode +
+crop/resize on the GPU), in images/s.
 
     python tools/bench_reader.py [--regions 2000] [--images 600] [--workers 2] [--repeats 3] \
         [--decode-only] [--device cuda]
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from setdiv.config import TextEncoderConfig  # noqa: E402
 from setdiv.data import convert, reader  # noqa: E402
-from setdiv.data.images import DeviceImages, image_transform  # noqa: E402
+from setdiv.data.images import DeviceImages, decoder, image_transform  # noqa: E402
 from setdiv.data.samples import SampleOptions  # noqa: E402
 from setdiv.data.shards import write_shards  # noqa: E402
 
@@ -130,17 +132,24 @@ def coco_sized_jpegs(n: int) -> list[bytes]:
     return out
 
 
-def decode_rates(files: list[bytes], train: bool, fast: bool, repeats: int):  # noqa: ANN201
-    """(images/s on one core, the uint8 outputs) of one transform over `files`."""
-    o = SampleOptions("image", None, True, 224, "crop", fast_decode=fast)  # type: ignore[arg-type]
-    transform = image_transform(o, train)
-    times, outs = [], []
+def decode_rates(files: list[bytes], train: bool, repeats: int):  # noqa: ANN201
+    """(images/s on one core today, images/s fast, both uint8 outputs) of one transform over
+    `files`: the two paths alternate within each repeat, so a slow spell of a shared machine
+    falls on both."""
+    transforms = [
+        image_transform(SampleOptions("image", None, True, 224, "crop", fast_decode=fast), train)  # type: ignore[arg-type]
+        for fast in (False, True)
+    ]  # fmt: skip
+    times: list[list[float]] = [[], []]
+    outs: list[list[np.ndarray]] = [[], []]
     for _ in range(repeats):
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        outs = [transform(Image.open(io.BytesIO(f))) for f in files]
-        times.append(time.perf_counter() - t0)
-    return len(files) / statistics.median(times), outs
+        for i, transform in enumerate(transforms):
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            outs[i] = [transform(Image.open(io.BytesIO(f)), f) for f in files]  # (as readers do)
+            times[i].append(time.perf_counter() - t0)
+    today, fast = (len(files) / statistics.median(t) for t in times)
+    return today, fast, outs[0], outs[1]
 
 
 def device_rate(files: list[bytes], train: bool, device: str, repeats: int) -> float:
@@ -169,13 +178,12 @@ def decoding(repeats: int, device: str) -> None:
         sets.insert(0, ("CC12M photos (32 real)", jpgs))
     else:
         print(f"({CC12M} absent: the CC12M rows are left out)")
-    print("decoding per core, 224 px, images/s: today (decode whole) | at the DCT scale needed")
+    print(f"decoding per core, 224 px, images/s: today (decode whole) | fast ({decoder()})")
     print(f"{'images':<24}{'transform':<10}{'today':>8}{'fast':>8}{'ratio':>8}{'|diff|':>8}"
           + (f"{device + ' path':>13}" if device != "cpu" else ""))  # fmt: skip
     for name, files in sets:
         for train in (False, True):
-            exact, a = decode_rates(files, train, False, repeats)
-            fast, b = decode_rates(files, train, True, repeats)
+            exact, fast, a, b = decode_rates(files, train, repeats)
             mad = np.mean([np.abs(x.astype(float) - y).mean() for x, y in zip(a, b, strict=True)])
             row = f"{name:<24}{'train' if train else 'test':<10}{exact:>8.0f}{fast:>8.0f}"
             row += f"{fast / exact:>7.2f}x{mad:>8.2f}"

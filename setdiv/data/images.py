@@ -1,17 +1,24 @@
 """Image transforms: the official DivE pipelines, and JPEG decoding at the size they need.
 
-A 640 x 480 photo for a 224 px model is decoded whole and then shrunk; libjpeg can instead
-decode straight to 1/2, 1/4 or 1/8 of the size by dropping DCT coefficients (Pillow's
-`Image.draft`), at a fraction of the cost. `fast_decode` picks the smallest such scale that
-still covers what the transform cuts out, so the resize that follows only ever shrinks:
+A 640 x 480 photo for a 224 px model is decoded whole and then shrunk; libjpeg-turbo can instead
+decode straight to 1/2, 1/4 or 1/8 of the size by scaling in the DCT domain, and decode only
+the region a transform keeps: it skips the IDCT and colour conversion of the columns beside
+the region and of the rows above it, and stops after its last row. `fast_decode` picks the
+smallest scale that still covers what the transform cuts out, so the resize that follows only
+ever shrinks (or, where the region lands on exactly `size` pixels, is a plain crop):
 
-- test, crop:   the shorter side must stay >= size / crop_pct (what Resize makes of it);
+- test, crop:   the centre crop Resize + CenterCrop keep must stay >= size (the shorter side
+                >= size / crop_pct);
 - test, gpo512: both sides >= size (Resize((size, size)));
 - train:        the crop RandomResizedCrop samples on the full image (same draws, same
-                region) must stay >= size on both sides once scaled; it is then cut from the
-                smaller image with a sub-pixel box and resized in one step.
+                region) must stay >= size on both sides once scaled.
 
-Non-JPEG files, and images already decoded (the Python API's PIL inputs), take the exact path.
+The region is resized to (size, size) in one step over a sub-pixel box, mirrored for the
+training flip, and written in the model's (3, size, size) layout, all in `_jpeg.c` (compiled at
+install; `decoder()` says whether it is). Without it, JPEGs take Pillow's `Image.draft` (the
+same scales, the whole image decoded) and Pillow's resize. Files libjpeg-turbo declines or
+warns about (CMYK, corrupt or truncated data), non-JPEG files and images already decoded (the
+Python API's PIL inputs) take Pillow's path, which decides what is skipped, as before.
 
 `image_decode="device"` (training) goes further: a data worker only reads the JPEG's header,
 draws the crop and the flip, and passes the bytes on (`Encoded`); the batch (`DeviceImages`)
@@ -22,6 +29,7 @@ are decoded by the worker as above. docs/data.md gives the measured speed and pi
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +40,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+try:
+    from setdiv.data import _jpeg
+except ImportError:  # not built: no compiler or libjpeg-turbo headers at install (setup.py)
+    _jpeg = None
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -123,6 +136,64 @@ def _cut(im: Image.Image, box: tuple[float, ...], size: int, resample: int) -> I
     return im.resize((size, size), resample, box=(left / s, top / s, right / s, bottom / s))
 
 
+SCALES = (1, 2, 4, 8)
+"""The DCT scales the region decoder picks from, in eighths (1/8, 1/4, 1/2, whole): the ones
+Pillow's fallback has too, so both paths decode a file at the same size. (libjpeg-turbo also
+offers 3/8, 5/8, 6/8 and 7/8; measured on the CC12M photos they were no faster and further from
+the exact pipeline: BENCHMARKS.md.)"""
+
+
+def decoder() -> str:
+    """Which decoder `fast_decode` uses: "libjpeg-turbo regions" or "Pillow draft"."""
+    return "Pillow draft" if _jpeg is None else "libjpeg-turbo regions"
+
+
+def jpeg_bytes(im: Image.Image, data: bytes | None) -> bytes | None:
+    """The bytes of a JPEG the region decoder can take (RGB or grayscale), else None: `data`
+    when given, else read back from the file Pillow opened it from."""
+    if _jpeg is None or im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    if data is None and getattr(im, "fp", None) is not None:
+        pos = im.fp.tell()
+        im.fp.seek(0)
+        data = im.fp.read()
+        im.fp.seek(pos)
+    return data
+
+
+def _decode_box(
+    data: bytes,
+    full: tuple[int, int],
+    box: tuple[float, ...],
+    size: int,
+    resample: int,
+    flip: bool = False,
+) -> np.ndarray | None:
+    """(3,size,size) uint8: the `box` (left, top, right, bottom, full-size pixels) of a JPEG
+    decoded at the smallest of `SCALES` keeping it >= size on both sides, resized to size and
+    mirrored when `flip`; None when libjpeg-turbo declines or warns (the caller then decodes
+    with Pillow)."""
+    left, top, right, bottom = box
+    num = next((m for m in SCALES if min(right - left, bottom - top) * m / 8 >= size), 8)
+    k = num / 8
+    w, h = math.ceil(full[0] * k), math.ceil(full[1] * k)
+    scaled = (left * k, top * k, min(right * k, w), min(bottom * k, h))
+    bicubic = resample == Image.Resampling.BICUBIC
+    # The resize reads up to its filter's support (widened when shrinking) beyond the box; the
+    # region goes 2 px further, since libjpeg replicates the edge pixels of a horizontal crop
+    # in its chroma upsampling (its outermost columns differ from a whole decode by a level).
+    shrink = max(1.0, (scaled[2] - scaled[0]) / size, (scaled[3] - scaled[1]) / size)
+    reach = math.ceil((2.0 if bicubic else 1.0) * shrink) + 2
+    x0, y0 = max(0, math.floor(scaled[0]) - reach), max(0, math.floor(scaled[1]) - reach)
+    x1, y1 = min(w, math.ceil(scaled[2]) + reach), min(h, math.ceil(scaled[3]) + reach)
+    tail = y1 < h and not data.endswith(b"\xff\xd9")  # (a truncated file must still fail)
+    try:
+        out = _jpeg.decode(data, num, x0, y0, x1, y1, tail, scaled, size, bicubic, flip)
+    except ValueError:
+        return None
+    return np.frombuffer(out, np.uint8).reshape(3, size, size)
+
+
 def image_transform(opts: ImageOptions, train: bool) -> Callable[..., np.ndarray | Encoded]:
     """f(PIL image (opened, preferably not yet decoded)) -> (3,size,size) uint8 RGB.
 
@@ -141,14 +212,18 @@ def image_transform(opts: ImageOptions, train: bool) -> Callable[..., np.ndarray
         return lambda im, data=None: pipeline(im.convert("RGB")).numpy()
     size, style = opts.image_size, opts.image_transform
     resample = Image.Resampling.BICUBIC if opts.interpolation == "bicubic" else Image.BILINEAR
+    if _jpeg is None:
+        _warn_once_without_decoder()
 
     def cut(im: Image.Image, data: bytes | None, box: tuple[float, ...], flip: bool):  # noqa: ANN202
         if data is not None and opts.image_decode == "device" and _device_decodes(im):
             return Encoded(np.frombuffer(data, np.uint8), box, flip)
-        out = _cut(im, box, size, resample)
-        if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(out).transpose(2, 0, 1).copy()
+        jpg = jpeg_bytes(im, data)
+        out = None if jpg is None else _decode_box(jpg, im.size, box, size, resample, flip)
+        if out is not None:
+            return out
+        out = np.asarray(_cut(im, box, size, resample))
+        return np.ascontiguousarray((out[:, ::-1] if flip else out).transpose(2, 0, 1))
 
     if not train:
         return lambda im, data=None: cut(
@@ -163,6 +238,17 @@ def image_transform(opts: ImageOptions, train: bool) -> Callable[..., np.ndarray
         return cut(im, data, box, flipped)
 
     return train_
+
+
+@functools.cache
+def _warn_once_without_decoder() -> None:
+    warnings.warn(
+        "setdiv.data._jpeg is not built (no C compiler or libjpeg-turbo headers when setdiv was "
+        "installed): JPEGs decode through Pillow's draft mode, about 1.5x slower on CC12M-sized "
+        "photos. Install libjpeg-turbo's headers (Debian: libjpeg62-turbo-dev; RHEL: "
+        "libjpeg-turbo-devel) and reinstall setdiv (docs/data.md, 'Decoding images').",
+        stacklevel=3,
+    )
 
 
 def _device_decodes(im: Image.Image) -> bool:
