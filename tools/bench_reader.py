@@ -20,7 +20,7 @@ turns within each repeat, so that a slow spell of a shared machine falls on both
 crop/resize on the GPU), in images/s.
 
     python tools/bench_reader.py [--regions 2000] [--images 600] [--workers 2] [--repeats 3] \
-        [--decode-only] [--device cuda]
+        [--decode-only] [--device cuda] [--scales 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 
 from setdiv.config import TextEncoderConfig  # noqa: E402
-from setdiv.data import convert, reader  # noqa: E402
+from setdiv.data import convert, images, reader  # noqa: E402
 from setdiv.data.images import DeviceImages, decoder, image_transform  # noqa: E402
 from setdiv.data.samples import SampleOptions  # noqa: E402
 from setdiv.data.shards import write_shards  # noqa: E402
@@ -201,7 +201,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-only", action="store_true", help="only the decoding table")
     parser.add_argument("--device", default="cpu", help="also time the device path (cuda)")
+    parser.add_argument(
+        "--scales", default="1,2,4,8", help="the region decoder's DCT scales, in eighths (1-8)"
+    )
     args = parser.parse_args()
+    images.SCALES = tuple(sorted(int(m) for m in args.scales.split(",")))
     decoding(args.repeats, args.device)
     if args.decode_only:
         return

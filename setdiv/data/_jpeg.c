@@ -269,14 +269,16 @@ static void put_transposed(void *ctx, int y0, int count, const uint8_t *lines) {
     }
 }
 
-/* (size, size, 4) RGBX -> (3, size, size) RGB planes, mirrored left-right when `flip`. */
+/* (size, size, 4) RGBX, rows `stride` pixels apart -> (3, size, size) RGB planes, mirrored
+ * left-right when `flip`. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-static void to_planes(const uint8_t *restrict rgbx, int size, int flip, uint8_t *restrict out) {
+static void to_planes(const uint8_t *restrict rgbx, size_t stride, int size, int flip,
+                      uint8_t *restrict out) {
     size_t plane = (size_t)size * size;
     for (int y = 0; y < size; y++) {
-        const uint8_t *in = rgbx + (size_t)y * size * 4;
+        const uint8_t *in = rgbx + (size_t)y * stride * 4;
         uint8_t *r = out + (size_t)y * size, *g = r + plane, *b = g + plane;
         if (flip) {
             for (int x = 0, f = size - 1; x < size; x++, f--) {
@@ -302,11 +304,13 @@ static int resize(const uint8_t *src, int width, int height, const double box[4]
     int ok = mid != NULL && lines != NULL && done != NULL &&
              make_filter(&fy, height, box[1], box[3], size, bicubic) == 0 &&
              make_filter(&fx, width, box[0], box[2], size, bicubic) == 0;
-    if (ok) {
+    if (ok && fy.copy && fx.copy) { /* the box is a plain crop */
+        to_planes(src + ((size_t)fy.first[0] * width + fx.first[0]) * 4, width, size, flip, out);
+    } else if (ok) {
         Sink rows = {mid, width, size}, cols = {done, size, size};
         pass(src, (size_t)width * 4, &fy, size, lines, put_transposed, &rows);
         pass(mid, (size_t)size * 4, &fx, size, lines, put_transposed, &cols);
-        to_planes(done, size, flip, out);
+        to_planes(done, size, size, flip, out);
     }
     free_filter(&fy), free_filter(&fx);
     return ok ? 0 : -1;
