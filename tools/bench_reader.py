@@ -20,7 +20,7 @@ turns within each repeat, so that a slow spell of a shared machine falls on both
 crop/resize on the GPU), in images/s.
 
     python tools/bench_reader.py [--regions 2000] [--images 600] [--workers 2] [--repeats 3] \
-        [--decode-only] [--device cuda] [--scales 1,2,4,8]
+        [--decode-only] [--device cuda] [--scales 1,2,4,8] [--pillow]
 """
 
 from __future__ import annotations
@@ -204,8 +204,13 @@ def main() -> None:
     parser.add_argument(
         "--scales", default="1,2,4,8", help="the region decoder's DCT scales, in eighths (1-8)"
     )
+    parser.add_argument(
+        "--pillow", action="store_true", help="fast path without the compiled decoder (fallback)"
+    )
     args = parser.parse_args()
     images.SCALES = tuple(sorted(int(m) for m in args.scales.split(",")))
+    if args.pillow:
+        images._jpeg = None
     decoding(args.repeats, args.device)
     if args.decode_only:
         return
