@@ -135,7 +135,8 @@ def test_a_file_truncated_below_the_region_is_still_skipped(monkeypatch) -> None
 @pytest.mark.parametrize("kind", ["cmyk", "corrupt"])
 def test_files_the_decoder_declines_take_pillows_path(kind: str) -> None:
     """CMYK (libjpeg-turbo will not convert it to RGB) and data corrupt enough for a libjpeg
-    warning: the region decoder gives None, and the transform's output is Pillow's."""
+    warning: the region decoder gives None, and the transform decodes with Pillow (here at
+    1/2, as the box allows), to within rounding of Pillow's own resize."""
     im = photo(800, 600, 5)
     if kind == "cmyk":
         data = jpeg(im.convert("CMYK"))
@@ -150,9 +151,26 @@ def test_files_the_decoder_declines_take_pillows_path(kind: str) -> None:
         images._jpeg.decode(data, 8, 0, 0, 800, 600, True, box, 224, False, False)
     assert _decode_box(data, (800, 600), box, 224, 2) is None
     got = image_transform(opts(224, "crop", True), False)(Image.open(io.BytesIO(data)), data)
-    pil = Image.open(io.BytesIO(data))
-    want = images._cut(pil, box, 224, Image.Resampling.BILINEAR)
-    assert np.array_equal(got, np.asarray(want).transpose(2, 0, 1))
+    half = Image.fromarray(whole(data, 4))  # (600 / 2 >= 256: it decodes at 1/2)
+    want = np.asarray(half.resize((224, 224), Image.Resampling.BILINEAR, box=[v / 2 for v in box]))
+    diff = np.abs(got.astype(int) - want.transpose(2, 0, 1))  # (Pillow's decode, our resize)
+    assert diff.max() <= 2 and diff.mean() < 0.3
+
+
+@built
+def test_an_image_pillow_decoded_gives_the_region_decoders_pixels() -> None:
+    """The Python API decodes a caller's PIL image whole (`preprocess`), a file path through
+    the region decoder: at the same scale both routes give the same pixels, bit for bit."""
+    data = jpeg(photo(400, 300, 7))  # (a 256 px resize of 300 px: no DCT scale, both whole)
+    transform = image_transform(opts(224, "crop", True), False)
+    by_region = transform(Image.open(io.BytesIO(data)), data)
+    loaded = Image.open(io.BytesIO(data))
+    loaded.load()
+    assert images.jpeg_bytes(loaded, None) is None  # (nothing left to read: Pillow's route)
+    assert np.array_equal(transform(loaded), by_region)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, "PNG")
+    assert np.array_equal(transform(Image.open(io.BytesIO(png.getvalue()))), by_region)
 
 
 def test_without_the_decoder_pillow_decodes_and_says_so(monkeypatch) -> None:  # noqa: ANN001

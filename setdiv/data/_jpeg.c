@@ -11,6 +11,7 @@
  * is the only caller.
  *
  *   decode(data, num, x0, y0, x1, y1, tail, box, size, bicubic, flip) -> bytearray
+ *   resize(rgbx, width, height, box, size, bicubic, flip) -> bytearray
  *
  * data: the JPEG file's bytes; num: the scale is num / 8 (1..8); [x0, x1) x [y0, y1): the
  * region to decode, in pixels of the scaled image; box: (left, top, right, bottom), the part
@@ -18,7 +19,8 @@
  * left-right. Returns 3 * size * size bytes, RGB planes. tail: also entropy-decode the rows
  * below the region and read up to the end-of-image marker, so that a truncated file is
  * noticed. Any libjpeg error or warning raises ValueError with libjpeg's message; the caller
- * then decodes the file the exact way.
+ * then decodes the file with Pillow, and resizes what Pillow decoded with `resize` (RGBX
+ * pixels), so that both routes give the same pixels wherever they decode the same ones.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -368,10 +370,46 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     return out;
 }
 
+static PyObject *resize_pixels(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    int width, height, size, bicubic, flip;
+    double box[4];
+    if (!PyArg_ParseTuple(args, "y*ii(dddd)ipp", &data, &width, &height, &box[0], &box[1],
+                          &box[2], &box[3], &size, &bicubic, &flip)) {
+        return NULL;
+    }
+    if (width < 1 || height < 1 || data.len != (Py_ssize_t)width * height * 4 || size < 1 ||
+        box[0] < 0 || box[1] < 0 || box[2] > width || box[3] > height || box[0] >= box[2] ||
+        box[1] >= box[3]) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "bad image size or box");
+        return NULL;
+    }
+    PyObject *out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)3 * size * size);
+    if (out == NULL) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    int status;
+    uint8_t *planes = (uint8_t *)PyByteArray_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    status = resize((const uint8_t *)data.buf, width, height, box, size, bicubic, flip, planes);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    if (status != 0) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(data, num, x0, y0, x1, y1, tail, box, size, bicubic, flip) -> bytearray: the box "
      "of a JPEG decoded at scale num/8 (region x0..x1, y0..y1), resized to (3, size, size)."},
+    {"resize", resize_pixels, METH_VARARGS,
+     "resize(rgbx, width, height, box, size, bicubic, flip) -> bytearray: the box of decoded "
+     "(height, width, 4) pixels resized to (3, size, size), as decode() resizes."},
     {NULL, NULL, 0, NULL},
 };
 

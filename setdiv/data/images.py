@@ -18,7 +18,8 @@ training flip, and written in the model's (3, size, size) layout, all in `_jpeg.
 install; `decoder()` says whether it is). Without it, JPEGs take Pillow's `Image.draft` (the
 same scales, the whole image decoded) and Pillow's resize. Files libjpeg-turbo declines or
 warns about (CMYK, corrupt or truncated data), non-JPEG files and images already decoded (the
-Python API's PIL inputs) take Pillow's path, which decides what is skipped, as before.
+Python API's PIL inputs) are decoded by Pillow, which decides what is skipped, as before, and
+resized by `_jpeg.c` (so an image gives the same pixels by either route at the same scale).
 
 `image_decode="device"` (training) goes further: a data worker only reads the JPEG's header,
 draws the crop and the flip, and passes the bytes on (`Encoded`); the batch (`DeviceImages`)
@@ -125,15 +126,26 @@ def _test_box(w: int, h: int, size: int, style: str, crop_pct: float) -> tuple[f
     return (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
 
 
-def _cut(im: Image.Image, box: tuple[float, ...], size: int, resample: int) -> Image.Image:
-    """Decode `im` at the smallest DCT scale that keeps `box` >= size on both sides, then
-    resize the box (in full-size pixels) to (size, size) in one step."""
+def _cut(
+    im: Image.Image, box: tuple[float, ...], size: int, resample: int, flip: bool = False
+) -> np.ndarray:
+    """(3,size,size) uint8: decode `im` with Pillow at the smallest DCT scale that keeps `box`
+    >= size on both sides, then resize the box (in full-size pixels) to (size, size) in one
+    step, mirrored when `flip`: with the region decoder's resize where it is built (the same
+    pixels as the region decoder wherever the decoded pixels are the same), else Pillow's."""
     left, top, right, bottom = box
     full_w, full_h = im.size
     s = _draft(im, size * full_w / (right - left), size * full_h / (bottom - top))
     if im.mode != "RGB":
         im = im.convert("RGB")
-    return im.resize((size, size), resample, box=(left / s, top / s, right / s, bottom / s))
+    scaled = (left / s, top / s, min(right / s, im.width), min(bottom / s, im.height))
+    if _jpeg is not None:
+        bicubic = resample == Image.Resampling.BICUBIC
+        rgbx = im.tobytes("raw", "RGBX")
+        out = _jpeg.resize(rgbx, im.width, im.height, scaled, size, bicubic, flip)
+        return np.frombuffer(out, np.uint8).reshape(3, size, size)
+    out = np.asarray(im.resize((size, size), resample, box=scaled))
+    return np.ascontiguousarray((out[:, ::-1] if flip else out).transpose(2, 0, 1))
 
 
 SCALES = (1, 2, 4, 8)
@@ -220,10 +232,7 @@ def image_transform(opts: ImageOptions, train: bool) -> Callable[..., np.ndarray
             return Encoded(np.frombuffer(data, np.uint8), box, flip)
         jpg = jpeg_bytes(im, data)
         out = None if jpg is None else _decode_box(jpg, im.size, box, size, resample, flip)
-        if out is not None:
-            return out
-        out = np.asarray(_cut(im, box, size, resample))
-        return np.ascontiguousarray((out[:, ::-1] if flip else out).transpose(2, 0, 1))
+        return out if out is not None else _cut(im, box, size, resample, flip)
 
     if not train:
         return lambda im, data=None: cut(
