@@ -53,7 +53,7 @@ static void on_message(j_common_ptr cinfo, int level) {
 }
 
 typedef struct {
-    int x_offset, width, height, full_width, full_height;
+    int x_offset, width, height;
 } Region;
 
 /* Returns 0, or 1 with err->message set, or 2 when `out` is too small for the region. */
@@ -75,8 +75,6 @@ static int decode_region(const unsigned char *data, size_t size, int num, int x0
     cinfo.scale_denom = 8;
     cinfo.out_color_space = JCS_EXT_RGBX;
     jpeg_start_decompress(&cinfo);
-    region->full_width = (int)cinfo.output_width;
-    region->full_height = (int)cinfo.output_height;
     if (x0 < 0 || y0 < 0 || x1 > (int)cinfo.output_width || y1 > (int)cinfo.output_height ||
         x0 >= x1 || y0 >= y1) {
         snprintf(err->message, sizeof err->message, "region outside the %ux%u image",
@@ -214,7 +212,7 @@ static void free_filter(Filter *f) {
 #define BLOCK 8  /* lines a pass hands on at once (whole 8-pixel runs for the transposes) */
 #define CHUNK 64 /* bytes of a line summed at once, in registers */
 
-/* One filter pass along the lines of `src` (n_in lines of `len` bytes): output line i is the
+/* One filter pass along the lines of `src` (lines of `len` bytes): output line i is the
  * weighted sum of input lines first[i] .. first[i] + count[i] - 1, computed over contiguous
  * bytes (so the compiler vectorises it: 16-bit weights times 8-bit pixels into 32-bit sums).
  * Lines are handed to `put` BLOCK at a time, as (first line, how many, the lines); a pass
@@ -227,7 +225,8 @@ static void pass(const uint8_t *restrict src, size_t len, const Filter *f, int n
                  void *ctx) {
     if (f->copy) {
         for (int i = 0; i < n_out; i += BLOCK) {
-            put(ctx, i, n_out - i < BLOCK ? n_out - i : BLOCK, src + (size_t)(f->first[0] + i) * len);
+            const uint8_t *from = src + (size_t)(f->first[0] + i) * len;
+            put(ctx, i, n_out - i < BLOCK ? n_out - i : BLOCK, from);
         }
         return;
     }

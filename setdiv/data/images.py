@@ -44,7 +44,7 @@ from torch import Tensor
 
 try:
     from setdiv.data import _jpeg
-except ImportError:  # not built: no compiler or libjpeg-turbo headers at install (setup.py)
+except ImportError:  # not built: no compiler or libjpeg-turbo headers at install (pyproject)
     _jpeg = None
 
 __all__ = [
