@@ -253,7 +253,7 @@ def image_transform(opts: ImageOptions, train: bool) -> Callable[..., np.ndarray
 def _warn_once_without_decoder() -> None:
     warnings.warn(
         "setdiv.data._jpeg is not built (no C compiler or libjpeg-turbo headers when setdiv was "
-        "installed): JPEGs decode through Pillow's draft mode, about 1.5x slower on CC12M-sized "
+        "installed): JPEGs decode through Pillow's draft mode, about 1.6x slower on CC12M-sized "
         "photos. Install libjpeg-turbo's headers (Debian: libjpeg62-turbo-dev; RHEL: "
         "libjpeg-turbo-devel) and reinstall setdiv (docs/data.md, 'Decoding images').",
         stacklevel=3,
